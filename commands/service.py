@@ -1,0 +1,151 @@
+"""Use cases of the command side: one method each, get → call → save."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+
+from commands.store import EventStore, correlation
+from domain.errors import EmailTaken, PatientNotFound, StaleVersion
+from domain.patients import EmailClaim, Patient, PatientDetails, email_claim_id
+
+R = TypeVar("R")
+
+# A save loses to a concurrent writer only on an aggregate's version; the retry
+# decides again on fresh state (and so answers 409 or 412 where that is right).
+_SAVE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a command changed: the patient's new version and the event's position."""
+
+    patient_id: UUID
+    version: int
+    position: int | None
+    patient: Patient
+
+
+def today() -> date:
+    return datetime.now(UTC).date()
+
+
+class PatientService:
+    """Registers, changes and removes patients in the event store."""
+
+    def __init__(self, store: EventStore):
+        self.store = store
+
+    def register(
+        self, details: PatientDetails, registered_date: date, correlation_id: str | None = None
+    ) -> Written:
+        """Registers a new patient; EmailTaken if a current patient has the email."""
+
+        def attempt() -> Written:
+            patient = Patient.register(details, registered_date)
+            claim = self._claim(details.email, patient.id)
+            return self._save(patient, claim, correlation_id=correlation_id)
+
+        return self._retrying(attempt)
+
+    def change(
+        self,
+        patient_id: UUID,
+        details: PatientDetails,
+        expected_version: int | None = None,
+        correlation_id: str | None = None,
+    ) -> Written:
+        """Replaces a patient's details; StaleVersion if `expected_version` is not current."""
+
+        def attempt() -> Written:
+            patient = self.get(patient_id)
+            if expected_version is not None and patient.version != expected_version:
+                raise StaleVersion(expected_version, patient.version)
+            changed: list[Any] = [patient]
+            if email_claim_id(details.email) != email_claim_id(patient.email):
+                changed.append(self._claim(details.email, patient.id))
+                old = self._existing_claim(patient.email)
+                if old is not None:
+                    old.release(patient.id)
+                    changed.append(old)
+            patient.change_details(details)
+            return self._save(*changed, correlation_id=correlation_id)
+
+        return self._retrying(attempt)
+
+    def remove(
+        self,
+        patient_id: UUID,
+        expected_version: int | None = None,
+        correlation_id: str | None = None,
+    ) -> Written:
+        """Removes a patient (the history stays) and frees the email."""
+
+        def attempt() -> Written:
+            patient = self.get(patient_id)
+            if expected_version is not None and patient.version != expected_version:
+                raise StaleVersion(expected_version, patient.version)
+            patient.remove()
+            claim = self._existing_claim(patient.email)
+            if claim is not None:
+                claim.release(patient.id)
+            return self._save(patient, claim, correlation_id=correlation_id)
+
+        return self._retrying(attempt)
+
+    def get(self, patient_id: UUID) -> Patient:
+        """The current patient; PatientNotFound if unknown or removed."""
+        try:
+            patient = self.store.repository.get(patient_id)
+        except AggregateNotFoundError:
+            raise PatientNotFound(str(patient_id)) from None
+        if not isinstance(patient, Patient) or patient.removed:
+            raise PatientNotFound(str(patient_id))
+        return patient
+
+    def _existing_claim(self, email: str) -> EmailClaim | None:
+        try:
+            claim = self.store.repository.get(email_claim_id(email))
+        except AggregateNotFoundError:
+            return None
+        assert isinstance(claim, EmailClaim)
+        return claim
+
+    def _claim(self, email: str, patient_id: UUID) -> EmailClaim:
+        claim = self._existing_claim(email)
+        if claim is None:
+            return EmailClaim.take(email, patient_id)
+        claim.claim(patient_id)
+        return claim
+
+    def _save(self, patient: Patient, *others: Any, correlation_id: str | None) -> Written:
+        with correlation(correlation_id):
+            recordings = self.store.save(patient, *others)
+        position = next(
+            (r.notification.id for r in recordings if r.domain_event.originator_id == patient.id),
+            None,
+        )
+        return Written(patient.id, patient.version, position, patient)
+
+    @staticmethod
+    def _retrying(attempt: Callable[[], R]) -> R:
+        for remaining in range(_SAVE_ATTEMPTS - 1, -1, -1):
+            try:
+                return attempt()
+            except IntegrityError:
+                if remaining == 0:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def is_conflict(error: BaseException) -> bool:
+    return isinstance(error, IntegrityError)
+
+
+__all__ = ["EmailTaken", "PatientService", "Written", "today"]

@@ -1,0 +1,98 @@
+"""The event store: the `eventsourcing` application that holds every aggregate.
+
+It is also the outbox. The relay reads its global log (notification ids are the
+events' positions) and publishes what it finds.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from eventsourcing.application import Application
+from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent, Transcoding
+
+_correlation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "correlation_id", default=None
+)
+
+
+@contextmanager
+def correlation(correlation_id: str | None) -> Iterator[None]:
+    """Stamps the events saved inside the block with this correlation id."""
+    token = _correlation.set(correlation_id)
+    try:
+        yield
+    finally:
+        _correlation.reset(token)
+
+
+class DateAsISO(Transcoding):
+    type = date
+    name = "date_iso"
+
+    def encode(self, obj: date) -> str:
+        return obj.isoformat()
+
+    def decode(self, data: str) -> date:
+        return date.fromisoformat(data)
+
+
+class CorrelatingMapper(Mapper[Any]):
+    """Adds the current correlation id to each stored event's state.
+
+    Reading an event sets the extra key back as an attribute, so the relay finds
+    it on the domain event without the domain knowing about it.
+    """
+
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        correlation_id = _correlation.get()
+        if correlation_id is not None and "correlation_id" not in vars(domain_event):
+            object.__setattr__(domain_event, "correlation_id", correlation_id)
+        return super().to_stored_event(domain_event)
+
+
+def postgres_env(database_url: str, pool_size: int = 10) -> dict[str, str]:
+    """The `eventsourcing` settings for a PostgreSQL URL."""
+    url = urlsplit(database_url)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": unquote(url.path.lstrip("/")),
+        "POSTGRES_HOST": url.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(url.port or 5432),
+        "POSTGRES_USER": unquote(url.username or ""),
+        "POSTGRES_PASSWORD": unquote(url.password or ""),
+        "POSTGRES_POOL_SIZE": str(pool_size),
+        "POSTGRES_MAX_OVERFLOW": str(pool_size),
+        "POSTGRES_CONNECT_TIMEOUT": "5",
+        "POSTGRES_LOCK_TIMEOUT": "5",
+        "POSTGRES_PRE_PING": "y",
+        "CREATE_TABLE": "y",
+    }
+
+
+class EventStore(Application[Any]):
+    """All of carelog's aggregates; its table is `carelog_events`."""
+
+    name = "carelog"
+
+    def __init__(self, database_url: str, pool_size: int = 10):
+        super().__init__(env=postgres_env(database_url, pool_size))
+
+    def construct_mapper(self) -> Mapper[Any]:
+        return CorrelatingMapper(transcoder=self.construct_transcoder())
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        transcoder.register(DateAsISO())
+
+    @property
+    def events_table(self) -> str:
+        return f"{self.name}_events"
+
+    def close(self) -> None:
+        super().close()

@@ -1,0 +1,263 @@
+"""The Patient aggregate and the email claims that keep emails unique.
+
+Uniqueness across aggregates is kept by an `EmailClaim` aggregate whose id is
+derived from the normalised email (uuid5). Registering or changing a patient
+saves the patient and the claims it takes or releases in one transaction, so two
+writers racing for one email conflict on the claim's version and one loses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+from uuid import UUID, uuid4, uuid5
+
+from eventsourcing.domain import Aggregate, event
+
+from domain.errors import EmailTaken, InvalidData, PatientNotFound
+
+NAME_MAX = 100
+ADDRESS_MAX = 200
+EMAIL_MAX = 254
+MAX_AGE_YEARS = 150
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
+_CLAIMS = UUID("7f0c4c3e-4d0a-4f5e-9a53-2b1f6c0d9e11")
+
+
+def normalise_email(email: str) -> str:
+    """The form in which two emails are compared: trimmed, case-folded."""
+    return email.strip().casefold()
+
+
+def email_claim_id(email: str) -> UUID:
+    """The id of the claim on an email address."""
+    return uuid5(_CLAIMS, normalise_email(email))
+
+
+def _years_before(day: date, years: int) -> date:
+    try:
+        return day.replace(year=day.year - years)
+    except ValueError:  # 29 February
+        return day.replace(year=day.year - years, day=28)
+
+
+@dataclass(frozen=True)
+class PatientDetails:
+    """The changeable facts about a patient, already checked."""
+
+    name: str
+    email: str
+    address: str
+    date_of_birth: date
+
+    @classmethod
+    def parse(
+        cls, *, name: object, email: object, address: object, date_of_birth: object, today: date
+    ) -> PatientDetails:
+        """Checks every field and reports all that are wrong at once."""
+        errors: dict[str, str] = {}
+        clean_name = _text(errors, "name", name, NAME_MAX)
+        clean_address = _text(errors, "address", address, ADDRESS_MAX)
+        clean_email = _text(errors, "email", email, EMAIL_MAX)
+        if "email" not in errors and not _EMAIL.match(clean_email):
+            errors["email"] = "must be a valid email address"
+        dob = _date(errors, "dateOfBirth", date_of_birth)
+        if dob is not None:
+            if dob > today:
+                errors["dateOfBirth"] = "must not be in the future"
+            elif dob < _years_before(today, MAX_AGE_YEARS):
+                errors["dateOfBirth"] = f"must be within the last {MAX_AGE_YEARS} years"
+        if errors:
+            raise InvalidData(errors)
+        assert dob is not None
+        return cls(clean_name, clean_email, clean_address, dob)
+
+
+def parse_registration(
+    *,
+    name: object,
+    email: object,
+    address: object,
+    date_of_birth: object,
+    registered_date: object,
+    today: date,
+) -> tuple[PatientDetails, date]:
+    """Checks a registration's fields and reports all that are wrong at once."""
+    errors: dict[str, str] = {}
+    details: PatientDetails | None = None
+    try:
+        details = PatientDetails.parse(
+            name=name, email=email, address=address, date_of_birth=date_of_birth, today=today
+        )
+    except InvalidData as invalid:
+        errors.update(invalid.errors)
+    day = _date(errors, "registeredDate", registered_date)
+    if day is not None and details is not None and day < details.date_of_birth:
+        errors["registeredDate"] = "must not be before dateOfBirth"
+    if errors:
+        raise InvalidData(errors)
+    assert details is not None and day is not None
+    return details, day
+
+
+def parse_change(
+    *,
+    name: object,
+    email: object,
+    address: object,
+    date_of_birth: object,
+    registered_date: object = None,
+    today: date,
+) -> PatientDetails:
+    """Checks a change's fields; `registeredDate` may be sent but never changes."""
+    errors: dict[str, str] = {}
+    details: PatientDetails | None = None
+    try:
+        details = PatientDetails.parse(
+            name=name, email=email, address=address, date_of_birth=date_of_birth, today=today
+        )
+    except InvalidData as invalid:
+        errors.update(invalid.errors)
+    if registered_date is not None:
+        _date(errors, "registeredDate", registered_date)
+    if errors:
+        raise InvalidData(errors)
+    assert details is not None
+    return details
+
+
+def _text(errors: dict[str, str], field: str, value: object, most: int) -> str:
+    if value is None:
+        errors[field] = "is required"
+        return ""
+    if not isinstance(value, str):
+        errors[field] = "must be a string"
+        return ""
+    if not value.strip():
+        errors[field] = "must not be blank"
+        return ""
+    value = value.strip()
+    if len(value) > most:
+        errors[field] = f"must be at most {most} characters"
+    return value
+
+
+def _date(errors: dict[str, str], field: str, value: object) -> date | None:
+    if isinstance(value, date):
+        return value
+    if value is None:
+        errors[field] = "is required"
+        return None
+    if not isinstance(value, str):
+        errors[field] = "must be an ISO date string (YYYY-MM-DD)"
+        return None
+    try:
+        if len(value) != 10:
+            raise ValueError
+        return date.fromisoformat(value)
+    except ValueError:
+        errors[field] = "must be an ISO date (YYYY-MM-DD)"
+        return None
+
+
+class Patient(Aggregate):
+    """A person registered with the practice. Removal keeps the history."""
+
+    @staticmethod
+    def create_id() -> UUID:
+        return uuid4()
+
+    @classmethod
+    def register(cls, details: PatientDetails, registered_date: date) -> Patient:
+        if registered_date < details.date_of_birth:
+            raise InvalidData({"registeredDate": "must not be before dateOfBirth"})
+        return cls(
+            name=details.name,
+            email=details.email,
+            address=details.address,
+            date_of_birth=details.date_of_birth,
+            registered_date=registered_date,
+        )
+
+    @event("Registered")
+    def __init__(
+        self, name: str, email: str, address: str, date_of_birth: date, registered_date: date
+    ):
+        self.name = name
+        self.email = email
+        self.address = address
+        self.date_of_birth = date_of_birth
+        self.registered_date = registered_date
+        self.removed = False
+
+    @property
+    def details(self) -> PatientDetails:
+        return PatientDetails(self.name, self.email, self.address, self.date_of_birth)
+
+    def change_details(self, details: PatientDetails) -> None:
+        """Records the new details; a change that changes nothing records nothing."""
+        self._require_current()
+        if details == self.details:
+            return
+        self._details_changed(
+            name=details.name,
+            email=details.email,
+            address=details.address,
+            date_of_birth=details.date_of_birth,
+        )
+
+    @event("DetailsChanged")
+    def _details_changed(self, name: str, email: str, address: str, date_of_birth: date) -> None:
+        self.name = name
+        self.email = email
+        self.address = address
+        self.date_of_birth = date_of_birth
+
+    def remove(self) -> None:
+        self._require_current()
+        self._removed()
+
+    @event("Removed")
+    def _removed(self) -> None:
+        self.removed = True
+
+    def _require_current(self) -> None:
+        if self.removed:
+            raise PatientNotFound(str(self.id))
+
+
+class EmailClaim(Aggregate):
+    """Which current patient, if any, holds an email address. Holds no email itself."""
+
+    @staticmethod
+    def create_id(claim: UUID) -> UUID:
+        return claim
+
+    @classmethod
+    def take(cls, email: str, patient_id: UUID) -> EmailClaim:
+        return cls(claim=email_claim_id(email), patient_id=patient_id)
+
+    @event("Created")
+    def __init__(self, claim: UUID, patient_id: UUID):
+        self.holder: UUID | None = patient_id
+
+    def claim(self, patient_id: UUID) -> None:
+        if self.holder == patient_id:
+            return
+        if self.holder is not None:
+            raise EmailTaken()
+        self._claimed(patient_id=patient_id)
+
+    @event("Claimed")
+    def _claimed(self, patient_id: UUID) -> None:
+        self.holder = patient_id
+
+    def release(self, patient_id: UUID) -> None:
+        if self.holder == patient_id:
+            self._released()
+
+    @event("Released")
+    def _released(self) -> None:
+        self.holder = None

@@ -1,0 +1,1 @@
+"""Operations: the command line, settings, logging, metrics and the local stack."""

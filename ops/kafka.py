@@ -1,0 +1,73 @@
+"""Kafka helpers shared by the relay, the projections and the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+log = structlog.get_logger(__name__)
+
+# Partitions of each event topic: per-aggregate order holds inside a partition
+# because the key is the aggregate id.
+EVENT_PARTITIONS = 6
+
+
+async def ensure_topics(
+    bootstrap: str, names: Iterable[str], partitions: int = EVENT_PARTITIONS
+) -> None:
+    """Creates the topics that do not exist yet; existing ones are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(name=name, num_partitions=partitions, replication_factor=1)
+            for name in names
+            if name not in existing
+        ]
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+    finally:
+        await admin.close()
+
+
+async def wait_for_kafka(bootstrap: str, timeout: float = 120.0) -> None:
+    """Returns once the broker answers; raises KafkaConnectionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    pause = 0.5
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return
+        except KafkaError as exc:
+            if time.monotonic() + pause > deadline:
+                raise KafkaConnectionError(
+                    f"Kafka at {bootstrap} did not answer in {timeout:.0f} s"
+                ) from exc
+            log.warning("waiting for Kafka", bootstrap=bootstrap, error=type(exc).__name__)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+        finally:
+            await admin.close()
+
+
+def reliable_producer(bootstrap: str) -> AIOKafkaProducer:
+    """A producer that neither loses nor reorders what it was given (idempotent, acks=all)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=15_000,
+    )

@@ -1,0 +1,1 @@
+"""Projections: Kafka consumers that build read models from published events."""

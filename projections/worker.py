@@ -1,0 +1,169 @@
+"""The directory projection's process: a FastStream consumer group on `patient.events`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import psycopg
+import redis.exceptions
+import structlog
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from prometheus_client import Counter, Gauge
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+
+from domain import contracts
+from ops.db import open_pool
+from ops.http import serve_health
+from ops.kafka import ensure_topics, wait_for_kafka
+from ops.settings import Settings
+from projections.cache import DirectoryCache
+from projections.directory import LIVE, DirectoryProjection, Tables, UnappliableEvent, create_tables
+
+log = structlog.get_logger(__name__)
+
+EVENTS = Counter(
+    "carelog_projection_events_total", "Events handled by a projection", ["projection", "outcome"]
+)
+POSITION = Gauge("carelog_projection_position", "Highest global position applied", ["projection"])
+LAG = Gauge(
+    "carelog_projection_lag_seconds",
+    "Time from an event's occurrence to its application, for the latest batch",
+    ["projection"],
+)
+
+GROUP = "carelog-directory"
+_TRANSIENT = (
+    psycopg.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+class DirectoryWorker:
+    """Decodes a batch, applies it in one transaction, then refreshes the cache."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        cache: DirectoryCache,
+        broker: KafkaBroker,
+        dead_letter_topic: str,
+        projection: DirectoryProjection | None = None,
+    ):
+        self.pool = pool
+        self.cache = cache
+        self.broker = broker
+        self.dead_letter_topic = dead_letter_topic
+        self.projection = projection or DirectoryProjection()
+        self.name = self.projection.name
+
+    async def handle(self, bodies: list[bytes]) -> None:
+        decoded = []
+        for body in bodies:
+            try:
+                decoded.append(contracts.decode(body))
+            except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as exc:
+                await self.dead_letter(body, f"undecodable: {exc}")
+        if not decoded:
+            return
+        try:
+            try:
+                await self._apply(decoded)
+            except UnappliableEvent:
+                # Apply one by one, so only the event that cannot apply is set aside.
+                for one in decoded:
+                    try:
+                        await self._apply([one])
+                    except UnappliableEvent as exc:
+                        await self.dead_letter(msgspec.json.encode(one[0]), str(exc))
+        except _TRANSIENT as exc:
+            log.warning("projection batch failed; will be redelivered", error=repr(exc))
+            await asyncio.sleep(1.0)
+            raise
+
+    async def _apply(self, batch: list[tuple[contracts.Envelope[Any], Any]]) -> None:
+        async with self.pool.connection() as conn:
+            outcome = await self.projection.apply(conn, batch)
+        await self.cache.changed(outcome.changed)
+        EVENTS.labels(self.name, "applied").inc(outcome.applied)
+        EVENTS.labels(self.name, "duplicate").inc(outcome.duplicates)
+        POSITION.labels(self.name).set(outcome.position)
+        newest = max(envelope.occurred_at for envelope, _ in batch)
+        LAG.labels(self.name).set(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
+
+    async def dead_letter(self, body: bytes, reason: str) -> None:
+        EVENTS.labels(self.name, "dead_lettered").inc()
+        log.error("event dead-lettered", reason=reason[:200], topic=self.dead_letter_topic)
+        await self.broker.publish(
+            body, topic=self.dead_letter_topic, headers={"error": reason[:500]}
+        )
+
+
+def subscribe(broker: KafkaBroker, settings: Settings, worker: DirectoryWorker, group: str) -> None:
+    """Feeds batches of `patient.events` to the worker, as consumer group `group`."""
+
+    @broker.subscriber(
+        settings.topic(contracts.PATIENT_STREAM),
+        group_id=group,
+        auto_offset_reset="earliest",
+        batch=True,
+        max_records=500,
+        batch_timeout_ms=20,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+    )
+    async def on_patient_events(bodies: list[bytes]) -> None:
+        await worker.handle(bodies)
+
+
+async def run_directory(settings: Settings, tables: Tables = LIVE) -> None:
+    """Runs the directory projection until SIGTERM or SIGINT."""
+    topic = settings.topic(contracts.PATIENT_STREAM)
+    dlq = f"{topic}.dlq.{GROUP}"
+    await wait_for_kafka(settings.kafka_bootstrap)
+    await ensure_topics(settings.kafka_bootstrap, [topic])
+    await ensure_topics(settings.kafka_bootstrap, [dlq], partitions=1)
+    pool = await open_pool(settings.database_url, min_size=1, max_size=4)
+    async with pool.connection() as conn:
+        await create_tables(conn, tables)
+    redis_client = Redis.from_url(settings.redis_url)
+    cache = DirectoryCache(redis_client, ttl_seconds=settings.cache_ttl_seconds)
+    broker = KafkaBroker(settings.kafka_bootstrap, logger=None, client_id=GROUP)
+    worker = DirectoryWorker(pool, cache, broker, dlq, DirectoryProjection(tables))
+    subscribe(broker, settings, worker, GROUP)
+
+    async def database() -> None:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    async def cache_check() -> None:
+        await redis_client.ping()
+
+    async def kafka() -> None:
+        if not await broker.ping(timeout=2.0):
+            raise ConnectionError("broker does not answer")
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await broker.start()
+    server = await serve_health(
+        {"database": database, "cache": cache_check, "kafka": kafka},
+        settings.http_host,
+        settings.ports["projection"],
+    )
+    log.info("directory projection started", topic=topic, group=GROUP)
+    started = time.monotonic()
+    await stopping.wait()
+    log.info("directory projection stopping", uptime=round(time.monotonic() - started, 1))
+    server.should_exit = True
+    await broker.stop()
+    await redis_client.aclose()
+    await pool.close()

@@ -1,0 +1,1 @@
+"""The query API: paged, filtered, cached reads of the read models."""

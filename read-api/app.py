@@ -1,0 +1,288 @@
+"""The query API (port 4003): patients, paged by cursor, filtered, cached in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from datetime import date
+from typing import Annotated, Any
+from uuid import UUID
+
+import msgspec
+import structlog
+from eventsourcing.utils import get_topic
+from litestar import Litestar, Request, Response, get
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.params import FromPath, Parameter
+from prometheus_client import Counter
+from psycopg_pool import AsyncConnectionPool
+from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
+from redis.asyncio import Redis
+
+from domain.contracts import CONTRACTS
+from domain.errors import InvalidData, PatientNotFound
+from ops.db import open_pool
+from ops.http import EXCEPTION_HANDLERS, metrics_middleware, operational_routes, problem
+from ops.settings import Settings
+from projections.cache import DirectoryCache
+from projections.directory import LIVE, PatientRow, Tables, create_tables, encode_row
+
+log = structlog.get_logger(__name__)
+
+CACHE = Counter("carelog_read_cache_total", "Query API cache lookups", ["kind", "outcome"])
+
+EVENTS_TABLE = "carelog_events"
+_PATIENT_TOPICS = frozenset(
+    get_topic(cls) for cls in CONTRACTS if cls.__qualname__.startswith("Patient.")
+)
+_LIST_PARAMS = frozenset(
+    {
+        "limit",
+        "cursor",
+        "name",
+        "email",
+        "dateOfBirthFrom",
+        "dateOfBirthTo",
+        "registeredFrom",
+        "registeredTo",
+        "sort",
+        "minPosition",
+    }
+)
+_page_encoder = msgspec.json.Encoder()
+
+
+class NotYetProjected(Exception):
+    """The read model has not reached the position the client asked for, in time."""
+
+
+def _reject_unknown(request: Request[Any, Any, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        raise InvalidData({key: "is not a known query parameter" for key in unknown})
+
+
+async def _await_position(state: State, position: int | None) -> None:
+    """Waits (bounded) until the directory reflects the event at `position`."""
+    if position is None:
+        return
+    pool: AsyncConnectionPool[Any] = state.pool
+    async with pool.connection() as conn:
+        row = await (
+            await conn.execute(
+                f"SELECT originator_id, originator_version, topic FROM {EVENTS_TABLE}"
+                " WHERE notification_id = %s",
+                [position],
+            )
+        ).fetchone()
+        if row is None:
+            newest = await (
+                await conn.execute(f"SELECT max(notification_id) FROM {EVENTS_TABLE}")
+            ).fetchone()
+            if newest is None or newest[0] is None or position > newest[0]:
+                raise InvalidData({"minPosition": "is beyond the end of the event log"})
+            return
+    aggregate_id, version, topic = row
+    if topic not in _PATIENT_TOPICS:
+        return
+    deadline = time.monotonic() + state.settings.read_wait_seconds
+    pause = 0.005
+    tables: Tables = state.tables
+    while True:
+        async with pool.connection() as conn:
+            current = await (
+                await conn.execute(
+                    f"SELECT version FROM {tables.patients} WHERE id = %s",
+                    [aggregate_id],
+                )
+            ).fetchone()
+        if current is not None and current[0] >= version:
+            return
+        if time.monotonic() + pause > deadline:
+            raise NotYetProjected()
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
+@get("/patients", summary="List patients", tags=["patients"])
+async def list_patients(
+    request: Request[Any, Any, Any],
+    state: State,
+    limit: Annotated[int, Parameter(ge=1, le=200, description="Page size")] = 50,
+    cursor: Annotated[
+        str | None, Parameter(description="The `next` value of the previous page")
+    ] = None,
+    name: Annotated[
+        str | None, Parameter(max_length=100, description="Contains, case-insensitive")
+    ] = None,
+    email: Annotated[str | None, Parameter(max_length=254, description="Exact, any case")] = None,
+    dateOfBirthFrom: date | None = None,  # noqa: N803 (the wire name, so errors name it)
+    dateOfBirthTo: date | None = None,  # noqa: N803
+    registeredFrom: date | None = None,  # noqa: N803
+    registeredTo: date | None = None,  # noqa: N803
+    sort: Annotated[
+        str, Parameter(description="name, registeredDate or dateOfBirth; prefix - to reverse")
+    ] = "name",
+    minPosition: Annotated[  # noqa: N803
+        int | None,
+        Parameter(ge=1, description="Answer only once the read model reflects this position"),
+    ] = None,
+) -> Response[bytes]:
+    _reject_unknown(request, _LIST_PARAMS)
+    query = PatientQuery(
+        limit=limit,
+        sort=sort,
+        cursor=decode_cursor(cursor) if cursor else None,
+        name=name or None,
+        email=email or None,
+        date_of_birth_from=dateOfBirthFrom,
+        date_of_birth_to=dateOfBirthTo,
+        registered_from=registeredFrom,
+        registered_to=registeredTo,
+    )
+    query.check()
+    await _await_position(state, minPosition)
+    cache: DirectoryCache = state.cache
+    use_cache = minPosition is None
+    key = hashlib.sha1(repr(query).encode(), usedforsecurity=False).hexdigest()
+    generation = 0
+    if use_cache:
+        generation = await cache.generation()
+        cached = await cache.get_page(generation, key)
+        if cached is not None:
+            CACHE.labels("page", "hit").inc()
+            return Response(cached, media_type="application/json")
+        CACHE.labels("page", "miss").inc()
+    statement, params = build(query, state.tables)
+    async with state.pool.connection() as conn:
+        rows = await (await conn.execute(statement, params)).fetchall()
+    body = _page_encoder.encode(page_from_rows(query, rows))
+    if use_cache:
+        await cache.put_page(generation, key, body)
+    return Response(body, media_type="application/json")
+
+
+@get("/patients/{patient_id:str}", summary="Get one patient", tags=["patients"])
+async def get_patient(
+    patient_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    state: State,
+    minPosition: Annotated[int | None, Parameter(ge=1)] = None,  # noqa: N803
+) -> Response[bytes]:
+    _reject_unknown(request, frozenset({"minPosition"}))
+    try:
+        pid = UUID(patient_id)
+    except ValueError:
+        raise PatientNotFound(patient_id) from None
+    await _await_position(state, minPosition)
+    cache: DirectoryCache = state.cache
+    if minPosition is None:
+        cached = await cache.get_patient(str(pid))
+        if cached is not None:
+            CACHE.labels("patient", "hit").inc()
+            version, body = cached
+            if not body:
+                raise PatientNotFound(patient_id)
+            return Response(body, media_type="application/json", headers={"ETag": f'"{version}"'})
+        CACHE.labels("patient", "miss").inc()
+    tables: Tables = state.tables
+    async with state.pool.connection() as conn:
+        row = await (
+            await conn.execute(
+                "SELECT id, name, email, address, date_of_birth, registered_date, version, removed"
+                f" FROM {tables.patients} WHERE id = %s",
+                [pid],
+            )
+        ).fetchone()
+    if row is None:
+        raise PatientNotFound(patient_id)
+    body = (
+        b""
+        if row[7]
+        else encode_row(
+            PatientRow(
+                id=row[0],
+                name=row[1],
+                email=row[2],
+                address=row[3],
+                date_of_birth=row[4],
+                registered_date=row[5],
+                version=row[6],
+            )
+        )
+    )
+    await cache.put_patient(str(pid), row[6], body)
+    if not body:
+        raise PatientNotFound(patient_id)
+    return Response(body, media_type="application/json", headers={"ETag": f'"{row[6]}"'})
+
+
+def _invalid(_: Request[Any, Any, Any], exc: InvalidData) -> Response[Any]:
+    return problem(400, "invalid request", errors=exc.errors)
+
+
+def _not_found(_: Request[Any, Any, Any], exc: PatientNotFound) -> Response[Any]:
+    return problem(404, "no such patient")
+
+
+def _not_yet(request: Request[Any, Any, Any], exc: NotYetProjected) -> Response[Any]:
+    return problem(
+        503,
+        "the read model has not reached minPosition yet; retry shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
+def create_app(settings: Settings, tables: Tables = LIVE) -> Litestar:
+    """The query API; opens its database pool and Redis client at startup."""
+
+    async def start(app: Litestar) -> None:
+        pool = await open_pool(settings.database_url, min_size=2, max_size=16)
+        async with pool.connection() as conn:
+            await create_tables(conn, tables)
+        redis = Redis.from_url(settings.redis_url)
+        app.state.update(
+            settings=settings,
+            tables=tables,
+            pool=pool,
+            redis=redis,
+            cache=DirectoryCache(redis, ttl_seconds=settings.cache_ttl_seconds),
+        )
+
+    async def stop(app: Litestar) -> None:
+        await app.state.redis.aclose()
+        await app.state.pool.close()
+
+    async def database() -> None:
+        async with app.state.pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    async def cache() -> None:
+        await app.state.redis.ping()
+
+    app = Litestar(
+        logging_config=None,
+        route_handlers=[
+            list_patients,
+            get_patient,
+            *operational_routes({"database": database, "cache": cache}),
+        ],
+        on_startup=[start],
+        on_shutdown=[stop],
+        exception_handlers={
+            **EXCEPTION_HANDLERS,
+            InvalidData: _invalid,
+            PatientNotFound: _not_found,
+            NotYetProjected: _not_yet,
+        },
+        middleware=[metrics_middleware("read-api")],
+        openapi_config=OpenAPIConfig(
+            title="carelog queries",
+            version="1.0.0",
+            description="Reads: paged, filtered, cached views of the read models.",
+            path="/schema",
+        ),
+    )
+    return app

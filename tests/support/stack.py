@@ -1,0 +1,180 @@
+"""Test support: isolated databases and topics on the real services, and real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ops.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def base_settings() -> Settings:
+    env = {"CARELOG_ENV": "development", **os.environ}
+    return Settings.from_env(env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@contextmanager
+def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
+    """A fresh database and topic prefix on the real servers, dropped afterwards."""
+    base = base_settings()
+    token = f"{prefix}{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(base.database_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{token}"')
+    settings = base.with_(
+        database_url=with_database(base.database_url, token),
+        topic_prefix=f"{token}.",
+        ports={
+            "commands": free_port(),
+            "read-api": free_port(),
+            "relay": free_port(),
+            "projection": free_port(),
+        },
+    )
+    try:
+        yield settings
+    finally:
+        with psycopg.connect(base.database_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{token}" WITH (FORCE)')
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "CARELOG_ENV": settings.env,
+        "CARELOG_DATABASE_URL": settings.database_url,
+        "CARELOG_REDIS_URL": settings.redis_url,
+        "CARELOG_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "CARELOG_TOPIC_PREFIX": settings.topic_prefix,
+        "CARELOG_COMMANDS_PORT": str(settings.ports["commands"]),
+        "CARELOG_READ_API_PORT": str(settings.ports["read-api"]),
+        "CARELOG_RELAY_PORT": str(settings.ports["relay"]),
+        "CARELOG_PROJECTION_PORT": str(settings.ports["projection"]),
+    }
+
+
+@dataclass
+class Process:
+    """A carelog process started for a test; `kill()` is SIGKILL, no goodbye."""
+
+    args: list[str]
+    settings: Settings
+    port_name: str
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    def start(self, timeout: float = 60.0) -> Process:
+        self.starts += 1
+        log = self.log_path.with_suffix(f".{self.starts}.log")
+        self.logs.append(log)
+        handle = log.open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "ops", *self.args],
+            env=env_for(self.settings),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        url = f"http://127.0.0.1:{self.settings.ports[self.port_name]}/health/ready"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.popen is not None
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.args} exited: {self.tail()}")
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.args} not ready in {timeout}s: {self.tail()}")
+
+    def kill(self) -> None:
+        if self.popen and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self) -> str:
+        return self.logs[-1].read_text()[-3000:] if self.logs else ""
+
+
+async def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list[Any]:
+    """Every record of a topic from the start, once at least `expected` have arrived."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or [])
+        ]
+        if not partitions:
+            await consumer.client.force_metadata_update()
+            partitions = [
+                TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []
+            ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while len(records) < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for items in batch.values():
+                records.extend(items)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def eventually(check: Any, timeout: float = 30.0, pause: float = 0.1) -> Any:
+    """Awaits `check()` until it returns a truthy value, or fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(pause)
+    raise AssertionError(f"condition not met in {timeout}s; last value: {last!r}")

@@ -1,0 +1,83 @@
+"""Published events: every type round-trips, and the committed schemas match the code."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from domain import contracts
+from domain.patients import Patient, PatientDetails
+from ops.cli import schemas
+
+TODAY = date(2026, 6, 15)
+
+
+def _events_of_every_type() -> list[object]:
+    patient = Patient.register(
+        PatientDetails("Ada", "ada@example.org", "1 Main St", date(1990, 1, 2)), TODAY
+    )
+    patient.change_details(
+        PatientDetails("Ada L", "ada@example.org", "2 Main St", date(1990, 1, 2))
+    )
+    patient.remove()
+    return list(patient.collect_events())
+
+
+def test_every_published_event_type_is_produced_by_the_aggregate():
+    produced = {type(e) for e in _events_of_every_type()}
+    assert produced == set(contracts.CONTRACTS)
+
+
+@pytest.mark.parametrize("position", [1, 2**53])
+def test_every_event_round_trips_through_its_envelope(position: int):
+    for event in _events_of_every_type():
+        object.__setattr__(event, "correlation_id", "req-1")
+        envelope = contracts.envelope_for(event, position)
+        assert envelope is not None
+        encoded = msgspec.json.encode(envelope)
+        decoded, data = contracts.decode(encoded)
+        assert decoded.type == envelope.type
+        assert decoded.aggregate_id == event.originator_id
+        assert decoded.aggregate_version == event.originator_version
+        assert decoded.position == position
+        assert decoded.correlation_id == "req-1"
+        assert decoded.occurred_at == event.timestamp
+        assert data == envelope.data
+        assert json.loads(encoded)["data"] == json.loads(msgspec.json.encode(envelope.data))
+
+
+def test_the_wire_names_are_camel_case():
+    event = _events_of_every_type()[0]
+    wire = json.loads(msgspec.json.encode(contracts.envelope_for(event, 7)))
+    assert {"eventId", "schemaVersion", "aggregateId", "aggregateVersion", "occurredAt"} <= set(
+        wire
+    )
+    assert set(wire["data"]) == {"name", "email", "address", "dateOfBirth", "registeredDate"}
+
+
+def test_an_unknown_event_type_is_refused():
+    event = _events_of_every_type()[0]
+    wire = json.loads(msgspec.json.encode(contracts.envelope_for(event, 7)))
+    wire["type"] = "PatientTeleported"
+    with pytest.raises(KeyError):
+        contracts.decode(json.dumps(wire).encode())
+
+
+def test_the_committed_schemas_match_the_code(capsys: pytest.CaptureFixture[str]):
+    assert schemas("check") == 0, capsys.readouterr().err
+
+
+def test_the_schema_check_notices_a_changed_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import ops.cli
+
+    monkeypatch.setattr(ops.cli, "SCHEMAS_DIR", tmp_path)
+    assert schemas("write") == 0
+    target = next(tmp_path.rglob("PatientRegistered.v1.json"))
+    schema = json.loads(target.read_text())
+    schema["$defs"]["PatientRegisteredV1"]["required"].remove("email")
+    target.write_text(json.dumps(schema))
+    assert schemas("check") == 1
