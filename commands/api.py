@@ -21,10 +21,13 @@ from eventsourcing.persistence import IntegrityError
 from litestar import Litestar, Request, Response, delete, post, put
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
-from litestar.params import FromPath
 from litestar.openapi.spec import Tag
+from litestar.params import FromPath
 from prometheus_client import Counter
 
+from auth.guards import requires
+from auth.roles import PATIENT_WRITERS
+from auth.tokens import TokenVerifier, service_verifier
 from commands.service import PatientService, Written, today
 from commands.store import EventStore
 from domain.errors import EmailTaken, InvalidData, PatientNotFound, StaleVersion
@@ -150,6 +153,7 @@ def _service(state: State) -> PatientService:
     operation_class=json_body_operation(PatientInput),
     tags=["patients"],
     status_code=201,
+    guards=[requires(PATIENT_WRITERS)],
 )
 async def register_patient(request: Request[Any, Any, Any], state: State) -> Response[Any]:
     details, registered = _parse(await request.body(), parse_registration)
@@ -170,6 +174,7 @@ async def register_patient(request: Request[Any, Any, Any], state: State) -> Res
     description="Send `If-Match` with the ETag you read to refuse a lost update (412).",
     operation_class=json_body_operation(PatientInput),
     tags=["patients"],
+    guards=[requires(PATIENT_WRITERS)],
 )
 async def change_patient(
     patient_id: FromPath[str], request: Request[Any, Any, Any], state: State
@@ -186,7 +191,12 @@ async def change_patient(
     return Response(_representation(written), headers=_headers(written, correlation_id))
 
 
-@delete("/patients/{patient_id:str}", summary="Remove a patient", tags=["patients"])
+@delete(
+    "/patients/{patient_id:str}",
+    summary="Remove a patient",
+    tags=["patients"],
+    guards=[requires(PATIENT_WRITERS)],
+)
 async def remove_patient(
     patient_id: FromPath[str], request: Request[Any, Any, Any], state: State
 ) -> Response[None]:
@@ -239,8 +249,13 @@ ERRORS: dict[Any, Any] = {
 }
 
 
-def create_app(settings: Settings, store: EventStore | None = None) -> Litestar:
-    """The command API; builds its event store at startup unless one is given."""
+def create_app(
+    settings: Settings, store: EventStore | None = None, verifier: TokenVerifier | None = None
+) -> Litestar:
+    """The command API; builds its event store at startup unless one is given.
+
+    Tokens are checked with `verifier`, by default against the auth service's JWKS.
+    """
 
     async def start(app: Litestar) -> None:
         app.state.store = store or await anyio.to_thread.run_sync(
@@ -276,4 +291,5 @@ def create_app(settings: Settings, store: EventStore | None = None) -> Litestar:
             path="/schema",
         ),
     )
+    app.state.verifier = verifier or service_verifier(settings)
     return app

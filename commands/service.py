@@ -11,7 +11,8 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
-from commands.store import EventStore, correlation
+from commands.group_commit import GroupCommit
+from commands.store import EventStore
 from domain.errors import EmailTaken, PatientNotFound, StaleVersion
 from domain.patients import EmailClaim, Patient, PatientDetails, email_claim_id
 
@@ -41,6 +42,7 @@ class PatientService:
 
     def __init__(self, store: EventStore):
         self.store = store
+        self.writer = GroupCommit(store)
 
     def register(
         self, details: PatientDetails, registered_date: date, correlation_id: str | None = None
@@ -125,8 +127,12 @@ class PatientService:
         return claim
 
     def _save(self, patient: Patient, *others: Any, correlation_id: str | None) -> Written:
-        with correlation(correlation_id):
-            recordings = self.store.save(patient, *others)
+        if correlation_id is not None:
+            # Kept in each event's stored state; the relay publishes it with the event.
+            for changed in (patient, *others):
+                for pending in changed.pending_events if changed is not None else ():
+                    object.__setattr__(pending, "correlation_id", correlation_id)
+        recordings = self.writer.save(patient, *others)
         position = next(
             (r.notification.id for r in recordings if r.domain_event.originator_id == patient.id),
             None,

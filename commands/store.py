@@ -6,29 +6,12 @@ events' positions) and publishes what it finds.
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent, Transcoding
-
-_correlation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "correlation_id", default=None
-)
-
-
-@contextmanager
-def correlation(correlation_id: str | None) -> Iterator[None]:
-    """Stamps the events saved inside the block with this correlation id."""
-    token = _correlation.set(correlation_id)
-    try:
-        yield
-    finally:
-        _correlation.reset(token)
+from eventsourcing.persistence import JSONTranscoder, Transcoding
 
 
 class DateAsISO(Transcoding):
@@ -40,20 +23,6 @@ class DateAsISO(Transcoding):
 
     def decode(self, data: str) -> date:
         return date.fromisoformat(data)
-
-
-class CorrelatingMapper(Mapper[Any]):
-    """Adds the current correlation id to each stored event's state.
-
-    Reading an event sets the extra key back as an attribute, so the relay finds
-    it on the domain event without the domain knowing about it.
-    """
-
-    def to_stored_event(self, domain_event: Any) -> StoredEvent:
-        correlation_id = _correlation.get()
-        if correlation_id is not None and "correlation_id" not in vars(domain_event):
-            object.__setattr__(domain_event, "correlation_id", correlation_id)
-        return super().to_stored_event(domain_event)
 
 
 def postgres_env(database_url: str, pool_size: int = 10) -> dict[str, str]:
@@ -82,9 +51,6 @@ class EventStore(Application[Any]):
 
     def __init__(self, database_url: str, pool_size: int = 10):
         super().__init__(env=postgres_env(database_url, pool_size))
-
-    def construct_mapper(self) -> Mapper[Any]:
-        return CorrelatingMapper(transcoder=self.construct_transcoder())
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)

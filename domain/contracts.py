@@ -7,6 +7,7 @@ version, and readers upcast older ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Generic, TypeVar
@@ -123,10 +124,10 @@ def decode(message: bytes) -> tuple[Envelope[msgspec.Raw], msgspec.Struct]:
     return envelope, msgspec.json.decode(envelope.data, type=contract.payload)
 
 
-def json_schemas() -> dict[str, dict[str, Any]]:
-    """File name → JSON Schema of the whole message, for every published event."""
+def json_schemas(published: Iterable[Contract] | None = None) -> dict[str, dict[str, Any]]:
+    """File name → JSON Schema of the whole message, for every published (patient) event."""
     schemas: dict[str, dict[str, Any]] = {}
-    for contract in CONTRACTS.values():
+    for contract in CONTRACTS.values() if published is None else published:
         schema = msgspec.json.schema(Envelope[contract.payload])  # type: ignore[name-defined]
         schema["title"] = f"{contract.type} v{contract.version}"
         schema["$id"] = f"carelog:{contract.stream}:{contract.type}:v{contract.version}"

@@ -2,6 +2,10 @@
 
 carelog serve commands     the command API (port 4000)
 carelog serve read-api     the query API (port 4003)
+carelog serve auth         the auth service (port 4005)
+carelog gateway-config     renders the HAProxy gateway's files (--reload: reload HAProxy)
+carelog keys list|rotate|prune  the token signing keys
+carelog serve billing      billing over gRPC (port 9001; health on 4001)
 carelog relay              event store → Kafka (health on 4010)
 carelog project directory  the patient directory projection (health on 4011)
 carelog topics             creates the Kafka topics
@@ -17,11 +21,15 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from ops.logs import configure_logging
 from ops.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from auth.config import AuthSettings
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
@@ -37,14 +45,71 @@ def _settings(service: str) -> Settings:
     return settings
 
 
+def _auth_settings(service: str) -> AuthSettings:
+    from auth.config import AuthSettings
+
+    try:
+        return AuthSettings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"carelog {service}: {exc}")
+
+
+def gateway_config(reload: bool, jwks_url: str | None) -> int:
+    from ops import gateway_config as gateway
+
+    settings = _settings("gateway-config")
+    auth = _auth_settings("gateway-config")
+    try:
+        path = gateway.write_config(settings, auth, jwks_url)
+    except (gateway.GatewayConfigError, SettingsError, OSError) as exc:
+        print(f"carelog gateway-config: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    if reload:
+        print("haproxy reloaded" if gateway.reload(auth) else "haproxy is not running")
+    return 0
+
+
+def keys(action: str) -> int:
+    """Lists, rotates (add, publish, reload the gateway, then sign) or prunes the keys."""
+    from auth import keys as keyring
+
+    auth = _auth_settings("keys")
+    ring = keyring.KeyRing(auth.keys_dir).ensure(development=auth.development)
+    if action == "list":
+        for kid in ring.keys:
+            print(kid, "(signing)" if kid == ring.current_kid else "")
+        return 0
+    if action == "rotate":
+        kid = keyring.add_key(auth.keys_dir)
+        if gateway_config(reload=True, jwks_url=None):
+            return 1
+        time.sleep(2)  # the auth service and the reloaded gateway pick the key up
+        keyring.promote(auth.keys_dir, kid)
+        print(f"signing with {kid}; older keys stay published until pruned")
+        return 0
+    removed = keyring.prune(auth.keys_dir, auth.access_ttl_seconds + 60)
+    print("removed:", ", ".join(removed) or "nothing")
+    return gateway_config(reload=True, jwks_url=None) if removed else 0
+
+
 def serve(which: str) -> None:
     from ops.http import serve as run_http
 
     settings = _settings(which)
-    if which == "commands":
+    if which == "billing":
+        from billing_grpc.server import run as run_billing
+
+        asyncio.run(run_billing(settings))
+    elif which == "commands":
         from commands.api import create_app as commands_app
 
         run_http(commands_app(settings), settings.http_host, settings.ports["commands"])
+    elif which == "auth":
+        from auth.app import create_app as auth_app
+
+        auth = _auth_settings(which)
+        run_http(auth_app(settings, auth), settings.http_host, auth.port)
     else:
         from read_api.app import create_app as read_app
 
@@ -77,16 +142,18 @@ async def _relay(settings: Settings) -> None:
     try:
         await relay.run()
     finally:
-        server.should_exit = True
+        await server.stop()
         await producer.stop()
         store.close()
 
 
 def schemas(action: str) -> int:
+    from domain.billing import billing_json_schemas
     from domain.contracts import json_schemas
 
     wanted = {
-        name: json.dumps(s, indent=2, sort_keys=True) + "\n" for name, s in json_schemas().items()
+        name: json.dumps(s, indent=2, sort_keys=True) + "\n"
+        for name, s in {**json_schemas(), **billing_json_schemas()}.items()
     }
     if action == "write":
         for name, text in wanted.items():
@@ -109,7 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="carelog", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run an HTTP API")
-    serve_p.add_argument("service", choices=["commands", "read-api"])
+    serve_p.add_argument("service", choices=["commands", "read-api", "billing", "auth"])
+    gateway_p = sub.add_parser("gateway-config", help="render the HAProxy gateway's files")
+    gateway_p.add_argument("--reload", action="store_true", help="then reload HAProxy")
+    gateway_p.add_argument("--jwks-url", help="trust these keys (default: the key directory)")
+    keys_p = sub.add_parser("keys", help="list, rotate or prune the token signing keys")
+    keys_p.add_argument("action", choices=["list", "rotate", "prune"])
     sub.add_parser("relay", help="publish the event store to Kafka")
     project_p = sub.add_parser("project", help="run a projection")
     project_p.add_argument("projection", choices=["directory"])
@@ -134,5 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         names = sorted({settings.topic(c.stream) for c in CONTRACTS.values()})
         asyncio.run(ensure_topics(settings.kafka_bootstrap, names))
         print("topics:", ", ".join(names))
+    elif args.command == "gateway-config":
+        sys.exit(gateway_config(args.reload, args.jwks_url))
+    elif args.command == "keys":
+        sys.exit(keys(args.action))
     elif args.command == "schemas":
         sys.exit(schemas(args.action))

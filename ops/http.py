@@ -226,13 +226,33 @@ def serve(app: Litestar, host: str, port: int) -> None:
     uvicorn.Server(config).run()
 
 
-async def serve_health(checks: Mapping[str, Check], host: str, port: int) -> uvicorn.Server:
-    """Serves a worker's health and metrics from inside its running event loop."""
-    app = Litestar(route_handlers=operational_routes(checks), logging_config=None)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    asyncio.get_running_loop().create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    return server
+class HealthServer:
+    """A worker's health and metrics endpoint, served inside its own event loop."""
+
+    def __init__(self, checks: Mapping[str, Check], host: str, port: int):
+        app = Litestar(route_handlers=operational_routes(checks), logging_config=None)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
+        )
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> HealthServer:
+        self._task = asyncio.get_running_loop().create_task(self.server.serve())
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()  # raises why it could not start (e.g. port taken)
+                raise RuntimeError("health server stopped while starting")
+            await asyncio.sleep(0.01)
+        return self
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await self._task
+
+
+async def serve_health(checks: Mapping[str, Check], host: str, port: int) -> HealthServer:
+    """Starts a worker's health and metrics endpoint; `await .stop()` at shutdown."""
+    return await HealthServer(checks, host, port).start()

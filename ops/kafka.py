@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from faststream.kafka import KafkaBroker
+from faststream.message import StreamMessage
+
+from ops.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -70,4 +76,19 @@ def reliable_producer(bootstrap: str) -> AIOKafkaProducer:
         linger_ms=2,
         max_batch_size=256 * 1024,
         request_timeout_ms=15_000,
+    )
+
+
+async def raw_bodies(message: StreamMessage[Any]) -> list[bytes]:
+    """Hands the handler each record's bytes; the envelope is decoded by its own contract."""
+    return list(message.body)
+
+
+def kafka_broker(settings: Settings, client_id: str) -> KafkaBroker:
+    """A broker whose per-message logs are debug level and whose errors are logged."""
+    return KafkaBroker(
+        settings.kafka_bootstrap,
+        client_id=client_id,
+        logger=logging.getLogger("carelog.kafka"),
+        log_level=logging.DEBUG,
     )

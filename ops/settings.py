@@ -52,6 +52,11 @@ class Settings:
     def development(self) -> bool:
         return self.env == DEVELOPMENT
 
+    @property
+    def cache_prefix(self) -> str:
+        """Redis keys of this environment; the topic prefix keeps test runs apart."""
+        return f"carelog:{self.topic_prefix}"
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 

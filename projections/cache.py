@@ -24,14 +24,21 @@ return 1
 """
 
 
+_PAGE = """
+local generation = redis.call('GET', KEYS[1]) or '0'
+return {generation, redis.call('GET', ARGV[1] .. generation .. ':' .. ARGV[2])}
+"""
+
+
 class DirectoryCache:
     """Key layout and the version-guarded writes of the directory cache."""
 
-    def __init__(self, redis: Redis, prefix: str = "carelog:directory", ttl_seconds: int = 60):
+    def __init__(self, redis: Redis, prefix: str = "carelog:", ttl_seconds: int = 60):
         self.redis = redis
-        self.prefix = prefix
+        self.prefix = f"{prefix}directory"
         self.ttl = ttl_seconds
         self._set_if_newer = redis.register_script(_SET_IF_NEWER)
+        self._page = redis.register_script(_PAGE)
 
     def patient_key(self, patient_id: str) -> str:
         return f"{self.prefix}:patient:{patient_id}"
@@ -72,9 +79,12 @@ class DirectoryCache:
         value: Any = await self.redis.get(self.generation_key)
         return int(value or 0)
 
-    async def get_page(self, generation: int, query: str) -> bytes | None:
-        value: Any = await self.redis.get(self.page_key(generation, query))
-        return None if value is None else bytes(value)
+    async def get_page(self, query: str) -> tuple[int, bytes | None]:
+        """The current generation and the page cached under it, in one round trip."""
+        generation, body = await self._page(
+            keys=[self.generation_key], args=[f"{self.prefix}:page:", query]
+        )
+        return int(generation), None if body is None else bytes(body)
 
     async def put_page(self, generation: int, query: str, body: bytes) -> None:
         await self.redis.set(self.page_key(generation, query), body, ex=min(self.ttl, 30))

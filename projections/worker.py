@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from domain import contracts
 from ops.db import open_pool
 from ops.http import serve_health
-from ops.kafka import ensure_topics, wait_for_kafka
+from ops.kafka import ensure_topics, kafka_broker, raw_bodies, wait_for_kafka
 from ops.settings import Settings
 from projections.cache import DirectoryCache
 from projections.directory import LIVE, DirectoryProjection, Tables, UnappliableEvent, create_tables
@@ -117,6 +117,7 @@ def subscribe(broker: KafkaBroker, settings: Settings, worker: DirectoryWorker, 
         max_records=500,
         batch_timeout_ms=20,
         ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=raw_bodies,
     )
     async def on_patient_events(bodies: list[bytes]) -> None:
         await worker.handle(bodies)
@@ -125,6 +126,8 @@ def subscribe(broker: KafkaBroker, settings: Settings, worker: DirectoryWorker, 
 async def run_directory(settings: Settings, tables: Tables = LIVE) -> None:
     """Runs the directory projection until SIGTERM or SIGINT."""
     topic = settings.topic(contracts.PATIENT_STREAM)
+    # The topic prefix keeps test runs out of the live stack's consumer group.
+    group = f"{settings.topic_prefix}{GROUP}"
     dlq = f"{topic}.dlq.{GROUP}"
     await wait_for_kafka(settings.kafka_bootstrap)
     await ensure_topics(settings.kafka_bootstrap, [topic])
@@ -133,10 +136,12 @@ async def run_directory(settings: Settings, tables: Tables = LIVE) -> None:
     async with pool.connection() as conn:
         await create_tables(conn, tables)
     redis_client = Redis.from_url(settings.redis_url)
-    cache = DirectoryCache(redis_client, ttl_seconds=settings.cache_ttl_seconds)
-    broker = KafkaBroker(settings.kafka_bootstrap, logger=None, client_id=GROUP)
+    cache = DirectoryCache(
+        redis_client, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds
+    )
+    broker = kafka_broker(settings, group)
     worker = DirectoryWorker(pool, cache, broker, dlq, DirectoryProjection(tables))
-    subscribe(broker, settings, worker, GROUP)
+    subscribe(broker, settings, worker, group)
 
     async def database() -> None:
         async with pool.connection() as conn:
@@ -159,11 +164,11 @@ async def run_directory(settings: Settings, tables: Tables = LIVE) -> None:
         settings.http_host,
         settings.ports["projection"],
     )
-    log.info("directory projection started", topic=topic, group=GROUP)
+    log.info("directory projection started", topic=topic, group=group)
     started = time.monotonic()
     await stopping.wait()
     log.info("directory projection stopping", uptime=round(time.monotonic() - started, 1))
-    server.should_exit = True
+    await server.stop()
     await broker.stop()
     await redis_client.aclose()
     await pool.close()

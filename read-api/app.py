@@ -21,6 +21,9 @@ from psycopg_pool import AsyncConnectionPool
 from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
 from redis.asyncio import Redis
 
+from auth.guards import requires
+from auth.roles import PATIENT_READERS
+from auth.tokens import TokenVerifier, service_verifier
 from domain.contracts import CONTRACTS
 from domain.errors import InvalidData, PatientNotFound
 from ops.db import open_pool
@@ -106,7 +109,7 @@ async def _await_position(state: State, position: int | None) -> None:
         pause = min(pause * 2, 0.1)
 
 
-@get("/patients", summary="List patients", tags=["patients"])
+@get("/patients", summary="List patients", tags=["patients"], guards=[requires(PATIENT_READERS)])
 async def list_patients(
     request: Request[Any, Any, Any],
     state: State,
@@ -118,14 +121,14 @@ async def list_patients(
         str | None, Parameter(max_length=100, description="Contains, case-insensitive")
     ] = None,
     email: Annotated[str | None, Parameter(max_length=254, description="Exact, any case")] = None,
-    dateOfBirthFrom: date | None = None,  # noqa: N803 (the wire name, so errors name it)
-    dateOfBirthTo: date | None = None,  # noqa: N803
-    registeredFrom: date | None = None,  # noqa: N803
-    registeredTo: date | None = None,  # noqa: N803
+    dateOfBirthFrom: Annotated[date | None, Parameter()] = None,
+    dateOfBirthTo: Annotated[date | None, Parameter()] = None,
+    registeredFrom: Annotated[date | None, Parameter()] = None,
+    registeredTo: Annotated[date | None, Parameter()] = None,
     sort: Annotated[
         str, Parameter(description="name, registeredDate or dateOfBirth; prefix - to reverse")
     ] = "name",
-    minPosition: Annotated[  # noqa: N803
+    minPosition: Annotated[
         int | None,
         Parameter(ge=1, description="Answer only once the read model reflects this position"),
     ] = None,
@@ -149,8 +152,7 @@ async def list_patients(
     key = hashlib.sha1(repr(query).encode(), usedforsecurity=False).hexdigest()
     generation = 0
     if use_cache:
-        generation = await cache.generation()
-        cached = await cache.get_page(generation, key)
+        generation, cached = await cache.get_page(key)
         if cached is not None:
             CACHE.labels("page", "hit").inc()
             return Response(cached, media_type="application/json")
@@ -164,12 +166,17 @@ async def list_patients(
     return Response(body, media_type="application/json")
 
 
-@get("/patients/{patient_id:str}", summary="Get one patient", tags=["patients"])
+@get(
+    "/patients/{patient_id:str}",
+    summary="Get one patient",
+    tags=["patients"],
+    guards=[requires(PATIENT_READERS)],
+)
 async def get_patient(
     patient_id: FromPath[str],
     request: Request[Any, Any, Any],
     state: State,
-    minPosition: Annotated[int | None, Parameter(ge=1)] = None,  # noqa: N803
+    minPosition: Annotated[int | None, Parameter(ge=1)] = None,
 ) -> Response[bytes]:
     _reject_unknown(request, frozenset({"minPosition"}))
     try:
@@ -235,8 +242,13 @@ def _not_yet(request: Request[Any, Any, Any], exc: NotYetProjected) -> Response[
     )
 
 
-def create_app(settings: Settings, tables: Tables = LIVE) -> Litestar:
-    """The query API; opens its database pool and Redis client at startup."""
+def create_app(
+    settings: Settings, tables: Tables = LIVE, verifier: TokenVerifier | None = None
+) -> Litestar:
+    """The query API; opens its database pool and Redis client at startup.
+
+    Tokens are checked with `verifier`, by default against the auth service's JWKS.
+    """
 
     async def start(app: Litestar) -> None:
         pool = await open_pool(settings.database_url, min_size=2, max_size=16)
@@ -248,7 +260,9 @@ def create_app(settings: Settings, tables: Tables = LIVE) -> Litestar:
             tables=tables,
             pool=pool,
             redis=redis,
-            cache=DirectoryCache(redis, ttl_seconds=settings.cache_ttl_seconds),
+            cache=DirectoryCache(
+                redis, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds
+            ),
         )
 
     async def stop(app: Litestar) -> None:
@@ -285,4 +299,5 @@ def create_app(settings: Settings, tables: Tables = LIVE) -> Litestar:
             path="/schema",
         ),
     )
+    app.state.verifier = verifier or service_verifier(settings)
     return app

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from commands.store import EventStore
 from ops.settings import Settings
 from tests.support.stack import isolated_settings
+from tests.support.tokens import TestTokens
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +18,12 @@ def settings() -> Iterator[Settings]:
     """A database and topic prefix of this test session's own, on the real servers."""
     with isolated_settings() as isolated:
         yield isolated
+
+
+@pytest.fixture(scope="session")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> TestTokens:
+    """Signs access tokens with a key of this session's own; pass `tokens.verifier` to apps."""
+    return TestTokens(tmp_path_factory.mktemp("auth") / "keys")
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +38,17 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
     client = Redis.from_url(settings.redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def own_settings() -> Iterator[Settings]:
+    """A database and topics of this test's own, for tests that count everything they see."""
+    with isolated_settings() as isolated:
+        yield isolated
+
+
+@pytest.fixture
+def own_store(own_settings: Settings) -> Iterator[EventStore]:
+    event_store = EventStore(own_settings.database_url)
+    yield event_store
+    event_store.close()

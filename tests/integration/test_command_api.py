@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
+from auth.roles import Role
 from commands.api import create_app
 from commands.store import EventStore
 from ops.settings import Settings
+from tests.support.tokens import TestTokens
 
 pytestmark = pytest.mark.integration
 
@@ -29,8 +31,12 @@ def patient(**overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def client(settings: Settings, store: EventStore) -> AsyncIterator[AsyncTestClient[Any]]:
-    async with AsyncTestClient(app=create_app(settings, store)) as test_client:
+async def client(
+    settings: Settings, store: EventStore, tokens: TestTokens
+) -> AsyncIterator[AsyncTestClient[Any]]:
+    app = create_app(settings, store, verifier=tokens.verifier)
+    async with AsyncTestClient(app=app) as test_client:
+        test_client.headers.update(tokens.headers(Role.CLINICIAN))
         yield test_client
 
 

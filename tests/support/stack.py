@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from ops.settings import Settings
 
@@ -57,6 +58,8 @@ def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
             "read-api": free_port(),
             "relay": free_port(),
             "projection": free_port(),
+            "billing-grpc": free_port(),
+            "billing-http": free_port(),
         },
     )
     try:
@@ -78,6 +81,11 @@ def env_for(settings: Settings) -> dict[str, str]:
         "CARELOG_READ_API_PORT": str(settings.ports["read-api"]),
         "CARELOG_RELAY_PORT": str(settings.ports["relay"]),
         "CARELOG_PROJECTION_PORT": str(settings.ports["projection"]),
+        **{
+            f"CARELOG_{name.upper().replace('-', '_')}_PORT": str(settings.ports[name])
+            for name in ("billing-grpc", "billing-http")
+            if name in settings.ports
+        },
     }
 
 
@@ -147,14 +155,14 @@ async def read_topic(bootstrap: str, topic: str, expected: int, timeout: float =
     )
     await consumer.start()
     try:
-        partitions = [
-            TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or [])
-        ]
-        if not partitions:
-            await consumer.client.force_metadata_update()
-            partitions = [
-                TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []
-            ]
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            (described,) = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+        assert partitions, f"topic {topic} does not exist"
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         records: list[Any] = []

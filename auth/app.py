@@ -1,0 +1,299 @@
+"""The auth service (port 4005): login, token refresh and logout, JWKS, and user admin.
+
+Every path is under /auth, as the gateway forwards /auth/** unchanged. Errors are
+mapped to statuses in `ERRORS`, in one place.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post, put
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Tag
+from litestar.params import FromPath, JSONBody, Parameter
+from prometheus_client import Counter
+
+from auth.config import AuthSettings
+from auth.errors import (
+    Busy,
+    EmailTaken,
+    InvalidCredentials,
+    InvalidInput,
+    InvalidRefreshToken,
+    NotYourToken,
+    SelfLockout,
+    UserNotFound,
+)
+from auth.guards import requires
+from auth.keys import KeyRing
+from auth.roles import ALL_ROLES, USER_ADMINS, Role
+from auth.service import AuthService, Session, User, create_schema
+from auth.tokens import Claims, RingKeys, TokenVerifier
+from ops.db import open_pool
+from ops.http import EXCEPTION_HANDLERS, metrics_middleware, operational_routes, problem
+from ops.settings import Settings
+
+LOGINS = Counter("carelog_logins_total", "Login attempts, by outcome", ["outcome"])
+REFRESHES = Counter("carelog_token_refreshes_total", "Token refreshes, by outcome", ["outcome"])
+
+MAX_BODY_BYTES = 16 * 1024
+
+
+class Credentials(msgspec.Struct, kw_only=True):
+    email: Annotated[str, msgspec.Meta(max_length=254, examples=["ada@example.org"])]
+    password: Annotated[str, msgspec.Meta(max_length=1024)]
+
+
+class RefreshInput(msgspec.Struct, rename="camel", kw_only=True):
+    refresh_token: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class NewUser(msgspec.Struct, kw_only=True):
+    email: Annotated[str, msgspec.Meta(max_length=254, examples=["ada@example.org"])]
+    password: Annotated[
+        str, msgspec.Meta(max_length=1024, description="12+ characters, not common")
+    ]
+    role: Role
+
+
+class RoleChange(msgspec.Struct, kw_only=True):
+    role: Role
+
+
+class SessionOut(msgspec.Struct, rename="camel", kw_only=True):
+    token: str
+    refresh_token: str
+    expires_in: Annotated[int, msgspec.Meta(description="Seconds until `token` expires")]
+    token_type: str = "Bearer"  # noqa: S105 (the scheme's name, not a secret)
+
+
+class UserOut(msgspec.Struct, rename="camel", kw_only=True):
+    id: UUID
+    email: str
+    role: Role
+    disabled: bool
+    created_at: datetime
+
+
+class Validity(msgspec.Struct, rename="camel", kw_only=True):
+    subject: str
+    role: Role
+    expires_at: int
+
+
+def _service(state: State) -> AuthService:
+    service: AuthService = state.service
+    return service
+
+
+def _claims(request: Request[Any, Any, Any]) -> Claims:
+    claims: Claims = request.state.claims
+    return claims
+
+
+def _session(session: Session) -> SessionOut:
+    return SessionOut(
+        token=session.token, refresh_token=session.refresh_token, expires_in=session.expires_in
+    )
+
+
+def _user(user: User) -> UserOut:
+    return UserOut(
+        id=user.id,
+        email=user.email,
+        role=user.role,
+        disabled=user.disabled,
+        created_at=user.created_at,
+    )
+
+
+_ADMIN = [requires(USER_ADMINS)]
+_ANYONE = [requires(ALL_ROLES)]
+
+
+@post("/auth/login", summary="Log in: an access token and a refresh token", status_code=200)
+async def login(data: JSONBody[Credentials], state: State) -> SessionOut:
+    try:
+        session = await _service(state).login(data.email, data.password)
+    except InvalidCredentials:
+        LOGINS.labels("refused").inc()
+        raise
+    LOGINS.labels("ok").inc()
+    return _session(session)
+
+
+@post("/auth/refresh", summary="Spend a refresh token for new tokens", status_code=200)
+async def refresh(data: JSONBody[RefreshInput], state: State) -> SessionOut:
+    try:
+        session = await _service(state).refresh(data.refresh_token)
+    except InvalidRefreshToken:
+        REFRESHES.labels("refused").inc()
+        raise
+    REFRESHES.labels("ok").inc()
+    return _session(session)
+
+
+@post("/auth/logout", summary="End the session of a refresh token", guards=_ANYONE, status_code=204)
+async def logout(
+    data: JSONBody[RefreshInput], request: Request[Any, Any, Any], state: State
+) -> None:
+    await _service(state).logout(data.refresh_token, _claims(request).subject)
+
+
+@get("/auth/validate", summary="Check a bearer token", guards=_ANYONE)
+async def validate(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    claims = _claims(request)
+    if not await _service(state).active(claims.subject):
+        return problem(401, "the token's user is disabled or gone")
+    return Response(
+        Validity(subject=claims.subject, role=claims.role, expires_at=claims.expires_at)
+    )
+
+
+@get("/auth/.well-known/jwks.json", summary="The public keys that verify access tokens")
+async def jwks(state: State) -> Response[dict[str, Any]]:
+    ring: KeyRing = state.ring
+    ring.refresh()
+    return Response(ring.jwks(), headers={"Cache-Control": "public, max-age=60"})
+
+
+@post("/auth/users", summary="Create a user", guards=_ADMIN, tags=["users"])
+async def create_user(data: JSONBody[NewUser], state: State) -> Response[UserOut]:
+    user = await _service(state).create_user(data.email, data.password, data.role)
+    return Response(_user(user), status_code=201, headers={"Location": f"/auth/users/{user.id}"})
+
+
+@get("/auth/users", summary="List users by email", guards=_ADMIN, tags=["users"])
+async def list_users(
+    state: State,
+    limit: Annotated[int, Parameter(ge=1, le=500)] = 100,
+    after: Annotated[
+        str | None, Parameter(max_length=254, description="The last email of the previous page")
+    ] = None,
+) -> list[UserOut]:
+    return [_user(u) for u in await _service(state).list_users(limit, after)]
+
+
+@get("/auth/users/{user_id:uuid}", summary="Get a user", guards=_ADMIN, tags=["users"])
+async def get_user(user_id: FromPath[UUID], state: State) -> UserOut:
+    return _user(await _service(state).get_user(user_id))
+
+
+@put(
+    "/auth/users/{user_id:uuid}/role", summary="Change a user's role", guards=_ADMIN, tags=["users"]
+)
+async def change_role(
+    user_id: FromPath[UUID],
+    data: JSONBody[RoleChange],
+    request: Request[Any, Any, Any],
+    state: State,
+) -> UserOut:
+    actor = _claims(request).subject
+    return _user(await _service(state).change_role(user_id, data.role, actor))
+
+
+@post(
+    "/auth/users/{user_id:uuid}/disable",
+    summary="Disable a user and end their sessions",
+    guards=_ADMIN,
+    tags=["users"],
+    status_code=200,
+)
+async def disable_user(
+    user_id: FromPath[UUID], request: Request[Any, Any, Any], state: State
+) -> UserOut:
+    actor = _claims(request).subject
+    return _user(await _service(state).set_disabled(user_id, True, actor))
+
+
+@post(
+    "/auth/users/{user_id:uuid}/enable",
+    summary="Enable a disabled user",
+    guards=_ADMIN,
+    tags=["users"],
+    status_code=200,
+)
+async def enable_user(
+    user_id: FromPath[UUID], request: Request[Any, Any, Any], state: State
+) -> UserOut:
+    actor = _claims(request).subject
+    return _user(await _service(state).set_disabled(user_id, False, actor))
+
+
+_SAME_401 = "invalid email or password"
+
+ERRORS: dict[Any, Any] = {
+    InvalidInput: lambda _, exc: problem(400, "invalid request", errors=exc.errors),
+    InvalidCredentials: lambda _, __: problem(401, _SAME_401),
+    InvalidRefreshToken: lambda _, __: problem(401, "invalid refresh token"),
+    NotYourToken: lambda _, __: problem(403, "the refresh token is not yours"),
+    SelfLockout: lambda _, __: problem(409, "you may not disable or demote yourself"),
+    UserNotFound: lambda _, __: problem(404, "no such user"),
+    EmailTaken: lambda _, __: problem(
+        409, "email already registered", errors={"email": "is already in use"}
+    ),
+    Busy: lambda _, __: problem(
+        503, "too many logins at once; retry shortly", headers={"Retry-After": "1"}
+    ),
+}
+
+
+def create_app(settings: Settings, auth: AuthSettings, ring: KeyRing | None = None) -> Litestar:
+    """The auth service; loads its keys (a missing one fails startup) and opens its pool."""
+    ring = ring or KeyRing(auth.keys_dir)
+
+    async def start(app: Litestar) -> None:
+        ring.ensure(development=settings.development)
+        pool = await open_pool(settings.database_url, min_size=1, max_size=8)
+        await create_schema(pool)
+        service = AuthService(pool, ring, auth)
+        await service.provision_development_user(settings.development)
+        app.state.update(pool=pool, service=service)
+
+    async def stop(app: Litestar) -> None:
+        if app.state.get("pool") is not None:  # None when startup failed
+            await app.state.pool.close()
+
+    async def database() -> None:
+        async with app.state.pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    async def keys() -> None:
+        ring.refresh()
+
+    app = Litestar(
+        logging_config=None,
+        route_handlers=[
+            login,
+            refresh,
+            logout,
+            validate,
+            jwks,
+            create_user,
+            list_users,
+            get_user,
+            change_role,
+            disable_user,
+            enable_user,
+            *operational_routes({"database": database, "keys": keys}),
+        ],
+        on_startup=[start],
+        on_shutdown=[stop],
+        exception_handlers={**EXCEPTION_HANDLERS, **ERRORS},
+        middleware=[metrics_middleware("auth")],
+        request_max_body_size=MAX_BODY_BYTES,
+        openapi_config=OpenAPIConfig(
+            title="carelog auth",
+            version="1.0.0",
+            description="Users, login, refresh rotation, logout and the JWKS.",
+            tags=[Tag(name="users")],
+            path="/schema",
+        ),
+    )
+    app.state.update(ring=ring, verifier=TokenVerifier(RingKeys(ring), auth.issuer, auth.audience))
+    return app

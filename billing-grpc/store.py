@@ -1,0 +1,398 @@
+"""Billing's state in PostgreSQL (its own schema), and the outbox of `billing.events`.
+
+Every change is one transaction that locks the account's row, writes the new state
+and appends the event to the outbox. Constraints repeat the rules the domain keeps
+(one account per patient, paid never above invoiced), so no path can break them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import psycopg
+from psycopg import sql
+
+from domain.billing import (
+    BILLING_CONTRACTS,
+    Account,
+    AccountStatus,
+    BillingEvent,
+    Contact,
+    InvoiceLine,
+    Money,
+)
+
+_ACCOUNT_COLUMNS = (
+    "id, patient_id, currency, status, invoiced_minor, paid_minor, version, opened_at, closed_at"
+)
+
+
+@dataclass(frozen=True)
+class Invoice:
+    id: UUID
+    account_id: UUID
+    currency: str
+    lines: list[InvoiceLine]
+    total_minor: int
+    issued_at: datetime
+    seq: int
+
+
+@dataclass(frozen=True)
+class Payment:
+    id: UUID
+    account_id: UUID
+    amount: Money
+    received_at: datetime
+
+
+_lines_encoder = msgspec.json.Encoder()
+_lines_decoder = msgspec.json.Decoder(list[tuple[str, int, int]])
+
+
+def ddl(schema: str) -> list[sql.Composed]:
+    s = sql.Identifier(schema)
+    return [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.accounts ("
+            " id uuid PRIMARY KEY,"
+            " patient_id uuid NOT NULL UNIQUE,"
+            " currency char(3) NOT NULL,"
+            " status text NOT NULL CHECK (status IN ('open', 'closed')),"
+            " invoiced_minor bigint NOT NULL DEFAULT 0 CHECK (invoiced_minor >= 0),"
+            " paid_minor bigint NOT NULL DEFAULT 0"
+            "  CHECK (paid_minor >= 0 AND paid_minor <= invoiced_minor),"
+            " version bigint NOT NULL,"
+            " name text NOT NULL,"
+            " email text NOT NULL,"
+            " patient_version bigint NOT NULL DEFAULT 0,"
+            " opened_by text NOT NULL,"
+            " registered_at timestamptz,"
+            " opened_at timestamptz NOT NULL,"
+            " closed_at timestamptz)"
+        ).format(s),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.invoices ("
+            " id uuid PRIMARY KEY,"
+            " seq bigserial UNIQUE,"
+            " account_id uuid NOT NULL REFERENCES {}.accounts (id),"
+            " currency char(3) NOT NULL,"
+            " lines jsonb NOT NULL,"
+            " total_minor bigint NOT NULL CHECK (total_minor > 0),"
+            " request_id text,"
+            " request_digest text,"
+            " issued_at timestamptz NOT NULL,"
+            " UNIQUE (account_id, request_id))"
+        ).format(s, s),
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS invoices_by_account ON {}.invoices (account_id, seq)"
+        ).format(s),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.payments ("
+            " id uuid PRIMARY KEY,"
+            " seq bigserial UNIQUE,"
+            " account_id uuid NOT NULL REFERENCES {}.accounts (id),"
+            " currency char(3) NOT NULL,"
+            " amount_minor bigint NOT NULL CHECK (amount_minor > 0),"
+            " request_id text,"
+            " request_digest text,"
+            " received_at timestamptz NOT NULL,"
+            " UNIQUE (account_id, request_id))"
+        ).format(s, s),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.outbox ("
+            " id bigserial PRIMARY KEY,"
+            " aggregate_id uuid NOT NULL,"
+            " aggregate_version bigint NOT NULL,"
+            " type text NOT NULL,"
+            " schema_version int NOT NULL,"
+            " payload bytea NOT NULL,"
+            " occurred_at timestamptz NOT NULL,"
+            " correlation_id text,"
+            " published_at timestamptz,"
+            " UNIQUE (aggregate_id, aggregate_version))"
+        ).format(s),
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS outbox_unpublished ON {}.outbox (id)"
+            " WHERE published_at IS NULL"
+        ).format(s),
+    ]
+
+
+async def create_schema(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
+    async with conn.transaction():
+        # Serialise concurrent creators (two billing processes, tests) on one lock.
+        await conn.execute("SELECT pg_advisory_xact_lock(4242101)")
+        for statement in ddl(schema):
+            await conn.execute(statement)
+
+
+def _account(row: tuple[Any, ...]) -> Account:
+    return Account(
+        id=row[0],
+        patient_id=row[1],
+        currency=row[2],
+        status=AccountStatus(row[3]),
+        invoiced_minor=row[4],
+        paid_minor=row[5],
+        version=row[6],
+        opened_at=row[7],
+        closed_at=row[8],
+    )
+
+
+def _invoice(row: tuple[Any, ...]) -> Invoice:
+    return Invoice(
+        id=row[0],
+        account_id=row[1],
+        currency=row[2],
+        lines=[InvoiceLine(*line) for line in _lines_decoder.decode(row[3].encode())],
+        total_minor=row[4],
+        issued_at=row[5],
+        seq=row[6],
+    )
+
+
+class BillingStore:
+    """The SQL of billing's state, for one schema; every method runs on a given cursor."""
+
+    def __init__(self, schema: str):
+        self.schema = schema
+        s = sql.Identifier(schema)
+        cols = sql.SQL(_ACCOUNT_COLUMNS)
+        self._lock_by_id = sql.SQL("SELECT {} FROM {}.accounts WHERE id = %s FOR UPDATE").format(
+            cols, s
+        )
+        self._lock_by_patient = sql.SQL(
+            "SELECT {} FROM {}.accounts WHERE patient_id = %s FOR UPDATE"
+        ).format(cols, s)
+        self._by_patient = sql.SQL("SELECT {} FROM {}.accounts WHERE patient_id = %s").format(
+            cols, s
+        )
+        self._by_id = sql.SQL("SELECT {} FROM {}.accounts WHERE id = %s").format(cols, s)
+        self._page = sql.SQL(
+            "SELECT {} FROM {}.accounts WHERE id > %s ORDER BY id LIMIT %s"
+        ).format(cols, s)
+        self._insert_account = sql.SQL(
+            "INSERT INTO {}.accounts (id, patient_id, currency, status, invoiced_minor,"
+            " paid_minor, version, name, email, patient_version, opened_by, registered_at,"
+            " opened_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING RETURNING id"
+        ).format(s)
+        self._save = sql.SQL(
+            "UPDATE {}.accounts SET status = %s, invoiced_minor = %s, paid_minor = %s,"
+            " version = %s, closed_at = %s WHERE id = %s AND version = %s"
+        ).format(s)
+        self._contact = sql.SQL(
+            "UPDATE {}.accounts SET name = %s, email = %s, patient_version = %s"
+            " WHERE patient_id = %s AND patient_version < %s RETURNING id"
+        ).format(s)
+        invoice_cols = sql.SQL("id, account_id, currency, lines::text, total_minor, issued_at, seq")
+        self._insert_invoice = sql.SQL(
+            "INSERT INTO {}.invoices (id, account_id, currency, lines, total_minor, request_id,"
+            " request_digest, issued_at) VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s, %s)"
+            " RETURNING seq"
+        ).format(s)
+        self._invoice_by_request = sql.SQL(
+            "SELECT {}, request_digest FROM {}.invoices WHERE account_id = %s AND request_id = %s"
+        ).format(invoice_cols, s)
+        self._invoices = sql.SQL(
+            "SELECT {} FROM {}.invoices WHERE account_id = %s AND seq > %s ORDER BY seq LIMIT %s"
+        ).format(invoice_cols, s)
+        self._insert_payment = sql.SQL(
+            "INSERT INTO {}.payments (id, account_id, currency, amount_minor, request_id,"
+            " request_digest, received_at) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        ).format(s)
+        self._payment_by_request = sql.SQL(
+            "SELECT id, account_id, currency, amount_minor, received_at, request_digest"
+            " FROM {}.payments WHERE account_id = %s AND request_id = %s"
+        ).format(s)
+        self._append = sql.SQL(
+            "INSERT INTO {}.outbox (aggregate_id, aggregate_version, type, schema_version,"
+            " payload, occurred_at, correlation_id) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        ).format(s)
+
+    # --- accounts
+
+    async def lock(self, cur: psycopg.AsyncCursor[Any], account_id: UUID) -> Account | None:
+        await cur.execute(self._lock_by_id, [account_id])
+        row = await cur.fetchone()
+        return _account(row) if row else None
+
+    async def lock_of_patient(
+        self, cur: psycopg.AsyncCursor[Any], patient_id: UUID
+    ) -> Account | None:
+        await cur.execute(self._lock_by_patient, [patient_id])
+        row = await cur.fetchone()
+        return _account(row) if row else None
+
+    async def of_patient(self, cur: psycopg.AsyncCursor[Any], patient_id: UUID) -> Account | None:
+        await cur.execute(self._by_patient, [patient_id])
+        row = await cur.fetchone()
+        return _account(row) if row else None
+
+    async def get(self, cur: psycopg.AsyncCursor[Any], account_id: UUID) -> Account | None:
+        await cur.execute(self._by_id, [account_id])
+        row = await cur.fetchone()
+        return _account(row) if row else None
+
+    async def page(
+        self, cur: psycopg.AsyncCursor[Any], after: UUID | None, limit: int
+    ) -> list[Account]:
+        await cur.execute(self._page, [after or UUID(int=0), limit])
+        return [_account(row) for row in await cur.fetchall()]
+
+    async def insert(
+        self,
+        cur: psycopg.AsyncCursor[Any],
+        account: Account,
+        contact: Contact,
+        opened_by: str,
+        registered_at: datetime | None,
+        patient_version: int,
+    ) -> bool:
+        """Inserts a new account; False if the patient has one already (nothing changes)."""
+        await cur.execute(
+            self._insert_account,
+            [
+                account.id,
+                account.patient_id,
+                account.currency,
+                account.status.value,
+                account.invoiced_minor,
+                account.paid_minor,
+                account.version,
+                contact.name,
+                contact.email,
+                patient_version,
+                opened_by,
+                registered_at,
+                account.opened_at,
+            ],
+        )
+        return await cur.fetchone() is not None
+
+    async def save(self, cur: psycopg.AsyncCursor[Any], account: Account, previous: int) -> None:
+        """Writes a locked account's new state over version `previous`."""
+        await cur.execute(
+            self._save,
+            [
+                account.status.value,
+                account.invoiced_minor,
+                account.paid_minor,
+                account.version,
+                account.closed_at,
+                account.id,
+                previous,
+            ],
+        )
+        if cur.rowcount != 1:
+            raise RuntimeError(f"account {account.id} was not at version {previous}")
+
+    async def update_contact(
+        self, cur: psycopg.AsyncCursor[Any], patient_id: UUID, contact: Contact, version: int
+    ) -> bool:
+        """Keeps the newest contact details: False if the account has newer ones (or none)."""
+        await cur.execute(
+            self._contact, [contact.name, contact.email, version, patient_id, version]
+        )
+        return await cur.fetchone() is not None
+
+    # --- invoices and payments
+
+    async def insert_invoice(
+        self,
+        cur: psycopg.AsyncCursor[Any],
+        invoice: Invoice,
+        request_id: str | None,
+        digest: str | None,
+    ) -> Invoice:
+        lines = [(x.description, x.quantity, x.unit_amount_minor) for x in invoice.lines]
+        await cur.execute(
+            self._insert_invoice,
+            [
+                invoice.id,
+                invoice.account_id,
+                invoice.currency,
+                _lines_encoder.encode(lines).decode(),
+                invoice.total_minor,
+                request_id,
+                digest,
+                invoice.issued_at,
+            ],
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return Invoice(**{**invoice.__dict__, "seq": row[0]})
+
+    async def invoice_by_request(
+        self, cur: psycopg.AsyncCursor[Any], account_id: UUID, request_id: str
+    ) -> tuple[Invoice, str] | None:
+        await cur.execute(self._invoice_by_request, [account_id, request_id])
+        row = await cur.fetchone()
+        return (_invoice(row), row[7]) if row else None
+
+    async def invoices(
+        self, cur: psycopg.AsyncCursor[Any], account_id: UUID, after: int, limit: int
+    ) -> list[Invoice]:
+        await cur.execute(self._invoices, [account_id, after, limit])
+        return [_invoice(row) for row in await cur.fetchall()]
+
+    async def insert_payment(
+        self,
+        cur: psycopg.AsyncCursor[Any],
+        payment: Payment,
+        request_id: str | None,
+        digest: str | None,
+    ) -> None:
+        await cur.execute(
+            self._insert_payment,
+            [
+                payment.id,
+                payment.account_id,
+                payment.amount.currency,
+                payment.amount.amount_minor,
+                request_id,
+                digest,
+                payment.received_at,
+            ],
+        )
+
+    async def payment_by_request(
+        self, cur: psycopg.AsyncCursor[Any], account_id: UUID, request_id: str
+    ) -> tuple[Payment, str] | None:
+        await cur.execute(self._payment_by_request, [account_id, request_id])
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        return Payment(row[0], row[1], Money(row[3], row[2]), row[4]), row[5]
+
+    # --- the outbox
+
+    async def append(
+        self,
+        cur: psycopg.AsyncCursor[Any],
+        account: Account,
+        event: BillingEvent,
+        occurred_at: datetime,
+        correlation_id: str | None,
+    ) -> None:
+        """Appends the event that made `account` (at its new version) to the outbox."""
+        contract = BILLING_CONTRACTS[type(event)]
+        await cur.execute(
+            self._append,
+            [
+                account.id,
+                account.version,
+                contract.type,
+                contract.version,
+                msgspec.json.encode(event),
+                occurred_at,
+                correlation_id,
+            ],
+        )

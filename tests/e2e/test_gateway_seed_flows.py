@@ -1,0 +1,31 @@
+"""The seed's two client flows, unchanged, through the gateway."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_a_valid_login_gives_a_token_and_the_patient_list(gateway):
+    login = await gateway.post(
+        "/auth/login", json={"email": "testuser@test.com", "password": "password123"}
+    )
+    assert login.status_code == 200
+    token = login.json()["token"]
+    assert token
+    patients = await gateway.get("/api/patients", headers={"Authorization": f"Bearer {token}"})
+    assert patients.status_code == 200
+    assert patients.json()["patients"] is not None
+
+
+async def test_an_invalid_login_is_401(gateway):
+    login = await gateway.post(
+        "/auth/login", json={"email": "invalid_user@test.com", "password": "wrongpassword"}
+    )
+    assert login.status_code == 401
+
+
+async def test_validate_answers_200_with_a_token_and_401_without(gateway, admin):
+    assert (await gateway.get("/auth/validate", headers=admin.headers)).status_code == 200
+    assert (await gateway.get("/auth/validate")).status_code == 401

@@ -1,0 +1,261 @@
+"""The directory projection: idempotent under redelivery and replay, and under SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from commands.service import PatientService
+from commands.store import EventStore
+from domain.contracts import PATIENT_STREAM
+from ops.db import open_pool
+from projections.directory import DirectoryProjection, Tables, create_tables
+from tests.support.patients import details, published
+from tests.support.stack import Process, eventually, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def expected_directory(store: EventStore, ids: set[str]) -> dict[str, tuple[int, bool, str]]:
+    """What the read model must hold: each patient's version, removal and name, from the store."""
+    want = {}
+    for envelope, data in published(store):
+        key = str(envelope.aggregate_id)
+        if key in ids:
+            name = getattr(data, "name", None) or want.get(key, (0, False, ""))[2]
+            want[key] = (
+                envelope.aggregate_version,
+                type(data).__name__.startswith("PatientRemoved"),
+                name,
+            )
+    return want
+
+
+async def actual_directory(
+    conn: Any, table: str, ids: set[str]
+) -> dict[str, tuple[int, bool, str]]:
+    rows = await (
+        await conn.execute(
+            f"SELECT id::text, version, removed, name FROM {table} WHERE id::text = ANY(%s)",
+            [list(ids)],
+        )
+    ).fetchall()
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def history(store: EventStore) -> tuple[list[Any], set[str]]:
+    """A few patients' full histories: registered, changed, some removed."""
+    service = PatientService(store)
+    start = (store.recorder.max_notification_id() or 0) + 1
+    ids = set()
+    for i in range(6):
+        written = service.register(details(f"Patient {i}"), date(2024, 1, 1))
+        ids.add(str(written.patient_id))
+        for j in range(i % 3):
+            service.change(written.patient_id, details(f"Patient {i} v{j + 2}"))
+        if i % 2:
+            service.remove(written.patient_id)
+    return published(store, start), ids
+
+
+def interleavings(events: list[Any]) -> st.SearchStrategy[list[Any]]:
+    """Deliveries as Kafka may make them: per-patient order kept, with resent suffixes."""
+
+    @st.composite
+    def build(draw: st.DrawFn) -> list[Any]:
+        by_patient: dict[Any, list[Any]] = {}
+        for item in events:
+            by_patient.setdefault(item[0].aggregate_id, []).append(item)
+        streams = []
+        for items in by_patient.values():
+            stream = list(items)
+            for _ in range(draw(st.integers(0, 2))):  # a crash resends from an earlier point
+                cut = draw(st.integers(0, len(items) - 1))
+                stream += items[cut:]
+            streams.append(stream)
+        out: list[Any] = []
+        while any(streams):
+            pick = draw(st.sampled_from([s for s in streams if s]))
+            out.append(pick.pop(0))
+        return out
+
+    return build()
+
+
+async def test_any_redelivery_or_replay_ends_in_the_same_read_model(settings, history):
+    events, ids = history
+    pool = await open_pool(settings.database_url)
+    try:
+        reference = Tables(patients="directory_reference", tracking="tracking_reference")
+        async with pool.connection() as conn:
+            await create_tables(conn, reference)
+            await DirectoryProjection(reference).apply(conn, events)
+            want = await actual_directory(conn, reference.patients, ids)
+        assert want == expected_directory_from(events)
+
+        runs = 0
+
+        @hypothesis_settings(
+            max_examples=25, deadline=None, suppress_health_check=list(HealthCheck)
+        )
+        @given(delivery=interleavings(events), batch=st.integers(1, 7))
+        def check(delivery: list[Any], batch: int) -> None:
+            nonlocal runs
+            runs += 1
+            tables = Tables(patients=f"directory_h{runs}", tracking=f"tracking_h{runs}")
+
+            async def run() -> None:
+                async with pool.connection() as conn:
+                    await create_tables(conn, tables)
+                    projection = DirectoryProjection(tables)
+                    for i in range(0, len(delivery), batch):
+                        await projection.apply(conn, delivery[i : i + batch])
+                    assert await actual_directory(conn, tables.patients, ids) == want
+                    applied = await (
+                        await conn.execute(f"SELECT applied FROM {tables.tracking}")
+                    ).fetchone()
+                    assert applied == (len(events),), "an event was applied twice"
+                    await conn.execute(f"DROP TABLE {tables.patients}, {tables.tracking}")
+
+            asyncio.run_coroutine_threadsafe(run(), loop).result()
+
+        loop = asyncio.get_running_loop()
+        await asyncio.to_thread(check)
+        assert runs >= 25
+    finally:
+        await pool.close()
+
+
+def expected_directory_from(events: list[Any]) -> dict[str, tuple[int, bool, str]]:
+    want: dict[str, tuple[int, bool, str]] = {}
+    for envelope, data in events:
+        key = str(envelope.aggregate_id)
+        name = getattr(data, "name", None) or want[key][2]
+        want[key] = (envelope.aggregate_version, type(data).__name__ == "PatientRemovedV1", name)
+    return want
+
+
+async def test_an_event_for_an_unknown_patient_is_refused_not_skipped(settings, history):
+    events, _ = history
+    orphan = next(item for item in events if item[0].aggregate_version == 2)
+    pool = await open_pool(settings.database_url)
+    try:
+        tables = Tables(patients="directory_orphans", tracking="tracking_orphans")
+        async with pool.connection() as conn:
+            await create_tables(conn, tables)
+            from projections.directory import UnappliableEvent
+
+            with pytest.raises(UnappliableEvent):
+                await DirectoryProjection(tables).apply(conn, [orphan])
+    finally:
+        await pool.close()
+
+
+@pytest.mark.fault
+async def test_a_killed_projection_restarts_and_applies_everything_once(
+    own_settings, own_store: EventStore, tmp_path: Path
+):
+    """Relay and projection run as real processes; the projection is SIGKILLed mid-load."""
+    settings, store = own_settings, own_store
+    rng = random.Random(5)
+    service = PatientService(store)
+    relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
+    projection = Process(
+        ["project", "directory"], settings, "projection", tmp_path / "proj"
+    ).start()
+    ids: set[str] = set()
+
+    def write(count: int) -> None:
+        for _ in range(count):
+            written = service.register(details(), date(2024, 1, 1))
+            ids.add(str(written.patient_id))
+            if rng.random() < 0.5:
+                service.change(written.patient_id, details("Changed Name"))
+            if rng.random() < 0.2:
+                service.remove(written.patient_id)
+
+    try:
+        for _ in range(3):
+            writer = asyncio.to_thread(write, 80)
+            await asyncio.sleep(rng.uniform(0.3, 1.0))
+            projection.kill()
+            await writer
+            projection.start()
+        want = expected_directory(store, ids)
+        async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+
+            async def converged() -> bool:
+                return await actual_directory(conn, "directory_patients", ids) == want
+
+            try:
+                await eventually(converged, timeout=90, pause=0.25)
+            except AssertionError:
+                got = await actual_directory(conn, "directory_patients", ids)
+                wrong = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+                raise AssertionError(
+                    f"{len(wrong)} of {len(want)} differ: {list(wrong.items())[:3]}"
+                ) from None
+            applied, position = await (
+                await conn.execute(
+                    "SELECT applied, position FROM projection_tracking"
+                    " WHERE projection = 'directory'"
+                )
+            ).fetchone()
+    finally:
+        projection.stop()
+        relay.stop()
+    total = len(published(store))
+    assert applied == total, f"applied {applied} times for {total} events"
+    assert position == max(e.position for e, _ in published(store))
+    # The dead-letter topic stayed empty: nothing was set aside.
+    dlq = settings.topic(PATIENT_STREAM) + ".dlq.carelog-directory"
+    assert await read_topic(settings.kafka_bootstrap, dlq, 1, timeout=2) == []
+    assert projection.starts == 4
+
+
+async def test_a_poison_message_is_dead_lettered_and_the_projection_carries_on(
+    own_settings, own_store: EventStore, tmp_path: Path
+):
+    settings, store = own_settings, own_store
+    from aiokafka import AIOKafkaProducer
+
+    relay = Process(["relay"], settings, "relay", tmp_path / "relay2").start()
+    projection = Process(["project", "directory"], settings, "projection", tmp_path / "p2").start()
+    try:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(settings.topic(PATIENT_STREAM), b"{not an event", key=b"x")
+        finally:
+            await producer.stop()
+        written = PatientService(store).register(details("After Poison"), date(2024, 1, 1))
+        async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+
+            async def projected() -> bool:
+                row = await (
+                    await conn.execute(
+                        "SELECT version FROM directory_patients WHERE id = %s", [written.patient_id]
+                    )
+                ).fetchone()
+                return row == (1,)
+
+            await eventually(projected, timeout=60)
+    finally:
+        projection.stop()
+        relay.stop()
+    dlq = settings.topic(PATIENT_STREAM) + ".dlq.carelog-directory"
+    dead = await read_topic(settings.kafka_bootstrap, dlq, 1, timeout=30)
+    assert [r.value for r in dead] == [b"{not an event"]
+    assert dict(dead[0].headers)["error"].startswith(b"undecodable")
+    assert msgspec.json.decode(b"1") == 1

@@ -1,0 +1,76 @@
+"""Access tokens: what the verifier accepts, everything it refuses, and key rings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+
+from auth.keys import KeyRing, add_key, promote, prune
+from auth.roles import Role
+from auth.tokens import LEEWAY_SECONDS, InvalidToken, issue_access_token, keys_from_jwks
+from tests.support.tokens import BAD_TOKEN_KINDS, auth_settings
+
+
+@pytest.mark.parametrize("role", list(Role))
+async def test_a_token_it_issued_verifies_with_its_subject_and_role(tokens, role):
+    claims = await tokens.verifier.verify(tokens.token(role, subject="user-1"))
+    assert (claims.subject, claims.role) == ("user-1", role)
+    assert claims.expires_at > time.time()
+
+
+@pytest.mark.parametrize("kind", BAD_TOKEN_KINDS)
+async def test_every_kind_of_bad_token_is_refused(tokens, kind):
+    with pytest.raises(InvalidToken):
+        await tokens.verifier.verify(tokens.forged(kind))
+
+
+async def test_a_remembered_token_is_still_refused_once_it_expires(tokens):
+    settings = tokens.settings
+    issued = time.time() - settings.access_ttl_seconds - LEEWAY_SECONDS + 1.0
+    token = issue_access_token(tokens.key, "user-2", Role.ANALYST, settings, now=issued)
+    await tokens.verifier.verify(token)
+    await asyncio.sleep(1.1)  # the token's last second of life (leeway included) passes
+    with pytest.raises(InvalidToken):
+        await tokens.verifier.verify(token)
+
+
+def test_the_header_names_the_key_and_the_payload_holds_no_email(tokens):
+    token = tokens.token(Role.CLINICIAN)
+    assert jwt.get_unverified_header(token) == {"alg": "ES256", "kid": tokens.key.kid, "typ": "JWT"}
+    payload = jwt.decode(token, options={"verify_signature": False})
+    assert set(payload) == {"iss", "aud", "sub", "role", "iat", "exp", "jti"}
+
+
+def test_rotation_publishes_before_signing_and_prune_drops_only_retired_keys(tmp_path: Path):
+    directory = tmp_path / "keys"
+    ring = KeyRing(directory).ensure(development=True)
+    first = ring.current_kid
+    second = add_key(directory)
+    ring.refresh()
+    assert ring.current_kid == first, "a new key must not sign before it is published"
+    assert set(keys_from_jwks(ring.jwks())) == {first, second}
+    promote(directory, second)
+    ring.refresh()
+    assert ring.current_kid == second
+    assert prune(directory, older_than_seconds=3600) == []
+    assert prune(directory, older_than_seconds=0) == [first]
+    ring.refresh()
+    assert set(ring.keys) == {second}
+
+
+def test_production_mode_never_invents_a_key(tmp_path: Path):
+    settings = auth_settings(tmp_path / "keys", development=False)
+    with pytest.raises(Exception, match="does not exist"):
+        KeyRing(settings.keys_dir).ensure(development=False)
+    settings.keys_dir.mkdir()
+    with pytest.raises(Exception, match="no signing key"):
+        KeyRing(settings.keys_dir).ensure(development=False)
+
+
+def test_private_keys_are_readable_by_their_owner_only(tokens):
+    for path in tokens.settings.keys_dir.glob("*.pem"):
+        assert path.stat().st_mode & 0o077 == 0
