@@ -104,7 +104,7 @@ class PatientService:
     def get(self, patient_id: UUID) -> Patient:
         """The current patient; PatientNotFound if unknown or removed."""
         try:
-            patient = self.store.repository.get(patient_id)
+            patient: object = self.store.repository.get(patient_id)
         except AggregateNotFoundError:
             raise PatientNotFound(str(patient_id)) from None
         if not isinstance(patient, Patient) or patient.removed:
@@ -113,7 +113,7 @@ class PatientService:
 
     def _existing_claim(self, email: str) -> EmailClaim | None:
         try:
-            claim = self.store.repository.get(email_claim_id(email))
+            claim: object = self.store.repository.get(email_claim_id(email))
         except AggregateNotFoundError:
             return None
         assert isinstance(claim, EmailClaim)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid5
 
 import msgspec
@@ -173,7 +173,8 @@ def decode_billing_event(message: bytes) -> tuple[Envelope[msgspec.Raw], Billing
     """Decodes a published billing event; raises msgspec.ValidationError or KeyError."""
     envelope = _raw_envelope.decode(message)
     contract = _BY_TYPE[(envelope.type, envelope.schema_version)]
-    return envelope, msgspec.json.decode(envelope.data, type=contract.payload)
+    event = msgspec.json.decode(envelope.data, type=contract.payload)
+    return envelope, cast(BillingEvent, event)
 
 
 def billing_json_schemas() -> dict[str, dict[str, Any]]:

@@ -7,6 +7,7 @@ version, and readers upcast older ones.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -64,7 +65,7 @@ class Contract:
 
     type: str
     version: int
-    payload: type[msgspec.Struct]
+    payload: builtins.type[msgspec.Struct]
     aggregate_type: str
     stream: str
     """The topic's base name."""

@@ -31,11 +31,11 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import billing_grpc.generated.carelog.billing.v1 as pb
 import httpx
 import msgspec
 import psycopg
 from aiokafka.admin import AIOKafkaAdminClient
-from billing_grpc.generated.carelog.billing import v1 as pb
 from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest

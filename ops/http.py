@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import eventsourcing.persistence
@@ -226,6 +227,14 @@ def serve(app: Litestar, host: str, port: int) -> None:
     uvicorn.Server(config).run()
 
 
+class _QuietServer(uvicorn.Server):
+    """Leaves SIGTERM and SIGINT to the worker that embeds it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class HealthServer:
     """A worker's health and metrics endpoint, served inside its own event loop."""
 
@@ -234,8 +243,7 @@ class HealthServer:
         config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
         )
-        self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> HealthServer:

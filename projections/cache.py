@@ -60,7 +60,7 @@ class DirectoryCache:
         raw = await self.redis.get(self.patient_key(patient_id))
         if raw is None:
             return None
-        version, _, body = bytes(raw).partition(b"|")
+        version, _, body = (raw if isinstance(raw, bytes) else raw.encode()).partition(b"|")
         return int(version), body
 
     async def changed(self, patients: list[tuple[str, int, bytes]]) -> None:
