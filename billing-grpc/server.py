@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from billing_grpc.api import BillingApi, on_request
 from billing_grpc.config import BillingConfig
-from billing_grpc.consumer import PatientEventsWorker, subscribe
+from billing_grpc.consumer import PatientEventsWorker
 from billing_grpc.generated.google_proto_descriptor_pool import (
     default_google_proto_descriptor_pool,
 )
@@ -34,6 +34,7 @@ from grpclib.server import Server
 
 from domain import contracts
 from domain.billing import BILLING_STREAM
+from ops.consumers import subscribe
 from ops.db import open_pool
 from ops.http import HealthServer, serve_health
 from ops.kafka import ensure_topics, kafka_broker, reliable_producer, wait_for_kafka

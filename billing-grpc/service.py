@@ -36,6 +36,7 @@ from domain.contracts import (
     PatientRegisteredV1,
     PatientRemovedV1,
 )
+from ops.consumers import UnappliableEvent
 
 CORRELATION_ID: ContextVar[str | None] = ContextVar("billing_correlation_id", default=None)
 """The current request's correlation id, kept with the events it causes."""
@@ -44,10 +45,6 @@ FINISH_BY: ContextVar[float | None] = ContextVar("billing_finish_by", default=No
 
 OPENED_BY_EVENT = "PatientRegistered"
 OPENED_BY_CALL = "CreateBillingAccount"
-
-
-class UnappliableEvent(Exception):
-    """A patient event that billing cannot apply (e.g. a removal of a patient it never saw)."""
 
 
 @dataclass(frozen=True)

@@ -66,9 +66,7 @@ class PatientService:
         """Replaces a patient's details; StaleVersion if `expected_version` is not current."""
 
         def attempt() -> Written:
-            patient = self.get(patient_id)
-            if expected_version is not None and patient.version != expected_version:
-                raise StaleVersion(expected_version, patient.version)
+            patient = self._current(patient_id, expected_version)
             changed: list[Any] = [patient]
             if email_claim_id(details.email) != email_claim_id(patient.email):
                 changed.append(self._claim(details.email, patient.id))
@@ -90,9 +88,7 @@ class PatientService:
         """Removes a patient (the history stays) and frees the email."""
 
         def attempt() -> Written:
-            patient = self.get(patient_id)
-            if expected_version is not None and patient.version != expected_version:
-                raise StaleVersion(expected_version, patient.version)
+            patient = self._current(patient_id, expected_version)
             patient.remove()
             claim = self._existing_claim(patient.email)
             if claim is not None:
@@ -100,6 +96,12 @@ class PatientService:
             return self._save(patient, claim, correlation_id=correlation_id)
 
         return self._retrying(attempt)
+
+    def _current(self, patient_id: UUID, expected_version: int | None) -> Patient:
+        patient = self.get(patient_id)
+        if expected_version is not None and patient.version != expected_version:
+            raise StaleVersion(expected_version, patient.version)
+        return patient
 
     def get(self, patient_id: UUID) -> Patient:
         """The current patient; PatientNotFound if unknown or removed."""

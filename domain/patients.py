@@ -58,21 +58,36 @@ class PatientDetails:
     ) -> PatientDetails:
         """Checks every field and reports all that are wrong at once."""
         errors: dict[str, str] = {}
-        clean_name = _text(errors, "name", name, NAME_MAX)
-        clean_address = _text(errors, "address", address, ADDRESS_MAX)
-        clean_email = _text(errors, "email", email, EMAIL_MAX)
-        if "email" not in errors and not _EMAIL.match(clean_email):
-            errors["email"] = "must be a valid email address"
-        dob = _date(errors, "dateOfBirth", date_of_birth)
-        if dob is not None:
-            if dob > today:
-                errors["dateOfBirth"] = "must not be in the future"
-            elif dob < _years_before(today, MAX_AGE_YEARS):
-                errors["dateOfBirth"] = f"must be within the last {MAX_AGE_YEARS} years"
-        if errors:
+        details = _details(errors, name, email, address, date_of_birth, today)
+        if details is None:
             raise InvalidData(errors)
-        assert dob is not None
-        return cls(clean_name, clean_email, clean_address, dob)
+        return details
+
+
+def _details(
+    errors: dict[str, str],
+    name: object,
+    email: object,
+    address: object,
+    date_of_birth: object,
+    today: date,
+) -> PatientDetails | None:
+    """The checked details, or None with what is wrong added to `errors`."""
+    before = len(errors)
+    clean_name = _text(errors, "name", name, NAME_MAX)
+    clean_address = _text(errors, "address", address, ADDRESS_MAX)
+    clean_email = _text(errors, "email", email, EMAIL_MAX)
+    if "email" not in errors and not _EMAIL.match(clean_email):
+        errors["email"] = "must be a valid email address"
+    dob = _date(errors, "dateOfBirth", date_of_birth)
+    if dob is not None:
+        if dob > today:
+            errors["dateOfBirth"] = "must not be in the future"
+        elif dob < _years_before(today, MAX_AGE_YEARS):
+            errors["dateOfBirth"] = f"must be within the last {MAX_AGE_YEARS} years"
+    if len(errors) > before or dob is None:
+        return None
+    return PatientDetails(clean_name, clean_email, clean_address, dob)
 
 
 def parse_registration(
@@ -86,19 +101,12 @@ def parse_registration(
 ) -> tuple[PatientDetails, date]:
     """Checks a registration's fields and reports all that are wrong at once."""
     errors: dict[str, str] = {}
-    details: PatientDetails | None = None
-    try:
-        details = PatientDetails.parse(
-            name=name, email=email, address=address, date_of_birth=date_of_birth, today=today
-        )
-    except InvalidData as invalid:
-        errors.update(invalid.errors)
+    details = _details(errors, name, email, address, date_of_birth, today)
     day = _date(errors, "registeredDate", registered_date)
     if day is not None and details is not None and day < details.date_of_birth:
         errors["registeredDate"] = "must not be before dateOfBirth"
-    if errors:
+    if errors or details is None or day is None:
         raise InvalidData(errors)
-    assert details is not None and day is not None
     return details, day
 
 
@@ -113,18 +121,11 @@ def parse_change(
 ) -> PatientDetails:
     """Checks a change's fields; `registeredDate` may be sent but never changes."""
     errors: dict[str, str] = {}
-    details: PatientDetails | None = None
-    try:
-        details = PatientDetails.parse(
-            name=name, email=email, address=address, date_of_birth=date_of_birth, today=today
-        )
-    except InvalidData as invalid:
-        errors.update(invalid.errors)
+    details = _details(errors, name, email, address, date_of_birth, today)
     if registered_date is not None:
         _date(errors, "registeredDate", registered_date)
-    if errors:
+    if errors or details is None:
         raise InvalidData(errors)
-    assert details is not None
     return details
 
 

@@ -228,6 +228,28 @@ async def relay_rate(settings: Settings) -> tuple[float, int]:
     return published / seconds, published
 
 
+async def quiesce(settings: Settings, timeout: float = 120.0) -> float:
+    """Waits until the directory has applied the newest patient event; returns the wait."""
+    start = time.perf_counter()
+    async with await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as db:
+        newest = await (
+            await db.execute(
+                "SELECT max(notification_id) FROM carelog_events WHERE topic LIKE %s",
+                ["%:Patient.%"],
+            )
+        ).fetchone()
+        while time.perf_counter() - start < timeout:
+            applied = await (
+                await db.execute(
+                    "SELECT position FROM projection_tracking WHERE projection = 'directory'"
+                )
+            ).fetchone()
+            if newest is None or newest[0] is None or (applied and applied[0] >= newest[0]):
+                break
+            await asyncio.sleep(0.05)
+    return time.perf_counter() - start
+
+
 def ms(value: float) -> str:
     return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
 
@@ -247,6 +269,7 @@ async def patients(settings: Settings) -> list[str]:
         REGISTRATIONS,
     )
     lags = await event_lag(settings, commands, headers)
+    settled = await quiesce(settings)
     bare = await closed_loop(reads, lambda conn, _: conn.request("GET", "/health/live"), READS)
     first_pages = await closed_loop(
         reads, lambda conn, _: conn.request("GET", "/patients?limit=50", headers), READS
@@ -262,7 +285,8 @@ async def patients(settings: Settings) -> list[str]:
     lines = [
         "## Patients: commands, reads, lag",
         "",
-        f"Concurrency {CONCURRENCY} keep-alive connections, closed loop, on loopback.",
+        f"Concurrency {CONCURRENCY} keep-alive connections, closed loop, on loopback. Reads"
+        f" start once the projection has applied every write above ({settled:.1f} s after).",
         "",
         "| figure | value | floor, same run | ratio |",
         "| --- | --- | --- | --- |",

@@ -25,6 +25,7 @@ from domain.contracts import (
     PatientRemovedV1,
 )
 from domain.patients import normalise_email
+from ops.consumers import UnappliableEvent
 
 NAME = "directory"
 
@@ -230,10 +231,6 @@ class DirectoryProjection:
             )
             rows.append((str(pid), version, body))
         return rows
-
-
-class UnappliableEvent(Exception):
-    """An event this projection can never apply; it goes to the dead-letter topic."""
 
 
 def encode_row(row: PatientRow) -> bytes:

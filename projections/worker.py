@@ -8,23 +8,20 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
-import psycopg
-import redis.exceptions
 import structlog
-from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from prometheus_client import Counter, Gauge
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from domain import contracts
+from ops.consumers import Batch, EventBatchWorker, subscribe
 from ops.db import open_pool
 from ops.http import serve_health
-from ops.kafka import ensure_topics, kafka_broker, raw_bodies, wait_for_kafka
+from ops.kafka import ensure_topics, kafka_broker, wait_for_kafka
 from ops.settings import Settings
 from projections.cache import DirectoryCache
-from projections.directory import LIVE, DirectoryProjection, Tables, UnappliableEvent, create_tables
+from projections.directory import LIVE, DirectoryProjection, Tables, create_tables
 
 log = structlog.get_logger(__name__)
 
@@ -39,15 +36,10 @@ LAG = Gauge(
 )
 
 GROUP = "carelog-directory"
-_TRANSIENT = (
-    psycopg.OperationalError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-)
 
 
-class DirectoryWorker:
-    """Decodes a batch, applies it in one transaction, then refreshes the cache."""
+class DirectoryWorker(EventBatchWorker):
+    """Applies a batch to the directory, then refreshes the cache."""
 
     def __init__(
         self,
@@ -57,38 +49,12 @@ class DirectoryWorker:
         dead_letter_topic: str,
         projection: DirectoryProjection | None = None,
     ):
+        self.projection = projection or DirectoryProjection()
+        super().__init__(self.projection.name, broker, dead_letter_topic)
         self.pool = pool
         self.cache = cache
-        self.broker = broker
-        self.dead_letter_topic = dead_letter_topic
-        self.projection = projection or DirectoryProjection()
-        self.name = self.projection.name
 
-    async def handle(self, bodies: list[bytes]) -> None:
-        decoded = []
-        for body in bodies:
-            try:
-                decoded.append(contracts.decode(body))
-            except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as exc:
-                await self.dead_letter(body, f"undecodable: {exc}")
-        if not decoded:
-            return
-        try:
-            try:
-                await self._apply(decoded)
-            except UnappliableEvent:
-                # Apply one by one, so only the event that cannot apply is set aside.
-                for one in decoded:
-                    try:
-                        await self._apply([one])
-                    except UnappliableEvent as exc:
-                        await self.dead_letter(msgspec.json.encode(one[0]), str(exc))
-        except _TRANSIENT as exc:
-            log.warning("projection batch failed; will be redelivered", error=repr(exc))
-            await asyncio.sleep(1.0)
-            raise
-
-    async def _apply(self, batch: list[tuple[contracts.Envelope[Any], Any]]) -> None:
+    async def apply(self, batch: Batch) -> None:
         async with self.pool.connection() as conn:
             outcome = await self.projection.apply(conn, batch)
         await self.cache.changed(outcome.changed)
@@ -97,30 +63,6 @@ class DirectoryWorker:
         POSITION.labels(self.name).set(outcome.position)
         newest = max(envelope.occurred_at for envelope, _ in batch)
         LAG.labels(self.name).set(max(0.0, (datetime.now(UTC) - newest).total_seconds()))
-
-    async def dead_letter(self, body: bytes, reason: str) -> None:
-        EVENTS.labels(self.name, "dead_lettered").inc()
-        log.error("event dead-lettered", reason=reason[:200], topic=self.dead_letter_topic)
-        await self.broker.publish(
-            body, topic=self.dead_letter_topic, headers={"error": reason[:500]}
-        )
-
-
-def subscribe(broker: KafkaBroker, settings: Settings, worker: DirectoryWorker, group: str) -> None:
-    """Feeds batches of `patient.events` to the worker, as consumer group `group`."""
-
-    @broker.subscriber(
-        settings.topic(contracts.PATIENT_STREAM),
-        group_id=group,
-        auto_offset_reset="earliest",
-        batch=True,
-        max_records=500,
-        batch_timeout_ms=20,
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=raw_bodies,
-    )
-    async def on_patient_events(bodies: list[bytes]) -> None:
-        await worker.handle(bodies)
 
 
 async def run_directory(settings: Settings, tables: Tables = LIVE) -> None:
@@ -141,7 +83,7 @@ async def run_directory(settings: Settings, tables: Tables = LIVE) -> None:
     )
     broker = kafka_broker(settings, group)
     worker = DirectoryWorker(pool, cache, broker, dlq, DirectoryProjection(tables))
-    subscribe(broker, settings, worker, group)
+    subscribe(broker, topic, worker, group)
 
     async def database() -> None:
         async with pool.connection() as conn:

@@ -1,0 +1,114 @@
+"""The protocol every consumer of published events follows (projections, billing).
+
+A batch is decoded against the published contracts; what cannot be decoded is
+dead-lettered. The rest is applied in one transaction and acknowledged only
+after it commits (AckPolicy.NACK_ON_ERROR), so a crash or a transient failure
+redelivers it; consumers apply idempotently, so redelivery changes nothing
+twice. If an event in the batch can never apply, the batch is applied one event
+at a time so that only that event is dead-lettered. Nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from typing import Any
+
+import msgspec
+import psycopg
+import psycopg_pool
+import redis.exceptions
+import structlog
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from prometheus_client import Counter
+
+from domain import contracts
+from ops.kafka import raw_bodies
+
+log = structlog.get_logger(__name__)
+
+DEAD_LETTERED = Counter(
+    "carelog_consumer_dead_lettered_total", "Events set aside on a dead-letter topic", ["consumer"]
+)
+
+TRANSIENT = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+"""Failures worth redelivering: the batch comes back once the dependency does."""
+
+Batch = list[tuple[contracts.Envelope[Any], Any]]
+
+
+class UnappliableEvent(Exception):
+    """An event a consumer can never apply; it goes to the dead-letter topic."""
+
+
+class EventBatchWorker(abc.ABC):
+    """Decodes, applies and dead-letters batches of published events."""
+
+    def __init__(self, name: str, broker: KafkaBroker, dead_letter_topic: str):
+        self.name = name
+        self.broker = broker
+        self.dead_letter_topic = dead_letter_topic
+
+    @abc.abstractmethod
+    async def apply(self, batch: Batch) -> None:
+        """Applies decoded events in one transaction; raises UnappliableEvent or fails."""
+
+    async def handle(self, bodies: list[bytes]) -> None:
+        decoded: Batch = []
+        for body in bodies:
+            try:
+                decoded.append(contracts.decode(body))
+            except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as exc:
+                await self.dead_letter(body, f"undecodable: {exc}")
+        if not decoded:
+            return
+        try:
+            try:
+                await self.apply(decoded)
+            except UnappliableEvent:
+                for one in decoded:
+                    try:
+                        await self.apply([one])
+                    except UnappliableEvent as exc:
+                        await self.dead_letter(msgspec.json.encode(one[0]), str(exc))
+        except TRANSIENT as exc:
+            log.warning(
+                "batch not applied; it will be redelivered", consumer=self.name, error=repr(exc)
+            )
+            await asyncio.sleep(1.0)
+            raise
+
+    async def dead_letter(self, body: bytes, reason: str) -> None:
+        DEAD_LETTERED.labels(self.name).inc()
+        log.error(
+            "event dead-lettered",
+            consumer=self.name,
+            reason=reason[:200],
+            topic=self.dead_letter_topic,
+        )
+        await self.broker.publish(
+            body, topic=self.dead_letter_topic, headers={"error": reason[:500]}
+        )
+
+
+def subscribe(broker: KafkaBroker, topic: str, worker: EventBatchWorker, group: str) -> None:
+    """Feeds batches of `topic` to the worker, as consumer group `group`, from the start."""
+
+    @broker.subscriber(
+        topic,
+        group_id=group,
+        auto_offset_reset="earliest",
+        batch=True,
+        max_records=500,
+        batch_timeout_ms=20,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=raw_bodies,
+    )
+    async def on_events(bodies: list[bytes]) -> None:
+        await worker.handle(bodies)
