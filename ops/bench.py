@@ -29,7 +29,7 @@ from typing import Any
 
 import psycopg
 
-from ops.kafka import ensure_topics, reliable_producer
+from ops.kafka import delete_topics, ensure_topics, reliable_producer
 from ops.loadgen import Connection, Reply, percentile
 from ops.settings import Settings
 
@@ -190,6 +190,7 @@ async def kafka_floor(settings: Settings) -> float:
         return KAFKA_MESSAGES / (time.perf_counter() - start)
     finally:
         await producer.stop()
+        await delete_topics(settings.kafka_bootstrap, topic)
 
 
 async def relay_rate(settings: Settings) -> tuple[float, int]:
@@ -225,6 +226,7 @@ async def relay_rate(settings: Settings) -> tuple[float, int]:
     finally:
         await producer.stop()
         store.close()
+        await delete_topics(settings.kafka_bootstrap, relay.topic_prefix)
     return published / seconds, published
 
 

@@ -45,6 +45,21 @@ async def ensure_topics(
         await admin.close()
 
 
+async def delete_topics(bootstrap: str, prefix: str) -> list[str]:
+    """Deletes every topic whose name starts with `prefix` (benchmarks' and tests' own)."""
+    if not prefix:
+        raise ValueError("an empty prefix would delete every topic")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        doomed = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if doomed:
+            await admin.delete_topics(doomed)
+        return doomed
+    finally:
+        await admin.close()
+
+
 async def wait_for_kafka(bootstrap: str, timeout: float = 120.0) -> None:
     """Returns once the broker answers; raises KafkaConnectionError after `timeout`."""
     deadline = time.monotonic() + timeout

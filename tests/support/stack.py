@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from ops.kafka import delete_topics
 from ops.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +69,14 @@ def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
     finally:
         with psycopg.connect(base.database_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{token}" WITH (FORCE)')
+        drop_topics(settings.kafka_bootstrap, settings.topic_prefix)
+
+
+def drop_topics(bootstrap: str, prefix: str) -> None:
+    """Deletes the topics a test run created (its own thread: a loop may be running here)."""
+    worker = threading.Thread(target=asyncio.run, args=(delete_topics(bootstrap, prefix),))
+    worker.start()
+    worker.join(30)
 
 
 def env_for(settings: Settings) -> dict[str, str]:
