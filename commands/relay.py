@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,9 @@ from prometheus_client import Counter, Gauge
 
 from commands.store import EventStore
 from domain.contracts import CONTRACTS, Envelope, envelope_for
+from ops.http import serve_health
+from ops.kafka import ensure_topics, reliable_producer, wait_for_kafka
+from ops.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -172,3 +176,38 @@ class Relay:
     async def _measure_lag(self) -> None:
         newest = await anyio.to_thread.run_sync(self.store.recorder.max_notification_id)
         LAG.set(max(0, (newest or 0) - self.position))
+
+
+async def run_relay(settings: Settings) -> None:
+    """Runs the relay until SIGTERM or SIGINT, with health and metrics on its port."""
+    store = await anyio.to_thread.run_sync(lambda: EventStore(settings.database_url, pool_size=2))
+    await wait_for_kafka(settings.kafka_bootstrap)
+    producer = reliable_producer(settings.kafka_bootstrap)
+    await producer.start()
+    relay = Relay(store, producer, settings.database_url, topic_prefix=settings.topic_prefix)
+    await ensure_topics(settings.kafka_bootstrap, relay.topics)
+
+    async def database() -> None:
+        await anyio.to_thread.run_sync(store.recorder.max_notification_id)
+
+    async def kafka() -> None:
+        await producer.client.fetch_all_metadata()
+
+    async def following() -> None:
+        if time.monotonic() - relay.last_cycle > 10:
+            raise TimeoutError("no relay cycle completed in the last 10 s")
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, relay.stop)
+    server = await serve_health(
+        {"database": database, "kafka": kafka, "following": following},
+        settings.http_host,
+        settings.ports["relay"],
+    )
+    try:
+        await relay.run()
+    finally:
+        await server.stop()
+        await producer.stop()
+        store.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -116,37 +115,6 @@ def serve(which: str) -> None:
         run_http(read_app(settings), settings.http_host, settings.ports["read-api"])
 
 
-async def _relay(settings: Settings) -> None:
-    import anyio
-
-    from commands.relay import Relay
-    from commands.store import EventStore
-    from ops.http import serve_health
-    from ops.kafka import ensure_topics, reliable_producer, wait_for_kafka
-
-    store = await anyio.to_thread.run_sync(lambda: EventStore(settings.database_url, pool_size=2))
-    await wait_for_kafka(settings.kafka_bootstrap)
-    producer = reliable_producer(settings.kafka_bootstrap)
-    await producer.start()
-    relay = Relay(store, producer, settings.database_url, topic_prefix=settings.topic_prefix)
-    await ensure_topics(settings.kafka_bootstrap, relay.topics)
-
-    async def following() -> None:
-        if time.monotonic() - relay.last_cycle > 10:
-            raise TimeoutError("no relay cycle completed in the last 10 s")
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, relay.stop)
-    server = await serve_health({"relay": following}, settings.http_host, settings.ports["relay"])
-    try:
-        await relay.run()
-    finally:
-        await server.stop()
-        await producer.stop()
-        store.close()
-
-
 def schemas(action: str) -> int:
     from domain.billing import billing_json_schemas
     from domain.contracts import json_schemas
@@ -193,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(args.service)
     elif args.command == "relay":
-        asyncio.run(_relay(_settings("relay")))
+        from commands.relay import run_relay
+
+        asyncio.run(run_relay(_settings("relay")))
     elif args.command == "project":
         from projections.worker import run_directory
 

@@ -8,6 +8,7 @@ from collections import defaultdict
 from datetime import date
 from pathlib import Path
 
+import httpx
 import msgspec
 import psycopg
 import pytest
@@ -37,6 +38,10 @@ async def test_a_killed_relay_resumes_and_loses_nothing(
     rng = random.Random(11)
     service = PatientService(store)
     relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
+    async with httpx.AsyncClient() as client:
+        ready = await client.get(f"http://127.0.0.1:{settings.ports['relay']}/health/ready")
+    health = ready.json()
+    assert health["checks"] == {"database": "ok", "kafka": "ok", "following": "ok"}
     start = (store.recorder.max_notification_id() or 0) + 1
     try:
         for _ in range(4):
