@@ -23,6 +23,11 @@ EMAIL_MAX = 254
 MAX_AGE_YEARS = 150
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
+# C0 controls and DEL: never part of a name, email or address (PostgreSQL text
+# cannot even hold NUL, so such an event could never be projected).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""For addresses, which may span lines."""
 _CLAIMS = UUID("7f0c4c3e-4d0a-4f5e-9a53-2b1f6c0d9e11")
 
 
@@ -75,7 +80,7 @@ def _details(
     """The checked details, or None with what is wrong added to `errors`."""
     before = len(errors)
     clean_name = _text(errors, "name", name, NAME_MAX)
-    clean_address = _text(errors, "address", address, ADDRESS_MAX)
+    clean_address = _text(errors, "address", address, ADDRESS_MAX, lines=True)
     clean_email = _text(errors, "email", email, EMAIL_MAX)
     if "email" not in errors and not _EMAIL.match(clean_email):
         errors["email"] = "must be a valid email address"
@@ -129,7 +134,7 @@ def parse_change(
     return details
 
 
-def _text(errors: dict[str, str], field: str, value: object, most: int) -> str:
+def _text(errors: dict[str, str], field: str, value: object, most: int, lines: bool = False) -> str:
     if value is None:
         errors[field] = "is required"
         return ""
@@ -138,6 +143,9 @@ def _text(errors: dict[str, str], field: str, value: object, most: int) -> str:
         return ""
     if not value.strip():
         errors[field] = "must not be blank"
+        return ""
+    if (_CONTROL_BUT_LINES if lines else _CONTROL).search(value):
+        errors[field] = "must not contain control characters"
         return ""
     value = value.strip()
     if len(value) > most:

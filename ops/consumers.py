@@ -47,6 +47,10 @@ class UnappliableEvent(Exception):
     """An event a consumer can never apply; it goes to the dead-letter topic."""
 
 
+NEVER_APPLIES = (UnappliableEvent, psycopg.DataError)
+"""Failures that no retry can mend: the data itself is wrong (e.g. text PostgreSQL refuses)."""
+
+
 class EventBatchWorker(abc.ABC):
     """Decodes, applies and dead-letters batches of published events."""
 
@@ -71,16 +75,19 @@ class EventBatchWorker(abc.ABC):
         try:
             try:
                 await self.apply(decoded)
-            except UnappliableEvent:
+            except NEVER_APPLIES:
                 for one in decoded:
                     try:
                         await self.apply([one])
-                    except UnappliableEvent as exc:
-                        await self.dead_letter(msgspec.json.encode(one[0]), str(exc))
+                    except NEVER_APPLIES as exc:
+                        await self.dead_letter(msgspec.json.encode(one[0]), _reason(exc))
         except TRANSIENT as exc:
-            log.warning(
-                "batch not applied; it will be redelivered", consumer=self.name, error=repr(exc)
-            )
+            log.warning("batch not applied; redelivering", consumer=self.name, error=repr(exc))
+            await asyncio.sleep(1.0)
+            raise
+        except Exception:
+            # Unexpected: logged by the broker with its traceback, then redelivered,
+            # paced so that a bug cannot spin the consumer.
             await asyncio.sleep(1.0)
             raise
 
@@ -95,6 +102,13 @@ class EventBatchWorker(abc.ABC):
         await self.broker.publish(
             body, topic=self.dead_letter_topic, headers={"error": reason[:500]}
         )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnappliableEvent):
+        return str(exc)
+    # A database's message may quote the offending value: name only the kind of error.
+    return f"the database refused it: {type(exc).__name__}"
 
 
 def subscribe(broker: KafkaBroker, topic: str, worker: EventBatchWorker, group: str) -> None:

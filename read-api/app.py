@@ -62,9 +62,12 @@ class NotYetProjected(Exception):
 
 
 def _reject_unknown(request: Request[Any, Any, Any], allowed: frozenset[str]) -> None:
-    unknown = sorted(set(request.query_params) - allowed)
-    if unknown:
-        raise InvalidData({key: "is not a known query parameter" for key in unknown})
+    errors = {key: "is not a known query parameter" for key in set(request.query_params) - allowed}
+    for key, value in request.query_params.items():
+        if key in allowed and "\x00" in value:
+            errors[key] = "must not contain NUL characters"
+    if errors:
+        raise InvalidData(dict(sorted(errors.items())))
 
 
 async def _await_position(state: State, position: int | None) -> None:

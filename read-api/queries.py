@@ -64,9 +64,12 @@ class PatientQuery:
 def decode_cursor(raw: str) -> Cursor:
     try:
         padded = raw + "=" * (-len(raw) % 4)
-        return msgspec.json.decode(base64.urlsafe_b64decode(padded), type=Cursor)
+        cursor = msgspec.json.decode(base64.urlsafe_b64decode(padded), type=Cursor)
     except (binascii.Error, ValueError, msgspec.DecodeError, msgspec.ValidationError):
         raise InvalidData({"cursor": "is not a cursor this API gave out"}) from None
+    if "\x00" in cursor.key:
+        raise InvalidData({"cursor": "is not a cursor this API gave out"})
+    return cursor
 
 
 def encode_cursor(cursor: Cursor) -> str:

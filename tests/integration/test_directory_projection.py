@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import date
+import uuid
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from commands.service import PatientService
 from commands.store import EventStore
-from domain.contracts import PATIENT_STREAM
+from domain.contracts import PATIENT_STREAM, Envelope, PatientRegisteredV1, event_id
 from ops.db import open_pool
 from projections.directory import DirectoryProjection, Tables, create_tables
 from tests.support.patients import details, published
@@ -224,19 +225,40 @@ async def test_a_killed_projection_restarts_and_applies_everything_once(
     assert projection.starts == 4
 
 
-async def test_a_poison_message_is_dead_lettered_and_the_projection_carries_on(
+async def test_poison_messages_are_dead_lettered_and_the_projection_carries_on(
     own_settings, own_store: EventStore, tmp_path: Path
 ):
-    settings, store = own_settings, own_store
+    """Undecodable bytes, and a well-formed event the database refuses (a NUL in a name)."""
     from aiokafka import AIOKafkaProducer
 
+    settings, store = own_settings, own_store
+    patient_id = uuid.uuid4()
+    refused = Envelope(
+        event_id=event_id(patient_id, 1),
+        type="PatientRegistered",
+        schema_version=1,
+        aggregate_type="Patient",
+        aggregate_id=patient_id,
+        aggregate_version=1,
+        position=1,
+        occurred_at=datetime.now(UTC),
+        data=PatientRegisteredV1(
+            name="Null\x00Name",
+            email="nul@example.org",
+            address="1 Road",
+            date_of_birth=date(1990, 1, 1),
+            registered_date=date(2024, 1, 1),
+        ),
+    )
     relay = Process(["relay"], settings, "relay", tmp_path / "relay2").start()
     projection = Process(["project", "directory"], settings, "projection", tmp_path / "p2").start()
     try:
         producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
         await producer.start()
         try:
-            await producer.send_and_wait(settings.topic(PATIENT_STREAM), b"{not an event", key=b"x")
+            topic = settings.topic(PATIENT_STREAM)
+            await producer.send_and_wait(topic, b"{not an event", key=b"x")
+            await producer.send_and_wait(topic, msgspec.json.encode(refused), key=b"y")
         finally:
             await producer.stop()
         written = PatientService(store).register(details("After Poison"), date(2024, 1, 1))
@@ -255,7 +277,10 @@ async def test_a_poison_message_is_dead_lettered_and_the_projection_carries_on(
         projection.stop()
         relay.stop()
     dlq = settings.topic(PATIENT_STREAM) + ".dlq.carelog-directory"
-    dead = await read_topic(settings.kafka_bootstrap, dlq, 1, timeout=30)
-    assert [r.value for r in dead] == [b"{not an event"]
-    assert dict(dead[0].headers)["error"].startswith(b"undecodable")
-    assert msgspec.json.decode(b"1") == 1
+    dead = await read_topic(settings.kafka_bootstrap, dlq, 2, timeout=30)
+    reasons = sorted(dict(r.headers)["error"].decode() for r in dead)
+    assert len(dead) == 2
+    assert reasons[0] == "the database refused it: DataError"
+    assert reasons[1].startswith("undecodable")
+    assert b"{not an event" in [r.value for r in dead]
+    assert "Null" not in projection.tail()  # the refused value is never logged

@@ -166,6 +166,8 @@ async def test_filters_combine(client, directory):
         ({"dateOfBirthFrom": "yesterday"}, {"dateOfBirthFrom"}),
         ({"registeredFrom": "2024-02-01", "registeredTo": "2024-01-01"}, {"registeredTo"}),
         ({"colour": "blue"}, {"colour"}),
+        ({"name": "a\x00b"}, {"name"}),
+        ({"email": "\x00"}, {"email"}),
         ({"minPosition": "-3"}, {"minPosition"}),
     ],
 )

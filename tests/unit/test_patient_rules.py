@@ -22,7 +22,8 @@ from domain.patients import (
 
 TODAY = date(2026, 6, 15)
 
-names = st.text(min_size=1, max_size=100).filter(lambda s: s.strip() == s and s.strip())
+printable = st.characters(blacklist_categories=("Cc", "Cs"))
+names = st.text(printable, min_size=1, max_size=100).filter(lambda s: s.strip() == s and s.strip())
 emails = st.builds(
     lambda user, host: f"{user}@{host}.example",
     st.from_regex(r"[a-z0-9._+-]{1,20}", fullmatch=True),
@@ -33,7 +34,9 @@ details = st.builds(
     PatientDetails,
     name=names,
     email=emails,
-    address=st.text(min_size=1, max_size=200).filter(lambda s: s.strip() == s and s.strip()),
+    address=st.text(printable, min_size=1, max_size=200).filter(
+        lambda s: s.strip() == s and s.strip()
+    ),
     date_of_birth=births,
 )
 
@@ -67,6 +70,9 @@ def test_a_valid_registration_parses():
         ("email", "not-an-email", "must be a valid email address"),
         ("email", "a@b", "must be a valid email address"),
         ("address", "   ", "must not be blank"),
+        ("name", "Ada\x00Lovelace", "must not contain control characters"),
+        ("email", "ada\t@example.org", "must not contain control characters"),
+        ("address", "12 Square\x00", "must not contain control characters"),
         ("date_of_birth", "2026-06-16", "must not be in the future"),
         ("date_of_birth", "1876-06-14", "must be within the last 150 years"),
         ("date_of_birth", "10/12/1990", "must be an ISO date (YYYY-MM-DD)"),
@@ -80,6 +86,11 @@ def test_each_rule_names_its_field(field: str, value: Any, message: str):
     with pytest.raises(InvalidData) as raised:
         parse_registration(**registration(**{field: value}))
     assert raised.value.errors == {wire: message}
+
+
+def test_an_address_may_span_lines():
+    parsed, _ = parse_registration(**registration(address="12 St James's Square\nLondon"))
+    assert parsed.address == "12 St James's Square\nLondon"
 
 
 def test_every_wrong_field_is_reported_at_once():
