@@ -246,7 +246,7 @@ async def run(settings: Settings) -> list[str]:
     lag_p50, lag_p99 = percentile(lags, 0.5) * 1000, percentile(lags, 0.99) * 1000
     floor_rate, floor_p99 = reads["health"]
     return [
-        "### Billing (gRPC)",
+        "## Billing (gRPC)",
         "",
         "Command: `uv run python -m ops.bench_billing` (part of `make bench`). One billing",
         "process (grpclib server, consumer, outbox relay); the load comes from one Python",
