@@ -44,6 +44,8 @@ class PatientRow(msgspec.Struct, rename="camel", kw_only=True):
 
 _row_encoder = msgspec.json.Encoder()
 
+ROW_COLUMNS = "id, name, email, address, date_of_birth, registered_date, version, removed"
+
 
 @dataclass(frozen=True)
 class Tables:
@@ -154,10 +156,9 @@ class DirectoryProjection:
             " updated_at = now() WHERE id = %(id)s AND version < %(version)s RETURNING id"
         ).format(p=p)
         self._exists = sql.SQL("SELECT 1 FROM {p} WHERE id = %s").format(p=p)
-        self._current = sql.SQL(
-            "SELECT id, name, email, address, date_of_birth, registered_date, version, removed"
-            " FROM {p} WHERE id = ANY(%s)"
-        ).format(p=p)
+        self._current = sql.SQL("SELECT " + ROW_COLUMNS + " FROM {p} WHERE id = ANY(%s)").format(
+            p=p
+        )
         self._track = sql.SQL(
             "INSERT INTO {t} (projection, position, applied) VALUES (%s, %s, %s)"
             " ON CONFLICT (projection) DO UPDATE SET"
@@ -212,29 +213,25 @@ class DirectoryProjection:
         if not ids:
             return []
         await cur.execute(self._current, [list(ids)])
-        rows = []
-        for pid, name, email, address, dob, registered, version, removed in await cur.fetchall():
-            body = (
-                b""
-                if removed
-                else encode_row(
-                    PatientRow(
-                        id=pid,
-                        name=name,
-                        email=email,
-                        address=address,
-                        date_of_birth=dob,
-                        registered_date=registered,
-                        version=version,
-                    )
-                )
-            )
-            rows.append((str(pid), version, body))
-        return rows
+        return [(str(row[0]), row[6], cache_entry(row)) for row in await cur.fetchall()]
 
 
-def encode_row(row: PatientRow) -> bytes:
-    return _row_encoder.encode(row)
+def patient_from_row(row: Sequence[Any]) -> PatientRow:
+    """The patient in a row selected as ROW_COLUMNS."""
+    return PatientRow(
+        id=row[0],
+        name=row[1],
+        email=row[2],
+        address=row[3],
+        date_of_birth=row[4],
+        registered_date=row[5],
+        version=row[6],
+    )
+
+
+def cache_entry(row: Sequence[Any]) -> bytes:
+    """What the cache holds for a row selected as ROW_COLUMNS: JSON, or b"" if removed."""
+    return b"" if row[7] else _row_encoder.encode(patient_from_row(row))
 
 
 def _details(data: PatientRegisteredV1 | PatientDetailsChangedV1) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from ops.db import open_pool
 from ops.http import EXCEPTION_HANDLERS, metrics_middleware, operational_routes, problem
 from ops.settings import Settings
 from projections.cache import DirectoryCache
-from projections.directory import LIVE, PatientRow, Tables, create_tables, encode_row
+from projections.directory import LIVE, ROW_COLUMNS, Tables, cache_entry, create_tables
 
 log = structlog.get_logger(__name__)
 
@@ -201,28 +201,13 @@ async def get_patient(
     async with state.pool.connection() as conn:
         row = await (
             await conn.execute(
-                "SELECT id, name, email, address, date_of_birth, registered_date, version, removed"
-                f" FROM {tables.patients} WHERE id = %s",
+                f"SELECT {ROW_COLUMNS} FROM {tables.patients} WHERE id = %s",
                 [pid],
             )
         ).fetchone()
     if row is None:
         raise PatientNotFound(patient_id)
-    body = (
-        b""
-        if row[7]
-        else encode_row(
-            PatientRow(
-                id=row[0],
-                name=row[1],
-                email=row[2],
-                address=row[3],
-                date_of_birth=row[4],
-                registered_date=row[5],
-                version=row[6],
-            )
-        )
-    )
+    body = cache_entry(row)
     await cache.put_patient(str(pid), row[6], body)
     if not body:
         raise PatientNotFound(patient_id)

@@ -14,7 +14,7 @@ from psycopg import sql
 
 from domain.errors import InvalidData
 from domain.patients import normalise_email
-from projections.directory import LIVE, PatientRow, Tables
+from projections.directory import LIVE, ROW_COLUMNS, PatientRow, Tables, patient_from_row
 
 SORTS = {
     "name": "name_key",
@@ -23,7 +23,7 @@ SORTS = {
 }
 SORT_CHOICES = sorted([*SORTS, *(f"-{s}" for s in SORTS)])
 
-_COLUMNS = "id, name, email, address, date_of_birth, registered_date, version, name_key"
+_COLUMNS = f"{ROW_COLUMNS}, name_key"
 
 
 class Cursor(msgspec.Struct, array_like=True):
@@ -138,23 +138,12 @@ class Page(msgspec.Struct):
 def page_from_rows(query: PatientQuery, rows: list[tuple[Any, ...]]) -> Page:
     more = len(rows) > query.limit
     rows = rows[: query.limit]
-    patients = [
-        PatientRow(
-            id=r[0],
-            name=r[1],
-            email=r[2],
-            address=r[3],
-            date_of_birth=r[4],
-            registered_date=r[5],
-            version=r[6],
-        )
-        for r in rows
-    ]
+    patients = [patient_from_row(r) for r in rows]
     next_cursor = None
     if more and rows:
         last = rows[-1]
         sort = query.sort.lstrip("-")
-        key = last[7] if sort == "name" else (last[5] if sort == "registeredDate" else last[4])
+        key = last[8] if sort == "name" else (last[5] if sort == "registeredDate" else last[4])
         next_cursor = encode_cursor(
             Cursor(query.sort, key if isinstance(key, str) else key.isoformat(), last[0])
         )
