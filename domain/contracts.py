@@ -96,22 +96,48 @@ def event_id(aggregate_id: UUID, aggregate_version: int) -> UUID:
     return uuid5(aggregate_id, str(aggregate_version))
 
 
+BY_PAYLOAD: dict[builtins.type[msgspec.Struct], Contract] = {
+    c.payload: c for c in CONTRACTS.values()
+}
+
+
+def envelope(
+    data: msgspec.Struct,
+    *,
+    aggregate_id: UUID,
+    aggregate_version: int,
+    position: int,
+    occurred_at: datetime,
+    correlation_id: str | None = None,
+) -> Envelope[Any]:
+    """The envelope of a published payload; its contract supplies type and versions."""
+    contract = BY_PAYLOAD[type(data)]
+    return Envelope(
+        event_id=event_id(aggregate_id, aggregate_version),
+        type=contract.type,
+        schema_version=contract.version,
+        aggregate_type=contract.aggregate_type,
+        aggregate_id=aggregate_id,
+        aggregate_version=aggregate_version,
+        position=position,
+        occurred_at=occurred_at,
+        correlation_id=correlation_id,
+        data=data,
+    )
+
+
 def envelope_for(domain_event: Any, position: int) -> Envelope[Any] | None:
     """The published envelope of a stored domain event, or None if it is internal."""
     contract = CONTRACTS.get(type(domain_event))
     if contract is None:
         return None
-    return Envelope(
-        event_id=event_id(domain_event.originator_id, domain_event.originator_version),
-        type=contract.type,
-        schema_version=contract.version,
-        aggregate_type=contract.aggregate_type,
+    return envelope(
+        contract.payload_from(domain_event),
         aggregate_id=domain_event.originator_id,
         aggregate_version=domain_event.originator_version,
         position=position,
         occurred_at=domain_event.timestamp,
         correlation_id=getattr(domain_event, "correlation_id", None),
-        data=contract.payload_from(domain_event),
     )
 
 

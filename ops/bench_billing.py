@@ -63,22 +63,18 @@ def _free_port() -> int:
 
 
 def _registered(patient_id: uuid.UUID) -> bytes:
-    envelope = contracts.Envelope(
-        event_id=contracts.event_id(patient_id, 1),
-        type="PatientRegistered",
-        schema_version=1,
-        aggregate_type="Patient",
-        aggregate_id=patient_id,
-        aggregate_version=1,
-        position=1,
-        occurred_at=datetime.now(UTC),
-        data=contracts.PatientRegisteredV1(
+    envelope = contracts.envelope(
+        contracts.PatientRegisteredV1(
             name="Bench Patient",
             email=f"bench-{patient_id.hex[:12]}@bench.carelog.invalid",
             address="1 Bench Street",
             date_of_birth=date(1980, 1, 1),
             registered_date=date(2025, 1, 1),
         ),
+        aggregate_id=patient_id,
+        aggregate_version=1,
+        position=1,
+        occurred_at=datetime.now(UTC),
     )
     return msgspec.json.encode(envelope)
 

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from commands.service import PatientService
 from commands.store import EventStore
-from domain.contracts import PATIENT_STREAM, Envelope, PatientRegisteredV1, event_id
+from domain import contracts
+from domain.contracts import PATIENT_STREAM, PatientRegisteredV1
 from ops.db import open_pool
 from projections.directory import DirectoryProjection, Tables, create_tables
 from tests.support.patients import details, published
@@ -233,22 +234,18 @@ async def test_poison_messages_are_dead_lettered_and_the_projection_carries_on(
 
     settings, store = own_settings, own_store
     patient_id = uuid.uuid4()
-    refused = Envelope(
-        event_id=event_id(patient_id, 1),
-        type="PatientRegistered",
-        schema_version=1,
-        aggregate_type="Patient",
-        aggregate_id=patient_id,
-        aggregate_version=1,
-        position=1,
-        occurred_at=datetime.now(UTC),
-        data=PatientRegisteredV1(
+    refused = contracts.envelope(
+        PatientRegisteredV1(
             name="Null\x00Name",
             email="nul@example.org",
             address="1 Road",
             date_of_birth=date(1990, 1, 1),
             registered_date=date(2024, 1, 1),
         ),
+        aggregate_id=patient_id,
+        aggregate_version=1,
+        position=1,
+        occurred_at=datetime.now(UTC),
     )
     relay = Process(["relay"], settings, "relay", tmp_path / "relay2").start()
     projection = Process(["project", "directory"], settings, "projection", tmp_path / "p2").start()

@@ -28,37 +28,29 @@ SCHEMA = "billing"
 def registered(patient_id: UUID | None = None, version: int = 1) -> Envelope[Any]:
     """A PatientRegistered envelope as the relay publishes it (unique data each time)."""
     patient_id = patient_id or uuid.uuid4()
-    return Envelope(
-        event_id=contracts.event_id(patient_id, version),
-        type="PatientRegistered",
-        schema_version=1,
-        aggregate_type="Patient",
-        aggregate_id=patient_id,
-        aggregate_version=version,
-        position=1,
-        occurred_at=datetime.now(UTC),
-        correlation_id=f"test-{uuid.uuid4().hex[:8]}",
-        data=PatientRegisteredV1(
+    return contracts.envelope(
+        PatientRegisteredV1(
             name="Mary Seacole",
             email=f"mary-{uuid.uuid4().hex[:10]}@example.org",
             address="1 Kingston Road",
             date_of_birth=date(1985, 11, 23),
             registered_date=date(2024, 5, 1),
         ),
+        aggregate_id=patient_id,
+        aggregate_version=version,
+        position=1,
+        occurred_at=datetime.now(UTC),
+        correlation_id=f"test-{uuid.uuid4().hex[:8]}",
     )
 
 
 def removed(patient_id: UUID, version: int = 2) -> Envelope[Any]:
-    return Envelope(
-        event_id=contracts.event_id(patient_id, version),
-        type="PatientRemoved",
-        schema_version=1,
-        aggregate_type="Patient",
+    return contracts.envelope(
+        PatientRemovedV1(),
         aggregate_id=patient_id,
         aggregate_version=version,
         position=2,
         occurred_at=datetime.now(UTC),
-        data=PatientRemovedV1(),
     )
 
 
