@@ -53,9 +53,9 @@ test: ## Start the stack, then run the whole pytest suite against it
 test-unit: ## Run the unit tests only (no services needed)
 	@uv run pytest tests/unit $(PYTEST_ARGS)
 
-bench: ## Start the stack, then run the benchmarks (python -m ops.bench)
+bench: ## Start the stack, then run the benchmarks (python -m bench)
 	@$(STACK) $(STACK_UP)
-	@$(WITH_ENV) uv run python -m ops.bench $(BENCH_ARGS)
+	@$(WITH_ENV) uv run python -m bench $(BENCH_ARGS)
 
 lint: ## ruff check, ruff format --check, mypy
 	@uv run ruff check . && uv run ruff format --check . && uv run mypy
@@ -64,7 +64,7 @@ schemas: ## Regenerate the schema files (carelog schemas write)
 	@$(WITH_ENV) uv run carelog schemas write
 
 # Where `make proto` writes billing's generated gRPC code (tests regenerate elsewhere to compare).
-PROTO_OUT ?= billing-grpc/generated
+PROTO_OUT ?= billing-grpc/billing_grpc/generated
 
 proto: ## Regenerate billing's gRPC code (betterproto2) from proto/
 	@rm -rf $(PROTO_OUT)/carelog $(PROTO_OUT)/google && mkdir -p $(PROTO_OUT)

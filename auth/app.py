@@ -29,14 +29,14 @@ from auth.errors import (
     SelfLockout,
     UserNotFound,
 )
-from auth.guards import requires
 from auth.keys import KeyRing
-from auth.roles import ALL_ROLES, USER_ADMINS, Role
 from auth.service import AuthService, Session, User, create_schema
-from auth.tokens import Claims, RingKeys, TokenVerifier
-from ops.db import open_pool
-from ops.http import EXCEPTION_HANDLERS, metrics_middleware, operational_routes, problem
-from ops.settings import Settings
+from auth.tokens import RingKeys
+from domain.roles import ALL_ROLES, USER_ADMINS, Role
+from runtime.db import open_pool
+from runtime.http import EXCEPTION_HANDLERS, metrics_middleware, operational_routes, problem
+from runtime.security import Claims, TokenVerifier, requires
+from runtime.settings import Settings
 
 LOGINS = Counter("carelog_logins_total", "Login attempts, by outcome", ["outcome"])
 REFRESHES = Counter("carelog_token_refreshes_total", "Token refreshes, by outcome", ["outcome"])

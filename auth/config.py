@@ -1,18 +1,15 @@
-"""The identity settings, read from the environment once when a process starts.
+"""The identity service's settings, read from the environment once when it starts.
 
 Variables (all optional in development mode, where they default to the local stack):
 
 CARELOG_AUTH_KEYS_DIR       signing keys, one `<kid>.pem` each (production: required)
-CARELOG_JWKS_URL            where services fetch the public keys (production: required)
+CARELOG_JWKS_URL            the JWKS that services verify tokens with (production: required)
 CARELOG_AUTH_ISSUER         `iss` of access tokens (default "carelog-auth")
 CARELOG_AUTH_AUDIENCE       `aud` of access tokens (default "carelog-api")
 CARELOG_AUTH_ACCESS_TTL_SECONDS   access token lifetime (default 900)
 CARELOG_AUTH_REFRESH_TTL_SECONDS  refresh token lifetime (default 14 days)
 CARELOG_AUTH_PORT           the auth service's port (default 4005)
 CARELOG_AUTH_HASH_WORKERS   password hashes computed at once (default: half the CPUs)
-CARELOG_GATEWAY_DIR         where `carelog gateway-config` writes HAProxy's files
-CARELOG_GATEWAY_PORT        the gateway's port (default 4004)
-CARELOG_GATEWAY_CORS_ORIGINS  space-separated origins allowed by CORS ("*" in development)
 """
 
 from __future__ import annotations
@@ -21,16 +18,43 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from ops.settings import DEVELOPMENT, SettingsError
+import msgspec
 
-ROOT = Path(__file__).resolve().parent.parent
-DEV_STACK = ROOT / ".stack"
+from runtime.settings import DEVELOPMENT, Port, env_mode, load
+
+DEV_STACK = Path(__file__).resolve().parent.parent / ".stack"
+
+_Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _FromEnv(msgspec.Struct, frozen=True, kw_only=True):
+    keys_dir: str
+    jwks_url: str
+    issuer: str = "carelog-auth"
+    audience: str = "carelog-api"
+    access_ttl_seconds: _Positive = 900
+    refresh_ttl_seconds: _Positive = 14 * 24 * 3600
+    port: Port = 4005
+    hash_workers: _Positive = max(1, (os.cpu_count() or 2) // 2)
+
+
+_NAMES = {
+    "keys_dir": "CARELOG_AUTH_KEYS_DIR",
+    "jwks_url": "CARELOG_JWKS_URL",
+    "issuer": "CARELOG_AUTH_ISSUER",
+    "audience": "CARELOG_AUTH_AUDIENCE",
+    "access_ttl_seconds": "CARELOG_AUTH_ACCESS_TTL_SECONDS",
+    "refresh_ttl_seconds": "CARELOG_AUTH_REFRESH_TTL_SECONDS",
+    "port": "CARELOG_AUTH_PORT",
+    "hash_workers": "CARELOG_AUTH_HASH_WORKERS",
+}
 
 
 @dataclass(frozen=True)
 class AuthSettings:
-    """How tokens are signed, checked and served, and where the gateway's files live."""
+    """How tokens are signed, checked and served."""
 
     development: bool
     keys_dir: Path
@@ -41,47 +65,29 @@ class AuthSettings:
     refresh_ttl_seconds: int = 14 * 24 * 3600
     port: int = 4005
     hash_workers: int = 1
-    gateway_dir: Path = DEV_STACK / "gateway"
-    gateway_port: int = 4004
-    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AuthSettings:
         source = os.environ if environ is None else environ
-        development = source.get("CARELOG_ENV", "production").strip().lower() == DEVELOPMENT
-        port = int(source.get("CARELOG_AUTH_PORT", 4005))
-        dev = {
-            "CARELOG_AUTH_KEYS_DIR": str(DEV_STACK / "keys"),
-            "CARELOG_JWKS_URL": f"http://127.0.0.1:{port}/auth/.well-known/jwks.json",
-            "CARELOG_GATEWAY_DIR": str(DEV_STACK / "gateway"),
-            "CARELOG_GATEWAY_CORS_ORIGINS": "*",
-        }
-
-        def need(key: str) -> str:
-            value = source.get(key) or (dev.get(key) if development else None)
-            if not value:
-                mode = "development" if development else "production"
-                raise SettingsError(f"{key} is required in {mode} mode")
-            return value
-
+        port = source.get("CARELOG_AUTH_PORT", "").strip() or "4005"
+        read = load(
+            _FromEnv,
+            source,
+            _NAMES,
+            development={
+                "CARELOG_AUTH_KEYS_DIR": str(DEV_STACK / "keys"),
+                "CARELOG_JWKS_URL": f"http://127.0.0.1:{port}/auth/.well-known/jwks.json",
+            },
+            required=frozenset({"keys_dir", "jwks_url"}),
+        )
         return cls(
-            development=development,
-            keys_dir=Path(need("CARELOG_AUTH_KEYS_DIR")),
-            jwks_url=need("CARELOG_JWKS_URL"),
-            issuer=source.get("CARELOG_AUTH_ISSUER", "carelog-auth"),
-            audience=source.get("CARELOG_AUTH_AUDIENCE", "carelog-api"),
-            access_ttl_seconds=int(source.get("CARELOG_AUTH_ACCESS_TTL_SECONDS", 900)),
-            refresh_ttl_seconds=int(source.get("CARELOG_AUTH_REFRESH_TTL_SECONDS", 14 * 24 * 3600)),
-            port=port,
-            hash_workers=int(
-                source.get("CARELOG_AUTH_HASH_WORKERS", max(1, (os.cpu_count() or 2) // 2))
-            ),
-            gateway_dir=Path(source.get("CARELOG_GATEWAY_DIR") or dev["CARELOG_GATEWAY_DIR"]),
-            gateway_port=int(source.get("CARELOG_GATEWAY_PORT", 4004)),
-            cors_origins=tuple(
-                source.get(
-                    "CARELOG_GATEWAY_CORS_ORIGINS",
-                    dev["CARELOG_GATEWAY_CORS_ORIGINS"] if development else "",
-                ).split()
-            ),
+            development=env_mode(source) == DEVELOPMENT,
+            keys_dir=Path(read.keys_dir),
+            jwks_url=read.jwks_url,
+            issuer=read.issuer,
+            audience=read.audience,
+            access_ttl_seconds=read.access_ttl_seconds,
+            refresh_ttl_seconds=read.refresh_ttl_seconds,
+            port=read.port,
+            hash_workers=read.hash_workers,
         )

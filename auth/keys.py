@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,10 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from ops.settings import SettingsError
+from runtime.security import ALGORITHM, KID
+from runtime.settings import SettingsError
 
-ALGORITHM = "ES256"
-KID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CURRENT = "current"
 
 

@@ -39,8 +39,8 @@ from auth.passwords import (
     normalise_email,
     verify_password,
 )
-from auth.roles import Role
 from auth.tokens import issue_access_token
+from domain.roles import Role
 
 log = structlog.get_logger(__name__)
 

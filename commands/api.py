@@ -25,21 +25,20 @@ from litestar.openapi.spec import Tag
 from litestar.params import FromPath
 from prometheus_client import Counter
 
-from auth.guards import requires
-from auth.roles import PATIENT_WRITERS
-from auth.tokens import TokenVerifier, service_verifier
 from commands.service import PatientService, Written, today
 from commands.store import EventStore
 from domain.errors import EmailTaken, InvalidData, PatientNotFound, StaleVersion
 from domain.patients import ADDRESS_MAX, EMAIL_MAX, NAME_MAX, parse_change, parse_registration
-from ops.http import (
+from domain.roles import PATIENT_WRITERS
+from runtime.http import (
     EXCEPTION_HANDLERS,
     json_body_operation,
     metrics_middleware,
     operational_routes,
     problem,
 )
-from ops.settings import Settings
+from runtime.security import TokenVerifier, requires
+from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -291,5 +290,5 @@ def create_app(
             path="/schema",
         ),
     )
-    app.state.verifier = verifier or service_verifier(settings)
+    app.state.verifier = verifier or TokenVerifier.from_settings(settings)
     return app

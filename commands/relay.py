@@ -27,9 +27,9 @@ from prometheus_client import Counter, Gauge
 
 from commands.store import EventStore
 from domain.contracts import CONTRACTS, Envelope, envelope_for
-from ops.http import serve_health
-from ops.kafka import ensure_topics, reliable_producer, wait_for_kafka
-from ops.settings import Settings
+from runtime.http import serve_health
+from runtime.kafka import ensure_topics, reliable_producer, wait_for_kafka
+from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -1,1 +1,1 @@
-"""Operations: the command line, settings, logging, metrics and the local stack."""
+"""Operations assets: the local stack, the gateway configuration and its generator."""

@@ -25,7 +25,7 @@ from domain.contracts import (
     PatientRemovedV1,
 )
 from domain.patients import normalise_email
-from ops.consumers import UnappliableEvent
+from runtime.consumers import UnappliableEvent
 
 NAME = "directory"
 

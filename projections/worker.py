@@ -15,13 +15,13 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from domain import contracts
-from ops.consumers import Batch, EventBatchWorker, subscribe
-from ops.db import open_pool
-from ops.http import serve_health
-from ops.kafka import ensure_topics, kafka_broker, wait_for_kafka
-from ops.settings import Settings
-from projections.cache import DirectoryCache
 from projections.directory import LIVE, DirectoryProjection, Tables, create_tables
+from readmodels.cache import DirectoryCache
+from runtime.consumers import Batch, EventBatchWorker, subscribe
+from runtime.db import open_pool
+from runtime.http import serve_health
+from runtime.kafka import ensure_topics, kafka_broker, wait_for_kafka
+from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
 

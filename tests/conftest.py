@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from commands.store import EventStore
-from ops.settings import Settings
+from runtime.settings import Settings
 from tests.support.stack import isolated_settings
 from tests.support.tokens import TestTokens
 

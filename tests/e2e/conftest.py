@@ -13,8 +13,8 @@ import pytest
 
 from auth.config import AuthSettings
 from auth.keys import KeyRing
-from auth.roles import Role
 from auth.service import DEV_EMAIL, DEV_PASSWORD
+from domain.roles import Role
 
 GATEWAY = os.environ.get("CARELOG_GATEWAY_URL", "http://127.0.0.1:4004")
 PASSWORD = "correct horse battery staple"

@@ -10,7 +10,7 @@ import sys
 import jwt
 import pytest
 
-from auth.roles import Role
+from domain.roles import Role
 from tests.e2e.conftest import PASSWORD, login, new_user
 from tests.support.stack import ROOT
 
@@ -23,7 +23,7 @@ async def test_rotating_the_signing_key_keeps_old_tokens_valid(gateway, admin):
 
     rotated = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "ops", "keys", "rotate"],
+        [sys.executable, "-m", "bootstrap", "keys", "rotate"],
         cwd=ROOT,
         env={**os.environ, "CARELOG_ENV": "development"},
         capture_output=True,

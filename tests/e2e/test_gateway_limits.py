@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from auth.roles import Role
-from ops.gateway_config import LOGIN_ACCOUNT_PER_MINUTE, SUBJECT_RATE_PER_SECOND
-from ops.loadgen import Connection
+from bench.loadgen import Connection
+from domain.roles import Role
+from ops.gateway.generate import LOGIN_ACCOUNT_PER_MINUTE, SUBJECT_RATE_PER_SECOND
 from tests.e2e.conftest import GATEWAY, new_user, unique_email
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from auth.roles import Role
+from domain.roles import Role
 from tests.e2e.conftest import new_user
 from tests.support.patients import body
 

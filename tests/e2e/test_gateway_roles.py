@@ -7,7 +7,7 @@ import uuid
 import httpx
 import pytest
 
-from auth.roles import PATIENT_READERS, PATIENT_WRITERS, USER_ADMINS, Role
+from domain.roles import PATIENT_READERS, PATIENT_WRITERS, USER_ADMINS, Role
 from tests.e2e.conftest import PASSWORD, User, new_user, unique_email
 from tests.support.patients import body
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from auth.roles import Role
+from domain.roles import Role
 from tests.e2e.conftest import new_user
 
 pytestmark = pytest.mark.e2e

@@ -17,10 +17,10 @@ from litestar.testing import AsyncTestClient
 
 from auth.app import create_app
 from auth.keys import KeyDirectoryError, add_key, promote
-from auth.roles import Role
 from auth.service import DEV_EMAIL, DEV_PASSWORD
-from auth.tokens import keys_from_jwks
-from ops.settings import Settings
+from domain.roles import Role
+from runtime.security import keys_from_jwks
+from runtime.settings import Settings
 from tests.support.stack import env_for, free_port
 from tests.support.tokens import BAD_TOKEN_KINDS, TestTokens, auth_settings
 
@@ -314,7 +314,7 @@ def test_production_mode_refuses_to_start_without_a_key(settings, tmp_path: Path
         "CARELOG_AUTH_PORT": str(free_port()),
     }
     started = subprocess.run(
-        [sys.executable, "-m", "ops", "serve", "auth"],
+        [sys.executable, "-m", "bootstrap", "serve", "auth"],
         env=env,
         capture_output=True,
         text=True,

@@ -16,19 +16,19 @@ import msgspec
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from billing_grpc.generated.carelog.billing import v1 as pb
 from grpclib import GRPCError
 from grpclib.const import Status
 from litestar.testing import AsyncTestClient
 
-from auth.roles import Role
+from billing_grpc.generated.carelog.billing import v1 as pb
 from commands.api import create_app
 from commands.relay import Relay
 from commands.store import EventStore
 from domain.billing import BILLING_STREAM, account_id_for, decode_billing_event
 from domain.contracts import PATIENT_STREAM
-from ops.kafka import EVENT_PARTITIONS, ensure_topics, reliable_producer
-from ops.settings import Settings
+from domain.roles import Role
+from runtime.kafka import EVENT_PARTITIONS, ensure_topics, reliable_producer
+from runtime.settings import Settings
 from tests.support.billing import (
     accounts_of,
     billing,

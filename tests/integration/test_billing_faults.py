@@ -13,8 +13,8 @@ import pytest
 
 from domain.billing import BILLING_STREAM, account_id_for, decode_billing_event
 from domain.contracts import PATIENT_STREAM, Envelope
-from ops.kafka import reliable_producer
-from ops.settings import Settings
+from runtime.kafka import reliable_producer
+from runtime.settings import Settings
 from tests.support.billing import publish, registered
 from tests.support.stack import Process, eventually, isolated_settings, read_topic
 

@@ -10,15 +10,15 @@ from typing import Any
 
 import psycopg
 import pytest
-from billing_grpc.generated.carelog.billing import v1 as pb
 from grpclib import GRPCError
 from grpclib.const import Status
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from billing_grpc.generated.carelog.billing import v1 as pb
 from domain.billing import account_id_for
-from ops.settings import Settings
+from runtime.settings import Settings
 from tests.support.billing import accounts_of, billing, outbox_types, stub
 from tests.support.stack import eventually
 

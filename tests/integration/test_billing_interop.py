@@ -26,7 +26,7 @@ from grpc_tools import protoc
 from grpclib.health.v1 import health_pb2
 from grpclib.reflection.v1 import reflection_pb2
 
-from ops.settings import Settings
+from runtime.settings import Settings
 from tests.support.billing import billing
 from tests.support.stack import ROOT
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from auth.roles import Role
 from commands.api import create_app
 from commands.store import EventStore
-from ops.settings import Settings
+from domain.roles import Role
+from runtime.settings import Settings
 from tests.support.tokens import TestTokens
 
 pytestmark = pytest.mark.integration

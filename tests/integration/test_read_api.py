@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
-from read_api.app import create_app
 from redis.asyncio import Redis
 
-from auth.roles import Role
 from commands.service import PatientService
 from commands.store import EventStore
-from ops.db import open_pool
-from ops.settings import Settings
-from projections.cache import DirectoryCache
+from domain.roles import Role
 from projections.directory import DirectoryProjection, create_tables
+from read_api.app import create_app
+from readmodels.cache import DirectoryCache
+from runtime.db import open_pool
+from runtime.settings import Settings
 from tests.support.patients import details, published
 
 pytestmark = pytest.mark.integration

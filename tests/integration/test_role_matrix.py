@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from read_api.app import create_app as read_app
 
-from auth.guards import role_matrix
-from auth.roles import PATIENT_READERS, PATIENT_WRITERS, Role
 from commands.api import create_app as commands_app
 from commands.store import EventStore
-from ops.settings import Settings
+from domain.roles import PATIENT_READERS, PATIENT_WRITERS, Role
+from read_api.app import create_app as read_app
+from runtime.security import role_matrix
+from runtime.settings import Settings
 from tests.support.patients import body
 from tests.support.tokens import BAD_TOKEN_KINDS, TestTokens
 

@@ -13,14 +13,14 @@ import msgspec
 import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
+from grpclib.client import Channel
+
 from billing_grpc.config import BillingConfig
 from billing_grpc.generated.carelog.billing import v1 as pb
 from billing_grpc.server import Running, start
-from grpclib.client import Channel
-
 from domain import contracts
 from domain.contracts import Envelope, PatientRegisteredV1, PatientRemovedV1
-from ops.settings import Settings
+from runtime.settings import Settings
 
 SCHEMA = "billing"
 

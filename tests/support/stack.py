@@ -23,8 +23,8 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ops.kafka import delete_topics
-from ops.settings import Settings
+from runtime.kafka import delete_topics
+from runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,7 +117,7 @@ class Process:
         self.logs.append(log)
         handle = log.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "ops", *self.args],
+            [sys.executable, "-m", "bootstrap", *self.args],
             env=env_for(self.settings),
             stdout=handle,
             stderr=subprocess.STDOUT,

@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from auth.config import AuthSettings
 from auth.keys import KeyRing, SigningKey
-from auth.roles import Role
-from auth.tokens import StaticKeys, TokenVerifier, issue_access_token
+from auth.tokens import issue_access_token
+from domain.roles import Role
+from runtime.security import StaticKeys, TokenVerifier
 
 
 def auth_settings(keys_dir: Path, **changes: Any) -> AuthSettings:

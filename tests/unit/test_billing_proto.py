@@ -8,11 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from billing_grpc.generated.carelog.billing import v1 as pb
 
+from billing_grpc.generated.carelog.billing import v1 as pb
 from tests.support.stack import ROOT
 
-GENERATED = ROOT / "billing-grpc" / "generated"
+GENERATED = ROOT / "billing-grpc" / "billing_grpc" / "generated"
 NOT_GENERATED = {"ruff.toml"}
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from bootstrap.cli import schemas
 from domain import contracts
 from domain.patients import Patient, PatientDetails
-from ops.cli import schemas
 
 TODAY = date(2026, 6, 15)
 
@@ -72,9 +72,9 @@ def test_the_committed_schemas_match_the_code(capsys: pytest.CaptureFixture[str]
 
 
 def test_the_schema_check_notices_a_changed_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import ops.cli
+    import bootstrap.cli
 
-    monkeypatch.setattr(ops.cli, "SCHEMAS_DIR", tmp_path)
+    monkeypatch.setattr(bootstrap.cli, "SCHEMAS_DIR", tmp_path)
     assert schemas("write") == 0
     target = next(tmp_path.rglob("PatientRegistered.v1.json"))
     schema = json.loads(target.read_text())

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from auth.keys import KeyRing, add_key
-from ops import gateway_config
-from ops.settings import Settings
+from bootstrap import gateway
+from ops.gateway import generate as gateway_config
+from runtime.settings import Settings
 from tests.support.tokens import auth_settings
 
 SETTINGS = Settings(
@@ -18,35 +19,34 @@ SETTINGS = Settings(
     database_url="postgresql://unused@127.0.0.1:1/none",
     redis_url="redis://127.0.0.1:1/0",
     kafka_bootstrap="127.0.0.1:1",
+    jwks_url="http://127.0.0.1:1/unused",
 )
 
 
 @pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return SETTINGS.with_(gateway_dir=str(tmp_path / "gateway"), cors_origins=("http://a.example",))
+
+
+@pytest.fixture
 def auth(tmp_path: Path):
-    settings = auth_settings(
-        tmp_path / "keys", gateway_dir=tmp_path / "gateway", cors_origins=("http://a.example",)
-    )
+    settings = auth_settings(tmp_path / "keys")
     KeyRing(settings.keys_dir).ensure(development=True)
     add_key(settings.keys_dir)
     return settings
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is installed by make install")
-def test_the_config_has_a_rule_per_key_and_haproxy_accepts_it(auth):
-    path = gateway_config.write_config(SETTINGS, auth)
+def test_the_config_has_a_rule_per_key_and_haproxy_accepts_it(auth, settings):
+    path = gateway.write_config(settings, auth)
+    out = Path(settings.gateway_dir)
     text = path.read_text()
     kids = sorted(p.stem for p in auth.keys_dir.glob("*.pem"))
     assert len(kids) == 2
     for kid in kids:
         assert f'/keys/{kid}.pem") if needs_token' in text
-        assert (
-            (auth.gateway_dir / "keys" / f"{kid}.pem")
-            .read_bytes()
-            .startswith(b"-----BEGIN PUBLIC KEY-----")
-        )
-    assert "PRIVATE" not in "".join(
-        p.read_text() for p in (auth.gateway_dir / "keys").glob("*.pem")
-    )
+        assert (out / "keys" / f"{kid}.pem").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert "PRIVATE" not in "".join(p.read_text() for p in (out / "keys").glob("*.pem"))
     assert "-m str http://a.example" in text
     assert "@" not in text.replace("@bench", "")  # no placeholder left behind
     check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
@@ -63,7 +63,7 @@ def test_the_logs_never_carry_query_strings_or_headers():
 
 
 def test_the_docs_use_gateway_paths_and_name_roles(auth):
-    documents = gateway_config.api_documents(SETTINGS, auth)
+    documents = gateway.api_documents(SETTINGS, auth)
     assert set(documents) == {"patients", "auth"}
     patients = documents["patients"]["paths"]
     assert set(patients) == {"/api/patients", "/api/patients/{patient_id}"}

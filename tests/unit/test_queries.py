@@ -8,9 +8,9 @@ from uuid import uuid4
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from read_api.queries import SORT_CHOICES, Cursor, PatientQuery, build, decode_cursor, encode_cursor
 
 from domain.errors import InvalidData
+from read_api.queries import SORT_CHOICES, Cursor, PatientQuery, build, decode_cursor, encode_cursor
 
 
 @given(

@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from read_api.app import create_app as read_app
-
 from auth.app import create_app as auth_app
-from auth.guards import role_matrix
-from auth.roles import Role
 from commands.api import create_app as commands_app
-from ops.settings import Settings
+from domain.roles import Role
+from read_api.app import create_app as read_app
+from runtime.security import role_matrix
+from runtime.settings import Settings
 from tests.support.tokens import TestTokens
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "auth.md"
@@ -45,6 +44,7 @@ def enforced(tokens: TestTokens) -> dict[tuple[str, str], frozenset[Role] | None
         database_url="postgresql://unused@127.0.0.1:1/none",
         redis_url="redis://127.0.0.1:1/0",
         kafka_bootstrap="127.0.0.1:1",
+        jwks_url="http://127.0.0.1:1/unused",
     )
     apps = [
         (commands_app(settings, verifier=tokens.verifier), "/api"),

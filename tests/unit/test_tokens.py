@@ -10,8 +10,9 @@ import jwt
 import pytest
 
 from auth.keys import KeyRing, add_key, promote, prune
-from auth.roles import Role
-from auth.tokens import LEEWAY_SECONDS, InvalidToken, issue_access_token, keys_from_jwks
+from auth.tokens import issue_access_token
+from domain.roles import Role
+from runtime.security import LEEWAY_SECONDS, InvalidToken, keys_from_jwks
 from tests.support.tokens import BAD_TOKEN_KINDS, auth_settings
 
 

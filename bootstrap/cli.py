@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from ops.logs import configure_logging
-from ops.settings import Settings, SettingsError
+from runtime.logs import configure_logging
+from runtime.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from auth.config import AuthSettings
@@ -54,18 +54,19 @@ def _auth_settings(service: str) -> AuthSettings:
 
 
 def gateway_config(reload: bool, jwks_url: str | None) -> int:
-    from ops import gateway_config as gateway
+    from bootstrap.gateway import write_config
+    from ops.gateway import generate as gateway
 
     settings = _settings("gateway-config")
     auth = _auth_settings("gateway-config")
     try:
-        path = gateway.write_config(settings, auth, jwks_url)
+        path = write_config(settings, auth, jwks_url)
     except (gateway.GatewayConfigError, SettingsError, OSError) as exc:
         print(f"carelog gateway-config: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
     if reload:
-        print("haproxy reloaded" if gateway.reload(auth) else "haproxy is not running")
+        print("haproxy reloaded" if gateway.reload(settings) else "haproxy is not running")
     return 0
 
 
@@ -93,7 +94,7 @@ def keys(action: str) -> int:
 
 
 def serve(which: str) -> None:
-    from ops.http import serve as run_http
+    from runtime.http import serve as run_http
 
     settings = _settings(which)
     if which == "billing":
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(run_directory(_settings("projection")))
     elif args.command == "topics":
         from domain.contracts import CONTRACTS
-        from ops.kafka import ensure_topics
+        from runtime.kafka import ensure_topics
 
         settings = _settings("topics")
         names = sorted({settings.topic(c.stream) for c in CONTRACTS.values()})

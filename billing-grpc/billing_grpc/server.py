@@ -15,6 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from faststream.kafka import KafkaBroker
+from google.protobuf import descriptor_pool
+from grpclib.events import RecvRequest, listen
+from grpclib.health.check import ServiceCheck
+from grpclib.health.service import Health
+from grpclib.reflection.service import ServerReflection
+from grpclib.server import Server
+
 from billing_grpc.api import BillingApi, on_request
 from billing_grpc.config import BillingConfig
 from billing_grpc.consumer import PatientEventsWorker
@@ -24,21 +32,13 @@ from billing_grpc.generated.google_proto_descriptor_pool import (
 from billing_grpc.outbox import OutboxRelay
 from billing_grpc.service import Billing
 from billing_grpc.store import create_schema
-from faststream.kafka import KafkaBroker
-from google.protobuf import descriptor_pool
-from grpclib.events import RecvRequest, listen
-from grpclib.health.check import ServiceCheck
-from grpclib.health.service import Health
-from grpclib.reflection.service import ServerReflection
-from grpclib.server import Server
-
 from domain import contracts
 from domain.billing import BILLING_STREAM
-from ops.consumers import subscribe
-from ops.db import open_pool
-from ops.http import HealthServer, serve_health
-from ops.kafka import ensure_topics, kafka_broker, reliable_producer, wait_for_kafka
-from ops.settings import Settings, SettingsError
+from runtime.consumers import subscribe
+from runtime.db import open_pool
+from runtime.http import HealthServer, serve_health
+from runtime.kafka import ensure_topics, kafka_broker, reliable_producer, wait_for_kafka
+from runtime.settings import Settings, SettingsError
 
 log = structlog.get_logger(__name__)
 

@@ -18,19 +18,18 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, Parameter
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
-from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
 from redis.asyncio import Redis
 
-from auth.guards import requires
-from auth.roles import PATIENT_READERS
-from auth.tokens import TokenVerifier, service_verifier
 from domain.contracts import CONTRACTS
 from domain.errors import InvalidData, PatientNotFound
-from ops.db import open_pool
-from ops.http import EXCEPTION_HANDLERS, metrics_middleware, operational_routes, problem
-from ops.settings import Settings
-from projections.cache import DirectoryCache
+from domain.roles import PATIENT_READERS
 from projections.directory import LIVE, ROW_COLUMNS, Tables, cache_entry, create_tables
+from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
+from readmodels.cache import DirectoryCache
+from runtime.db import open_pool
+from runtime.http import EXCEPTION_HANDLERS, metrics_middleware, operational_routes, problem
+from runtime.security import TokenVerifier, requires
+from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -287,5 +286,5 @@ def create_app(
             path="/schema",
         ),
     )
-    app.state.verifier = verifier or service_verifier(settings)
+    app.state.verifier = verifier or TokenVerifier.from_settings(settings)
     return app

@@ -24,7 +24,7 @@ from faststream.kafka import KafkaBroker
 from prometheus_client import Counter
 
 from domain import contracts
-from ops.kafka import raw_bodies
+from runtime.kafka import raw_bodies
 
 log = structlog.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """Billing's own settings, read from the environment when the process starts.
 
-The shared ones (database, Kafka, topic prefix, mode) come from `ops.settings.Settings`.
+The shared ones (database, Kafka, topic prefix, mode) come from `runtime.settings.Settings`.
 None of these is a secret, so each has a default in every mode.
 
 CARELOG_BILLING_GRPC_PORT   the gRPC port (9001)
@@ -15,8 +15,11 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
-from ops.settings import SettingsError
+import msgspec
+
+from runtime.settings import Port, SettingsError, load
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -42,13 +45,25 @@ class BillingConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> BillingConfig:
-        source = os.environ if environ is None else environ
-        try:
-            return cls(
-                grpc_port=int(source.get("CARELOG_BILLING_GRPC_PORT", 9001)),
-                http_port=int(source.get("CARELOG_BILLING_HTTP_PORT", 4001)),
-                currency=source.get("CARELOG_BILLING_CURRENCY", "GBP"),
-                schema=source.get("CARELOG_BILLING_SCHEMA", "billing"),
-            )
-        except ValueError as exc:
-            raise SettingsError(f"a billing port is not a number: {exc}") from None
+        read = load(_FromEnv, os.environ if environ is None else environ, _NAMES)
+        return cls(
+            grpc_port=read.grpc_port,
+            http_port=read.http_port,
+            currency=read.currency,
+            schema=read.schema,
+        )
+
+
+class _FromEnv(msgspec.Struct, frozen=True, kw_only=True):
+    grpc_port: Port = 9001
+    http_port: Port = 4001
+    currency: Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")] = "GBP"
+    schema: Annotated[str, msgspec.Meta(pattern="^[a-z_][a-z0-9_]{0,62}$")] = "billing"
+
+
+_NAMES = {
+    "grpc_port": "CARELOG_BILLING_GRPC_PORT",
+    "http_port": "CARELOG_BILLING_HTTP_PORT",
+    "currency": "CARELOG_BILLING_CURRENCY",
+    "schema": "CARELOG_BILLING_SCHEMA",
+}

@@ -1,6 +1,6 @@
 """Benchmark of the gateway: what HAProxy adds to a read, and what logins cost.
 
-    uv run python -m ops.bench_gateway      (against the running `make up` stack)
+    uv run python -m bench.gateway      (against the running `make up` stack)
 
 In one run, on loopback: list-patients through the gateway (:4004) beside the
 same request sent straight to the query API (:4003). Latency is measured in
@@ -19,8 +19,8 @@ import time
 
 from auth.config import AuthSettings
 from auth.service import DEV_EMAIL, DEV_PASSWORD
-from ops.loadgen import Connection, percentile
-from ops.settings import Settings
+from bench.loadgen import Connection, percentile
+from runtime.settings import Settings
 
 CONCURRENCY = 16
 """Connections, each with its own user (the gateway limits rates per user)."""
@@ -187,7 +187,7 @@ async def _gateway_login_limit(gateway: str) -> dict[int, int]:
 async def run(settings: Settings) -> list[str]:
     """Markdown lines: gateway vs direct list latency, logins/s, and p99 during a login storm."""
     auth = AuthSettings.from_env({**os.environ, "CARELOG_ENV": settings.env})
-    gateway = f"http://127.0.0.1:{auth.gateway_port}"
+    gateway = f"http://127.0.0.1:{settings.gateway_port}"
     direct = f"http://127.0.0.1:{settings.ports['read-api']}"
     auth_url = f"http://127.0.0.1:{auth.port}"
     headers = await _bench_users(gateway, auth_url, CONCURRENCY)
@@ -222,7 +222,7 @@ async def run(settings: Settings) -> list[str]:
     return [
         "## Gateway",
         "",
-        f"`uv run python -m ops.bench_gateway`; loopback, {os.cpu_count()} CPUs. "
+        f"`uv run python -m bench.gateway`; loopback, {os.cpu_count()} CPUs. "
         f"GET list-patients (`limit=20`), {CONCURRENCY} keep-alive connections (one user each). "
         f"Latency: {total} requests per path, each connection alternating gateway and direct. "
         f"Throughput: {total} requests per path in {ROUNDS} alternating rounds. Same run.",

@@ -1,8 +1,8 @@
 """Benchmark of billing: GetBillingAccount throughput and latency, and event-to-account lag.
 
-    uv run python -m ops.bench_billing      (needs PostgreSQL and Kafka; CARELOG_ENV etc.)
+    uv run python -m bench.billing      (needs PostgreSQL and Kafka; CARELOG_ENV etc.)
 
-It starts its own billing process (`python -m ops serve billing`) on free ports,
+It starts its own billing process (`python -m bootstrap serve billing`) on free ports,
 with a scratch topic prefix and a scratch PostgreSQL schema, so it neither reads
 nor writes the live stack's billing; both are deleted afterwards.
 
@@ -31,7 +31,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-import billing_grpc.generated.carelog.billing.v1 as pb
 import httpx
 import msgspec
 import psycopg
@@ -40,10 +39,11 @@ from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest
 
+import billing_grpc.generated.carelog.billing.v1 as pb
+from bench.loadgen import percentile
 from domain import contracts
-from ops.kafka import ensure_topics, reliable_producer
-from ops.loadgen import percentile
-from ops.settings import Settings
+from runtime.kafka import ensure_topics, reliable_producer
+from runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +106,7 @@ class _Billing:
 
     async def start(self) -> None:
         self.popen = subprocess.Popen(  # noqa: ASYNC220 (started once, waited on below)
-            [sys.executable, "-m", "ops", "serve", "billing"],
+            [sys.executable, "-m", "bootstrap", "serve", "billing"],
             env=self.env(),
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -244,7 +244,7 @@ async def run(settings: Settings) -> list[str]:
     return [
         "## Billing (gRPC)",
         "",
-        "Command: `uv run python -m ops.bench_billing` (part of `make bench`). One billing",
+        "Command: `uv run python -m bench.billing` (part of `make bench`). One billing",
         "process (grpclib server, consumer, outbox relay); the load comes from one Python",
         f"grpclib client process on the same machine ({os.cpu_count()} CPUs).",
         "",

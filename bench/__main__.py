@@ -1,6 +1,6 @@
 """`make bench`: the patients slice's speed, each figure beside its floor from the same run.
 
-    uv run python -m ops.bench        (against the running `make up` stack)
+    uv run python -m bench        (against the running `make up` stack)
 
 Figures, on loopback, at a stated concurrency:
 - register-patient commands/s (POST /patients on :4000) beside single-row INSERTs/s
@@ -29,9 +29,9 @@ from typing import Any
 
 import psycopg
 
-from ops.kafka import delete_topics, ensure_topics, reliable_producer
-from ops.loadgen import Connection, Reply, percentile
-from ops.settings import Settings
+from bench.loadgen import Connection, Reply, percentile
+from runtime.kafka import delete_topics, ensure_topics, reliable_producer
+from runtime.settings import Settings
 
 CONCURRENCY = 16
 REGISTRATIONS = 1500
@@ -341,7 +341,7 @@ def _failed(load: Load) -> str:
 async def run_all() -> str:
     settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
     sections = [await patients(settings)]
-    for name in ("ops.bench_gateway", "ops.bench_billing"):
+    for name in ("bench.gateway", "bench.billing"):
         try:
             module = __import__(name, fromlist=["run"])
         except ImportError:

@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 from faststream.kafka import KafkaBroker
 from faststream.message import StreamMessage
 
-from ops.settings import Settings
+from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
 

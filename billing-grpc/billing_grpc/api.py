@@ -23,14 +23,14 @@ import psycopg
 import psycopg.errors
 import psycopg_pool
 import structlog
-from billing_grpc.generated.carelog.billing import v1 as pb
-from billing_grpc.service import CORRELATION_ID, FINISH_BY, Billing
-from billing_grpc.store import Invoice, Payment
 from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.events import RecvRequest
 from prometheus_client import Counter, Histogram
 
+from billing_grpc.generated.carelog.billing import v1 as pb
+from billing_grpc.service import CORRELATION_ID, FINISH_BY, Billing
+from billing_grpc.store import Invoice, Payment
 from domain.billing import (
     Account,
     AccountClosed,

@@ -22,16 +22,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from litestar import Litestar
 
-from auth.config import AuthSettings
-from auth.guards import role_matrix
-from auth.keys import KID, KeyRing
-from auth.tokens import fetch_jwks, keys_from_jwks
-from ops.settings import Settings
+from runtime.security import KID, role_matrix
+from runtime.settings import Settings
 
-TEMPLATES = Path(__file__).resolve().parent / "gateway"
+TEMPLATES = Path(__file__).resolve().parent
 
 SUBJECT_RATE_PER_SECOND = 200
 """Requests per second one token subject may send (429 with Retry-After: 1 beyond)."""
@@ -48,26 +44,7 @@ class GatewayConfigError(Exception):
     """The rendered configuration does not pass `haproxy -c`, or no key is known."""
 
 
-def public_keys(auth: AuthSettings, jwks_url: str | None = None) -> dict[str, bytes]:
-    """PEM public keys by kid: from a JWKS URL, else from the key directory."""
-    if jwks_url:
-        keys = keys_from_jwks(fetch_jwks(jwks_url))
-    else:
-        ring = KeyRing(auth.keys_dir).ensure(development=auth.development)
-        keys = {kid: key.public_key for kid, key in ring.keys.items()}
-    if not keys:
-        raise GatewayConfigError("no public keys to trust")
-    pems = {}
-    for kid, key in sorted(keys.items()):
-        if not KID.match(kid):
-            raise GatewayConfigError(f"unusable key id {kid!r}")
-        pems[kid] = key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    return pems
-
-
-def _annotated(app: Litestar, prefix: str = "") -> dict[str, Any]:
+def annotated(app: Litestar, prefix: str = "") -> dict[str, Any]:
     """The app's OpenAPI, with paths as the gateway serves them and each operation's roles."""
     schema = app.openapi_schema.to_schema()
     matrix = role_matrix(app)
@@ -96,30 +73,6 @@ def _annotated(app: Litestar, prefix: str = "") -> dict[str, Any]:
     return schema
 
 
-def api_documents(settings: Settings, auth: AuthSettings) -> dict[str, dict[str, Any]]:
-    """The OpenAPI document of each service, as the gateway publishes it."""
-    from read_api.app import create_app as read_app
-
-    from auth.app import create_app as auth_app
-    from commands.api import create_app as commands_app
-
-    reads = _annotated(read_app(settings), "/api")
-    writes = _annotated(commands_app(settings), "/api")
-    patients = dict(reads)
-    patients["info"] = {
-        "title": "carelog patients",
-        "version": reads["info"]["version"],
-        "description": "Patients: reads from the query API, writes to the command API.",
-    }
-    patients["paths"] = {**writes["paths"]}
-    for path, operations in reads["paths"].items():
-        patients["paths"].setdefault(path, {}).update(operations)
-    for key, value in writes.get("components", {}).items():
-        patients["components"].setdefault(key, {}).update(value)
-    patients["tags"] = writes.get("tags", [])
-    return {"patients": patients, "auth": _annotated(auth_app(settings, auth))}
-
-
 def _cors_acl(origins: tuple[str, ...]) -> str:
     if "*" in origins:
         return "    acl cors_origin req.hdr(origin) -m found"
@@ -128,10 +81,9 @@ def _cors_acl(origins: tuple[str, ...]) -> str:
     return "    acl cors_origin req.hdr(origin) -m str " + " ".join(origins)
 
 
-def render(
-    settings: Settings, auth: AuthSettings, keys: dict[str, bytes], documents: dict[str, Any]
-) -> str:
-    out = auth.gateway_dir
+def render(settings: Settings, keys: dict[str, bytes], documents: dict[str, Any]) -> str:
+    """haproxy.cfg for these settings, public keys (PEM by kid) and OpenAPI documents."""
+    out = Path(settings.gateway_dir)
     jwt_rules = "\n".join(
         f"    http-request set-var(txn.jwt_sig) var(txn.bearer),"
         f'jwt_verify(txn.jwt_alg,"{out / "keys" / kid}.pem") if needs_token'
@@ -155,19 +107,19 @@ def render(
         "DIR": str(out),
         "HOST": settings.http_host,
         "UPSTREAM": settings.http_host,
-        "PORT": str(auth.gateway_port),
-        "METRICS_PORT": str(auth.gateway_port + 20),
+        "PORT": str(settings.gateway_port),
+        "METRICS_PORT": str(settings.gateway_port + 20),
         "COMMANDS_PORT": str(settings.ports["commands"]),
         "QUERIES_PORT": str(settings.ports["read-api"]),
-        "AUTH_PORT": str(auth.port),
-        "ISSUER": auth.issuer,
-        "AUDIENCE": auth.audience,
+        "AUTH_PORT": str(settings.ports["auth"]),
+        "ISSUER": settings.jwt_issuer,
+        "AUDIENCE": settings.jwt_audience,
         "MAX_BODY": str(MAX_BODY_BYTES),
         "SUBJECT_RATE": str(SUBJECT_RATE_PER_SECOND),
         "ADDRESS_RATE": str(ADDRESS_RATE_PER_10S),
         "LOGIN_ACCOUNT_RATE": str(LOGIN_ACCOUNT_PER_MINUTE),
         "LOGIN_ADDRESS_RATE": str(LOGIN_ADDRESS_PER_MINUTE),
-        "CORS_ACL": _cors_acl(auth.cors_origins),
+        "CORS_ACL": _cors_acl(settings.cors_origins),
         "JWT_RULES": jwt_rules,
         "DOCS_RULES": "\n".join(docs_rules),
     }
@@ -184,11 +136,14 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def write_config(settings: Settings, auth: AuthSettings, jwks_url: str | None = None) -> Path:
-    """Writes the gateway's files; returns the path of haproxy.cfg."""
-    out = auth.gateway_dir
-    keys = public_keys(auth, jwks_url)
-    documents = api_documents(settings, auth)
+def write_config(settings: Settings, keys: dict[str, bytes], documents: dict[str, Any]) -> Path:
+    """Writes the gateway's files (keys: PEM by kid); returns the path of haproxy.cfg."""
+    if not keys:
+        raise GatewayConfigError("no public keys to trust")
+    for kid in keys:
+        if not KID.match(kid):
+            raise GatewayConfigError(f"unusable key id {kid!r}")
+    out = Path(settings.gateway_dir)
     (out / "keys").mkdir(parents=True, exist_ok=True)
     (out / "docs").mkdir(parents=True, exist_ok=True)
     for kid, pem in keys.items():
@@ -198,7 +153,7 @@ def write_config(settings: Settings, auth: AuthSettings, jwks_url: str | None = 
     page = (TEMPLATES / "docs.html").read_text().replace("@SERVICES@", json.dumps(list(documents)))
     _write(out / "docs" / "index.html", page.encode())
     candidate = out / "haproxy.cfg.new"
-    candidate.write_text(render(settings, auth, keys, documents))
+    candidate.write_text(render(settings, keys, documents))
     check = subprocess.run(  # noqa: S603 (fixed program, our own file)
         [haproxy_binary(), "-c", "-q", "-f", str(candidate)],
         capture_output=True,
@@ -224,9 +179,9 @@ def haproxy_binary() -> str:
     return found
 
 
-def reload(auth: AuthSettings) -> bool:
+def reload(settings: Settings) -> bool:
     """Asks the running HAProxy master to reload its configuration; False if none runs."""
-    pidfile = auth.gateway_dir / "haproxy.pid"
+    pidfile = Path(settings.gateway_dir) / "haproxy.pid"
     try:
         pid = int(pidfile.read_text().split()[0])
         os.kill(pid, signal.SIGUSR2)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import structlog
-from billing_grpc.service import Billing
 from faststream.kafka import KafkaBroker
 from prometheus_client import Counter, Gauge
 
-from ops.consumers import Batch, EventBatchWorker
+from billing_grpc.service import Billing
+from runtime.consumers import Batch, EventBatchWorker
 
 log = structlog.get_logger(__name__)
 

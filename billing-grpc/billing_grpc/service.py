@@ -17,9 +17,9 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import msgspec
-from billing_grpc.store import BillingStore, Invoice, Payment
 from psycopg_pool import AsyncConnectionPool
 
+from billing_grpc.store import BillingStore, Invoice, Payment
 from domain.billing import (
     Account,
     AccountNotFound,
@@ -36,7 +36,7 @@ from domain.contracts import (
     PatientRegisteredV1,
     PatientRemovedV1,
 )
-from ops.consumers import UnappliableEvent
+from runtime.consumers import UnappliableEvent
 
 CORRELATION_ID: ContextVar[str | None] = ContextVar("billing_correlation_id", default=None)
 """The current request's correlation id, kept with the events it causes."""

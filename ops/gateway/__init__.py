@@ -1,0 +1,1 @@
+"""The HAProxy gateway: its configuration template, docs page and generator."""
