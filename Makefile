@@ -43,8 +43,9 @@ logs: ## Follow all stack logs (tail -F .stack/logs/*.log)
 reset: ## Stop everything and delete the stack's data under .stack/
 	@$(STACK) reset
 
-test: ## Start the stack, then run the whole pytest suite against it
+test: ## Start the stack, check the import contracts, run the whole pytest suite against it
 	@$(STACK) $(STACK_UP)
+	@set -o pipefail; uv run --quiet lint-imports --no-cache | tail -n 3
 	@$(WITH_ENV) rc=0; uv run pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [[ $$rc == 5 && -n "$(NO_TESTS_OK)" ]]; then \
 	  echo "make test: pytest collected no tests (exit 5); accepted because NO_TESTS_OK is set"; rc=0; \
@@ -57,8 +58,8 @@ bench: ## Start the stack, then run the benchmarks (python -m bench)
 	@$(STACK) $(STACK_UP)
 	@$(WITH_ENV) uv run python -m bench $(BENCH_ARGS)
 
-lint: ## ruff check, ruff format --check, mypy
-	@uv run ruff check . && uv run ruff format --check . && uv run mypy
+lint: ## ruff check, ruff format --check, mypy, the import contracts (lint-imports)
+	@uv run ruff check . && uv run ruff format --check . && uv run mypy && uv run lint-imports
 
 schemas: ## Regenerate the schema files (carelog schemas write)
 	@$(WITH_ENV) uv run carelog schemas write

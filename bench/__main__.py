@@ -195,38 +195,39 @@ async def kafka_floor(settings: Settings) -> float:
 
 async def relay_rate(settings: Settings) -> tuple[float, int]:
     """Events/s a relay publishes working off the whole log (its own name and topics)."""
-    from commands.relay import Relay
+    from commands.relay import EventStoreLog
     from commands.store import EventStore
+    from runtime.publisher import Publisher
 
     store = await asyncio.to_thread(EventStore, settings.database_url, 2)
     run = uuid.uuid4().hex[:6]
     producer = reliable_producer(settings.kafka_bootstrap)
     await producer.start()
-    relay = Relay(
+    source = EventStoreLog(
         store,
-        producer,
         settings.database_url,
         topic_prefix=settings.topic(f"bench.{run}."),
         name=f"bench-{run}",
     )
+    relay = Publisher(source, producer)
     try:
-        await ensure_topics(settings.kafka_bootstrap, relay.topics)
+        await ensure_topics(settings.kafka_bootstrap, source.topics)
         last = await asyncio.to_thread(store.recorder.max_notification_id) or 0
         published = 0
+        await source.open()
         start = time.perf_counter()
+        while source.position < last:
+            published += await relay.cycle()
+        seconds = time.perf_counter() - start
         async with await psycopg.AsyncConnection.connect(
             settings.database_url, autocommit=True
         ) as db:
-            while relay.position < last:
-                before = relay.position
-                await relay.cycle(db)
-                published += relay.position - before
-            seconds = time.perf_counter() - start
-            await db.execute("DELETE FROM relay_positions WHERE relay = %s", [relay.name])
+            await db.execute("DELETE FROM relay_positions WHERE relay = %s", [source.name])
     finally:
+        await source.close()
         await producer.stop()
         store.close()
-        await delete_topics(settings.kafka_bootstrap, relay.topic_prefix)
+        await delete_topics(settings.kafka_bootstrap, source.topic_prefix)
     return published / seconds, published
 
 

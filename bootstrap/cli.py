@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from runtime.logs import configure_logging
-from runtime.settings import Settings, SettingsError
+from runtime.settings import Settings, SettingsError, read_env_file
 
 if TYPE_CHECKING:
     from auth.config import AuthSettings
@@ -35,9 +36,21 @@ SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 log = structlog.get_logger("carelog")
 
 
+ROOT = Path(__file__).resolve().parent.parent
+DEV_ENV = ROOT / "ops" / "local" / "dev.env"
+
+
+def _environ() -> dict[str, str]:
+    """The environment; in a checkout whose local stack is up (and CARELOG_ENV unset), the
+    stack's development settings fill in what the environment does not say."""
+    if "CARELOG_ENV" not in os.environ and DEV_ENV.exists() and (ROOT / ".stack").is_dir():
+        return {**read_env_file(DEV_ENV), **os.environ}
+    return dict(os.environ)
+
+
 def _settings(service: str) -> Settings:
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(_environ())
     except SettingsError as exc:
         sys.exit(f"carelog {service}: {exc}")
     configure_logging(settings.log_level, service)
@@ -48,7 +61,7 @@ def _auth_settings(service: str) -> AuthSettings:
     from auth.config import AuthSettings
 
     try:
-        return AuthSettings.from_env()
+        return AuthSettings.from_env(_environ())
     except SettingsError as exc:
         sys.exit(f"carelog {service}: {exc}")
 
@@ -94,26 +107,28 @@ def keys(action: str) -> int:
 
 
 def serve(which: str) -> None:
-    from runtime.http import serve as run_http
-
     settings = _settings(which)
     if which == "billing":
-        from billing_grpc.server import run as run_billing
+        from billing_grpc.config import BillingConfig
+        from bootstrap import billing
 
-        asyncio.run(run_billing(settings))
+        try:
+            config = BillingConfig.from_env(_environ())
+        except SettingsError as exc:
+            sys.exit(f"carelog billing: {exc}")
+        asyncio.run(billing.run(settings, config))
     elif which == "commands":
-        from commands.api import create_app as commands_app
+        from bootstrap import commands
 
-        run_http(commands_app(settings), settings.http_host, settings.ports["commands"])
+        commands.run(settings)
     elif which == "auth":
-        from auth.app import create_app as auth_app
+        from bootstrap import auth
 
-        auth = _auth_settings(which)
-        run_http(auth_app(settings, auth), settings.http_host, auth.port)
+        auth.run(settings, _auth_settings(which))
     else:
-        from read_api.app import create_app as read_app
+        from bootstrap import read_api
 
-        run_http(read_app(settings), settings.http_host, settings.ports["read-api"])
+        read_api.run(settings)
 
 
 def schemas(action: str) -> int:
@@ -162,13 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(args.service)
     elif args.command == "relay":
-        from commands.relay import run_relay
+        from bootstrap import relay
 
-        asyncio.run(run_relay(_settings("relay")))
+        asyncio.run(relay.run(_settings("relay")))
     elif args.command == "project":
-        from projections.worker import run_directory
+        from bootstrap import directory
 
-        asyncio.run(run_directory(_settings("projection")))
+        asyncio.run(directory.run(_settings("projection")))
     elif args.command == "topics":
         from domain.contracts import CONTRACTS
         from runtime.kafka import ensure_topics

@@ -24,7 +24,7 @@ from uuid import UUID, uuid5
 
 import msgspec
 
-from domain.contracts import Contract, Envelope, json_schemas
+from domain.contracts import Contract, Envelope, decode, json_schemas, publish
 from domain.errors import DomainError, InvalidData
 from domain.patients import _EMAIL, EMAIL_MAX, NAME_MAX
 
@@ -165,15 +165,14 @@ BILLING_CONTRACTS: dict[type, Contract] = {
         ("PaymentRecorded", PaymentRecordedV1),
     )
 }
-_BY_TYPE = {(c.type, c.version): c for c in BILLING_CONTRACTS.values()}
-_raw_envelope = msgspec.json.Decoder(Envelope[msgspec.Raw])
+publish(BILLING_CONTRACTS.values())
 
 
 def decode_billing_event(message: bytes) -> tuple[Envelope[msgspec.Raw], BillingEvent]:
     """Decodes a published billing event; raises msgspec.ValidationError or KeyError."""
-    envelope = _raw_envelope.decode(message)
-    contract = _BY_TYPE[(envelope.type, envelope.schema_version)]
-    event = msgspec.json.decode(envelope.data, type=contract.payload)
+    envelope, event = decode(message)
+    if not isinstance(event, BillingEvent.__args__):
+        raise KeyError(envelope.type)
     return envelope, cast(BillingEvent, event)
 
 

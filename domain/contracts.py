@@ -89,16 +89,23 @@ CONTRACTS: dict[type, Contract] = {
     ),
 }
 
-BY_TYPE: dict[tuple[str, int], Contract] = {(c.type, c.version): c for c in CONTRACTS.values()}
+BY_TYPE: dict[tuple[str, int], Contract] = {}
+"""Every published (type, version), from every context that `publish`ed its contracts."""
+BY_PAYLOAD: dict[builtins.type[msgspec.Struct], Contract] = {}
+
+
+def publish(contracts: Iterable[Contract]) -> None:
+    """Registers a context's published contracts with the one envelope constructor and decoder."""
+    for contract in contracts:
+        BY_TYPE[(contract.type, contract.version)] = contract
+        BY_PAYLOAD[contract.payload] = contract
+
+
+publish(CONTRACTS.values())
 
 
 def event_id(aggregate_id: UUID, aggregate_version: int) -> UUID:
     return uuid5(aggregate_id, str(aggregate_version))
-
-
-BY_PAYLOAD: dict[builtins.type[msgspec.Struct], Contract] = {
-    c.payload: c for c in CONTRACTS.values()
-}
 
 
 def envelope(

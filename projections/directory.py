@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
 from typing import Any
 from uuid import UUID
 
-import msgspec
 import psycopg
 from psycopg import sql
 
@@ -25,94 +23,8 @@ from domain.contracts import (
     PatientRemovedV1,
 )
 from domain.patients import normalise_email
+from readmodels.directory import COLUMNS, LIVE, NAME, Tables, records
 from runtime.consumers import UnappliableEvent
-
-NAME = "directory"
-
-
-class PatientRow(msgspec.Struct, rename="camel", kw_only=True):
-    """One patient as the query API shows it."""
-
-    id: UUID
-    name: str
-    email: str
-    address: str
-    date_of_birth: date
-    registered_date: date
-    version: int
-
-
-_row_encoder = msgspec.json.Encoder()
-
-ROW_COLUMNS = "id, name, email, address, date_of_birth, registered_date, version, removed"
-
-
-@dataclass(frozen=True)
-class Tables:
-    """Table names, so a replay can build a fresh copy beside the live one."""
-
-    patients: str = "directory_patients"
-    tracking: str = "projection_tracking"
-
-    def ddl(self) -> list[sql.Composed]:
-        p = sql.Identifier(self.patients)
-
-        def index(suffix: str) -> sql.Identifier:
-            return sql.Identifier(f"{self.patients}_{suffix}")
-
-        return [
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} ("
-                " id uuid PRIMARY KEY,"
-                " version bigint NOT NULL,"
-                " position bigint NOT NULL,"
-                " name text NOT NULL,"
-                " name_key text NOT NULL,"
-                " email text NOT NULL,"
-                " email_key text NOT NULL,"
-                " address text NOT NULL,"
-                " date_of_birth date NOT NULL,"
-                " registered_date date NOT NULL,"
-                " removed boolean NOT NULL DEFAULT false,"
-                " updated_at timestamptz NOT NULL DEFAULT now())"
-            ).format(p),
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (name_key, id) WHERE NOT removed").format(
-                index("name"), p
-            ),
-            sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} (registered_date, id) WHERE NOT removed"
-            ).format(index("registered"), p),
-            sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} (date_of_birth, id) WHERE NOT removed"
-            ).format(index("dob"), p),
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (email_key) WHERE NOT removed").format(
-                index("email"), p
-            ),
-            sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} USING gin (name_key gin_trgm_ops)"
-                " WHERE NOT removed"
-            ).format(index("name_trgm"), p),
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} ("
-                " projection text PRIMARY KEY,"
-                " position bigint NOT NULL DEFAULT 0,"
-                " applied bigint NOT NULL DEFAULT 0,"
-                " updated_at timestamptz NOT NULL DEFAULT now())"
-            ).format(sql.Identifier(self.tracking)),
-        ]
-
-
-LIVE = Tables()
-"""The tables the query API reads."""
-
-
-async def create_tables(conn: psycopg.AsyncConnection[Any], tables: Tables = LIVE) -> None:
-    async with conn.transaction():
-        # Serialise concurrent creators (projection, query API, tests) on one lock.
-        await conn.execute("SELECT pg_advisory_xact_lock(4242001)")
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-        for statement in tables.ddl():
-            await conn.execute(statement)
 
 
 @dataclass(frozen=True)
@@ -156,9 +68,10 @@ class DirectoryProjection:
             " updated_at = now() WHERE id = %(id)s AND version < %(version)s RETURNING id"
         ).format(p=p)
         self._exists = sql.SQL("SELECT 1 FROM {p} WHERE id = %s").format(p=p)
-        self._current = sql.SQL("SELECT " + ROW_COLUMNS + " FROM {p} WHERE id = ANY(%s)").format(
-            p=p
-        )
+        self._current = sql.SQL("SELECT {c} FROM {p} WHERE id = ANY(%s)").format(c=COLUMNS, p=p)
+        self._applied = sql.SQL(
+            "INSERT INTO {} (position, patient_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+        ).format(sql.Identifier(tables.positions))
         self._track = sql.SQL(
             "INSERT INTO {t} (projection, position, applied) VALUES (%s, %s, %s)"
             " ON CONFLICT (projection) DO UPDATE SET"
@@ -203,8 +116,10 @@ class DirectoryProjection:
                 else:
                     applied += 1
                 touched.add(envelope.aggregate_id)
+            await cur.executemany(self._applied, [(e.position, e.aggregate_id) for e, _ in batch])
             await cur.execute(self._track, [self.name, position, applied])
-            changed = await self._rows(cur, touched)
+            async with conn.cursor(row_factory=records) as rows:
+                changed = await self._rows(rows, touched)
         return Outcome(applied, duplicates, changed, position)
 
     async def _rows(
@@ -213,25 +128,7 @@ class DirectoryProjection:
         if not ids:
             return []
         await cur.execute(self._current, [list(ids)])
-        return [(str(row[0]), row[6], cache_entry(row)) for row in await cur.fetchall()]
-
-
-def patient_from_row(row: Sequence[Any]) -> PatientRow:
-    """The patient in a row selected as ROW_COLUMNS."""
-    return PatientRow(
-        id=row[0],
-        name=row[1],
-        email=row[2],
-        address=row[3],
-        date_of_birth=row[4],
-        registered_date=row[5],
-        version=row[6],
-    )
-
-
-def cache_entry(row: Sequence[Any]) -> bytes:
-    """What the cache holds for a row selected as ROW_COLUMNS: JSON, or b"" if removed."""
-    return b"" if row[7] else _row_encoder.encode(patient_from_row(row))
+        return [(str(r.id), r.version, r.cache_entry()) for r in await cur.fetchall()]
 
 
 def _details(data: PatientRegisteredV1 | PatientDetailsChangedV1) -> dict[str, Any]:

@@ -224,9 +224,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             source,
             _NAMES,
             development=development,
-            required=frozenset(
-                {"database_url", "redis_url", "kafka_bootstrap", "jwks_url", "gateway_dir"}
-            ),
+            required=frozenset({"database_url", "redis_url", "kafka_bootstrap", "jwks_url"}),
             ports=ports,
         )
 

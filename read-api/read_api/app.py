@@ -11,21 +11,25 @@ from uuid import UUID
 
 import msgspec
 import structlog
-from eventsourcing.utils import get_topic
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, Parameter
 from prometheus_client import Counter
-from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from domain.contracts import CONTRACTS
 from domain.errors import InvalidData, PatientNotFound
 from domain.roles import PATIENT_READERS
-from projections.directory import LIVE, ROW_COLUMNS, Tables, cache_entry, create_tables
 from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
-from readmodels.cache import DirectoryCache
+from readmodels.directory import (
+    LIVE,
+    DirectoryCache,
+    Tables,
+    create_tables,
+    get_record,
+    reached,
+    records,
+)
 from runtime.db import open_pool
 from runtime.http import EXCEPTION_HANDLERS, metrics_middleware, operational_routes, problem
 from runtime.security import TokenVerifier, requires
@@ -35,10 +39,6 @@ log = structlog.get_logger(__name__)
 
 CACHE = Counter("carelog_read_cache_total", "Query API cache lookups", ["kind", "outcome"])
 
-EVENTS_TABLE = "carelog_events"
-_PATIENT_TOPICS = frozenset(
-    get_topic(cls) for cls in CONTRACTS if cls.__qualname__.startswith("Patient.")
-)
 _LIST_PARAMS = frozenset(
     {
         "limit",
@@ -70,41 +70,15 @@ def _reject_unknown(request: Request[Any, Any, Any], allowed: frozenset[str]) ->
 
 
 async def _await_position(state: State, position: int | None) -> None:
-    """Waits (bounded) until the directory reflects the event at `position`."""
+    """Waits (bounded) until the directory has applied the event at `position`."""
     if position is None:
-        return
-    pool: AsyncConnectionPool[Any] = state.pool
-    async with pool.connection() as conn:
-        row = await (
-            await conn.execute(
-                f"SELECT originator_id, originator_version, topic FROM {EVENTS_TABLE}"
-                " WHERE notification_id = %s",
-                [position],
-            )
-        ).fetchone()
-        if row is None:
-            newest = await (
-                await conn.execute(f"SELECT max(notification_id) FROM {EVENTS_TABLE}")
-            ).fetchone()
-            if newest is None or newest[0] is None or position > newest[0]:
-                raise InvalidData({"minPosition": "is beyond the end of the event log"})
-            return
-    aggregate_id, version, topic = row
-    if topic not in _PATIENT_TOPICS:
         return
     deadline = time.monotonic() + state.settings.read_wait_seconds
     pause = 0.005
-    tables: Tables = state.tables
     while True:
-        async with pool.connection() as conn:
-            current = await (
-                await conn.execute(
-                    f"SELECT version FROM {tables.patients} WHERE id = %s",
-                    [aggregate_id],
-                )
-            ).fetchone()
-        if current is not None and current[0] >= version:
-            return
+        async with state.pool.connection() as conn:
+            if await reached(conn, position, state.tables):
+                return
         if time.monotonic() + pause > deadline:
             raise NotYetProjected()
         await asyncio.sleep(pause)
@@ -160,8 +134,9 @@ async def list_patients(
             return Response(cached, media_type="application/json")
         CACHE.labels("page", "miss").inc()
     statement, params = build(query, state.tables)
-    async with state.pool.connection() as conn:
-        rows = await (await conn.execute(statement, params)).fetchall()
+    async with state.pool.connection() as conn, conn.cursor(row_factory=records) as cur:
+        await cur.execute(statement, params)
+        rows = await cur.fetchall()
     body = _page_encoder.encode(page_from_rows(query, rows))
     if use_cache:
         await cache.put_page(generation, key, body)
@@ -196,21 +171,15 @@ async def get_patient(
                 raise PatientNotFound(patient_id)
             return Response(body, media_type="application/json", headers={"ETag": f'"{version}"'})
         CACHE.labels("patient", "miss").inc()
-    tables: Tables = state.tables
     async with state.pool.connection() as conn:
-        row = await (
-            await conn.execute(
-                f"SELECT {ROW_COLUMNS} FROM {tables.patients} WHERE id = %s",
-                [pid],
-            )
-        ).fetchone()
-    if row is None:
+        record = await get_record(conn, pid, state.tables)
+    if record is None:
         raise PatientNotFound(patient_id)
-    body = cache_entry(row)
-    await cache.put_patient(str(pid), row[6], body)
+    body = record.cache_entry()
+    await cache.put_patient(str(pid), record.version, body)
     if not body:
         raise PatientNotFound(patient_id)
-    return Response(body, media_type="application/json", headers={"ETag": f'"{row[6]}"'})
+    return Response(body, media_type="application/json", headers={"ETag": f'"{record.version}"'})
 
 
 def _invalid(_: Request[Any, Any, Any], exc: InvalidData) -> Response[Any]:

@@ -14,7 +14,7 @@ from psycopg import sql
 
 from domain.errors import InvalidData
 from domain.patients import normalise_email
-from projections.directory import LIVE, ROW_COLUMNS, PatientRow, Tables, patient_from_row
+from readmodels.directory import COLUMNS, LIVE, DirectoryRecord, PatientRow, Tables
 
 SORTS = {
     "name": "name_key",
@@ -22,8 +22,6 @@ SORTS = {
     "dateOfBirth": "date_of_birth",
 }
 SORT_CHOICES = sorted([*SORTS, *(f"-{s}" for s in SORTS)])
-
-_COLUMNS = f"{ROW_COLUMNS}, name_key"
 
 
 class Cursor(msgspec.Struct, array_like=True):
@@ -112,7 +110,7 @@ def build(query: PatientQuery, tables: Tables = LIVE) -> tuple[sql.Composed, lis
         params.extend([key, query.cursor.id])
     direction = sql.SQL("DESC" if descending else "ASC")
     statement = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} {}, id {} LIMIT %s").format(
-        sql.SQL(_COLUMNS),
+        COLUMNS,
         sql.Identifier(tables.patients),
         sql.SQL(" AND ").join(where),
         column,
@@ -135,16 +133,16 @@ class Page(msgspec.Struct):
     next: str | None
 
 
-def page_from_rows(query: PatientQuery, rows: list[tuple[Any, ...]]) -> Page:
+def page_from_rows(query: PatientQuery, rows: list[DirectoryRecord]) -> Page:
+    """The page for rows selected by `build` (records; one more than the page if there is more)."""
     more = len(rows) > query.limit
     rows = rows[: query.limit]
-    patients = [patient_from_row(r) for r in rows]
+    patients = [r.patient() for r in rows]
     next_cursor = None
     if more and rows:
         last = rows[-1]
-        sort = query.sort.lstrip("-")
-        key = last[8] if sort == "name" else (last[5] if sort == "registeredDate" else last[4])
+        key = getattr(last, SORTS[query.sort.lstrip("-")])
         next_cursor = encode_cursor(
-            Cursor(query.sort, key if isinstance(key, str) else key.isoformat(), last[0])
+            Cursor(query.sort, key if isinstance(key, str) else key.isoformat(), last.id)
         )
     return Page(patients=patients, next=next_cursor)

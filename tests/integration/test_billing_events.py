@@ -22,12 +22,13 @@ from litestar.testing import AsyncTestClient
 
 from billing_grpc.generated.carelog.billing import v1 as pb
 from commands.api import create_app
-from commands.relay import Relay
+from commands.relay import EventStoreLog
 from commands.store import EventStore
 from domain.billing import BILLING_STREAM, account_id_for, decode_billing_event
 from domain.contracts import PATIENT_STREAM
 from domain.roles import Role
 from runtime.kafka import EVENT_PARTITIONS, ensure_topics, reliable_producer
+from runtime.publisher import Publisher
 from runtime.settings import Settings
 from tests.support.billing import (
     accounts_of,
@@ -103,8 +104,9 @@ async def test_a_patient_registered_through_the_command_api_gets_an_account(
 ):
     kafka = reliable_producer(settings.kafka_bootstrap)
     await kafka.start()
-    relay = Relay(store, kafka, settings.database_url, topic_prefix=settings.topic_prefix)
-    await ensure_topics(settings.kafka_bootstrap, relay.topics)
+    source = EventStoreLog(store, settings.database_url, topic_prefix=settings.topic_prefix)
+    await ensure_topics(settings.kafka_bootstrap, source.topics)
+    relay = Publisher(source, kafka)
     relaying = asyncio.create_task(relay.run())
     try:
         app = create_app(settings, store, verifier=tokens.verifier)

@@ -202,7 +202,8 @@ async def test_health_and_metrics_over_http(settings: Settings, billing):
         assert set(ready.json()["checks"]) == {"database", "kafka", "outbox"}
         metrics = (await client.get("/metrics")).text
     assert "carelog_grpc_requests_total" in metrics
-    assert "carelog_billing_outbox_published_total" in metrics
+    assert "carelog_publisher_published_total" in metrics  # its outbox publisher
+    assert "carelog_publisher_lag_events" in metrics
 
 
 def _reflect(

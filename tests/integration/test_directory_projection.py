@@ -20,7 +20,8 @@ from commands.service import PatientService
 from commands.store import EventStore
 from domain import contracts
 from domain.contracts import PATIENT_STREAM, PatientRegisteredV1
-from projections.directory import DirectoryProjection, Tables, create_tables
+from projections.directory import DirectoryProjection
+from readmodels.directory import Tables, create_tables
 from runtime.db import open_pool
 from tests.support.patients import details, published
 from tests.support.stack import Process, eventually, read_topic

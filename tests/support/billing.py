@@ -17,7 +17,7 @@ from grpclib.client import Channel
 
 from billing_grpc.config import BillingConfig
 from billing_grpc.generated.carelog.billing import v1 as pb
-from billing_grpc.server import Running, start
+from bootstrap.billing import Running, start
 from domain import contracts
 from domain.contracts import Envelope, PatientRegisteredV1, PatientRemovedV1
 from runtime.settings import Settings

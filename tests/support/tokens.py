@@ -8,6 +8,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,15 @@ class TestTokens:
         self.settings = auth_settings(keys_dir)
         self.ring = KeyRing(self.settings.keys_dir).ensure(development=True)
         self.key: SigningKey = self.ring.current
-        self.verifier = TokenVerifier(
+        self.verifier = self.verifier_with_clock(time.time)
+
+    def verifier_with_clock(self, clock: Callable[[], float]) -> TokenVerifier:
+        """A fresh verifier (empty cache) of this test's key that tells time by `clock`."""
+        return TokenVerifier(
             StaticKeys({self.key.kid: self.key.public_key}),
             self.settings.issuer,
             self.settings.audience,
+            clock=clock,
         )
 
     def token(self, role: Role = Role.ADMIN, subject: str | None = None) -> str:

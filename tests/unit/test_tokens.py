@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -29,14 +28,52 @@ async def test_every_kind_of_bad_token_is_refused(tokens, kind):
         await tokens.verifier.verify(tokens.forged(kind))
 
 
-async def test_a_remembered_token_is_still_refused_once_it_expires(tokens):
-    settings = tokens.settings
-    issued = time.time() - settings.access_ttl_seconds - LEEWAY_SECONDS + 1.0
-    token = issue_access_token(tokens.key, "user-2", Role.ANALYST, settings, now=issued)
-    await tokens.verifier.verify(token)
-    await asyncio.sleep(1.1)  # the token's last second of life (leeway included) passes
-    with pytest.raises(InvalidToken):
-        await tokens.verifier.verify(token)
+class FakeClock:
+    """Seconds since the epoch that move only when the test says so."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+ISSUED = 1_700_000_000.0
+"""Long past: a verifier that looked at the real clock would refuse these tokens."""
+
+
+async def test_a_remembered_token_is_accepted_until_expiry_and_leeway_then_refused(tokens):
+    # Issued now by the real clock too: its cache entry is fresh by the real clock to the end.
+    issued = time.time()
+    clock = FakeClock(issued)
+    verifier = tokens.verifier_with_clock(clock)
+    token = issue_access_token(tokens.key, "user-2", Role.ANALYST, tokens.settings, now=issued)
+    expires_at = int(issued) + tokens.settings.access_ttl_seconds
+    assert (await verifier.verify(token)).expires_at == expires_at
+    clock.now = expires_at + LEEWAY_SECONDS - 0.001  # its last moment of life (leeway included)
+    assert (await verifier.verify(token)).subject == "user-2"
+    clock.now = expires_at + LEEWAY_SECONDS
+    with pytest.raises(InvalidToken, match="invalid token"):
+        await verifier.verify(token)
+
+
+@pytest.mark.parametrize(("offset", "accepted"), [(-0.001, True), (0.0, False)])
+async def test_expiry_is_judged_by_the_verifiers_clock_on_first_sight(tokens, offset, accepted):
+    token = issue_access_token(tokens.key, "user-3", Role.ANALYST, tokens.settings, now=ISSUED)
+    expires_at = int(ISSUED) + tokens.settings.access_ttl_seconds
+    verifier = tokens.verifier_with_clock(FakeClock(expires_at + LEEWAY_SECONDS + offset))
+    if accepted:
+        assert (await verifier.verify(token)).subject == "user-3"
+    else:
+        with pytest.raises(InvalidToken, match="invalid token"):
+            await verifier.verify(token)
+
+
+async def test_a_token_issued_after_the_verifiers_now_plus_leeway_is_refused(tokens):
+    token = issue_access_token(tokens.key, "user-4", Role.ANALYST, tokens.settings, now=ISSUED)
+    verifier = tokens.verifier_with_clock(FakeClock(ISSUED - LEEWAY_SECONDS - 1))
+    with pytest.raises(InvalidToken, match="invalid token"):
+        await verifier.verify(token)
 
 
 def test_the_header_names_the_key_and_the_payload_holds_no_email(tokens):

@@ -1,0 +1,238 @@
+"""The patient directory's contract: its tables, its row, its cache entries.
+
+The directory projection writes through this module and the query API reads
+through it; neither imports the other. Each row keeps the aggregate version and
+global position it reflects. `positions` records every global position the
+projection has applied, so a reader can wait for its own write (read-your-writes)
+by asking the read model alone.
+
+The Redis cache holds single patients as `<version>|<json>` (an empty json is a
+tombstone for a removed patient), only ever replaced by a newer version, so a
+reader that fills the cache from an older database read can never overwrite the
+projection's newer write. Pages are cached under the directory's generation,
+which the projection bumps after every change: an old page is never looked up again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row
+from redis.asyncio import Redis
+
+NAME = "directory"
+
+
+class PatientRow(msgspec.Struct, rename="camel", kw_only=True):
+    """One patient as the query API shows it."""
+
+    id: UUID
+    name: str
+    email: str
+    address: str
+    date_of_birth: date
+    registered_date: date
+    version: int
+
+
+class DirectoryRecord(PatientRow, kw_only=True):
+    """One row of the patients table, as selected by `COLUMNS`."""
+
+    removed: bool
+    name_key: str
+
+    def patient(self) -> PatientRow:
+        return PatientRow(**{f: getattr(self, f) for f in PatientRow.__struct_fields__})
+
+    def cache_entry(self) -> bytes:
+        """What the cache holds for this row: the patient's JSON, or b"" if removed."""
+        return b"" if self.removed else _encoder.encode(self.patient())
+
+
+COLUMNS = sql.SQL(", ").join(sql.Identifier(f) for f in DirectoryRecord.__struct_fields__)
+"""The columns of a `DirectoryRecord`, in order."""
+
+records = class_row(DirectoryRecord)
+"""A psycopg row factory: `conn.cursor(row_factory=records)` yields DirectoryRecords."""
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Table names, so a replay can build a fresh copy beside the live one."""
+
+    patients: str = "directory_patients"
+    tracking: str = "projection_tracking"
+    positions: str = "directory_positions"
+
+    def ddl(self) -> list[sql.Composed]:
+        p = sql.Identifier(self.patients)
+
+        def index(suffix: str) -> sql.Identifier:
+            return sql.Identifier(f"{self.patients}_{suffix}")
+
+        return [
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " id uuid PRIMARY KEY,"
+                " version bigint NOT NULL,"
+                " position bigint NOT NULL,"
+                " name text NOT NULL,"
+                " name_key text NOT NULL,"
+                " email text NOT NULL,"
+                " email_key text NOT NULL,"
+                " address text NOT NULL,"
+                " date_of_birth date NOT NULL,"
+                " registered_date date NOT NULL,"
+                " removed boolean NOT NULL DEFAULT false,"
+                " updated_at timestamptz NOT NULL DEFAULT now())"
+            ).format(p),
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (name_key, id) WHERE NOT removed").format(
+                index("name"), p
+            ),
+            sql.SQL(
+                "CREATE INDEX IF NOT EXISTS {} ON {} (registered_date, id) WHERE NOT removed"
+            ).format(index("registered"), p),
+            sql.SQL(
+                "CREATE INDEX IF NOT EXISTS {} ON {} (date_of_birth, id) WHERE NOT removed"
+            ).format(index("dob"), p),
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (email_key) WHERE NOT removed").format(
+                index("email"), p
+            ),
+            sql.SQL(
+                "CREATE INDEX IF NOT EXISTS {} ON {} USING gin (name_key gin_trgm_ops)"
+                " WHERE NOT removed"
+            ).format(index("name_trgm"), p),
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " projection text PRIMARY KEY,"
+                " position bigint NOT NULL DEFAULT 0,"
+                " applied bigint NOT NULL DEFAULT 0,"
+                " updated_at timestamptz NOT NULL DEFAULT now())"
+            ).format(sql.Identifier(self.tracking)),
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " position bigint PRIMARY KEY,"
+                " patient_id uuid NOT NULL)"
+            ).format(sql.Identifier(self.positions)),
+        ]
+
+
+LIVE = Tables()
+"""The tables the query API reads."""
+
+
+async def create_tables(conn: psycopg.AsyncConnection[Any], tables: Tables = LIVE) -> None:
+    async with conn.transaction():
+        # Serialise concurrent creators (projection, query API, tests) on one lock.
+        await conn.execute("SELECT pg_advisory_xact_lock(4242001)")
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        for statement in tables.ddl():
+            await conn.execute(statement)
+
+
+async def reached(conn: psycopg.AsyncConnection[Any], position: int, tables: Tables = LIVE) -> bool:
+    """Whether the directory has applied the event at this global position."""
+    cur = await conn.execute(
+        sql.SQL("SELECT 1 FROM {} WHERE position = %s").format(sql.Identifier(tables.positions)),
+        [position],
+    )
+    return await cur.fetchone() is not None
+
+
+async def get_record(
+    conn: psycopg.AsyncConnection[Any], patient_id: UUID, tables: Tables = LIVE
+) -> DirectoryRecord | None:
+    """The patient's row (removed ones too), or None if the directory never saw it."""
+    async with conn.cursor(row_factory=records) as cur:
+        await cur.execute(
+            sql.SQL("SELECT {} FROM {} WHERE id = %s").format(
+                COLUMNS, sql.Identifier(tables.patients)
+            ),
+            [patient_id],
+        )
+        return await cur.fetchone()
+
+
+_SET_IF_NEWER = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local version = tonumber(string.match(current, '^(%d+)|'))
+  if version and version >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', tonumber(ARGV[3]))
+return 1
+"""
+
+
+_PAGE = """
+local generation = redis.call('GET', KEYS[1]) or '0'
+return {generation, redis.call('GET', ARGV[1] .. generation .. ':' .. ARGV[2])}
+"""
+
+
+class DirectoryCache:
+    """Key layout and the version-guarded writes of the directory cache."""
+
+    def __init__(self, redis: Redis, prefix: str = "carelog:", ttl_seconds: int = 60):
+        self.redis = redis
+        self.prefix = f"{prefix}directory"
+        self.ttl = ttl_seconds
+        self._set_if_newer = redis.register_script(_SET_IF_NEWER)
+        self._page = redis.register_script(_PAGE)
+
+    def patient_key(self, patient_id: str) -> str:
+        return f"{self.prefix}:patient:{patient_id}"
+
+    @property
+    def generation_key(self) -> str:
+        return f"{self.prefix}:generation"
+
+    def page_key(self, generation: int, query: str) -> str:
+        return f"{self.prefix}:page:{generation}:{query}"
+
+    async def put_patient(self, patient_id: str, version: int, body: bytes) -> None:
+        """Caches a patient's JSON (b"" for removed) unless a newer version is there."""
+        await self._set_if_newer(
+            keys=[self.patient_key(patient_id)], args=[version, body, self.ttl]
+        )
+
+    async def get_patient(self, patient_id: str) -> tuple[int, bytes] | None:
+        raw = await self.redis.get(self.patient_key(patient_id))
+        if raw is None:
+            return None
+        version, _, body = (raw if isinstance(raw, bytes) else raw.encode()).partition(b"|")
+        return int(version), body
+
+    async def changed(self, patients: list[tuple[str, int, bytes]]) -> None:
+        """After a committed change: write the patients through and retire cached pages."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for patient_id, version, body in patients:
+                await self._set_if_newer(
+                    keys=[self.patient_key(patient_id)],
+                    args=[version, body, self.ttl],
+                    client=pipe,
+                )
+            pipe.incr(self.generation_key)
+            await pipe.execute()
+
+    async def generation(self) -> int:
+        value: Any = await self.redis.get(self.generation_key)
+        return int(value or 0)
+
+    async def get_page(self, query: str) -> tuple[int, bytes | None]:
+        """The current generation and the page cached under it, in one round trip."""
+        generation, body = await self._page(
+            keys=[self.generation_key], args=[f"{self.prefix}:page:", query]
+        )
+        return int(generation), None if body is None else bytes(body)
+
+    async def put_page(self, generation: int, query: str, body: bytes) -> None:
+        await self.redis.set(self.page_key(generation, query), body, ex=min(self.ttl, 30))

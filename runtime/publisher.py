@@ -1,0 +1,178 @@
+"""The one ordered, at-least-once publisher: an outbox source → Kafka.
+
+Every process that publishes events runs this loop over its own `Source`: the
+event store's global log (the relay) or billing's outbox table. Each cycle reads
+the next batch in order, sends every message (key = aggregate id, so one
+aggregate's events stay in one partition, in order), awaits every
+acknowledgement, and only then records how far it got. A crash anywhere resends
+from the last record; consumers drop what they have already applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+import psycopg
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from prometheus_client import Counter, Gauge
+
+from domain.contracts import Envelope
+
+log = structlog.get_logger(__name__)
+
+PUBLISHED = Counter(
+    "carelog_publisher_published_total", "Events published to Kafka", ["publisher", "topic"]
+)
+POSITION = Gauge("carelog_publisher_position", "Last position a publisher recorded", ["publisher"])
+LAG = Gauge("carelog_publisher_lag_events", "Events in a source not yet published", ["publisher"])
+
+_encoder = msgspec.json.Encoder()
+
+
+def headers_for(envelope: Envelope[Any]) -> list[tuple[str, bytes]]:
+    """The envelope's facts as Kafka headers, for consumers that route without decoding."""
+    pairs = {
+        "event-type": envelope.type,
+        "schema-version": str(envelope.schema_version),
+        "aggregate-type": envelope.aggregate_type,
+        "aggregate-id": str(envelope.aggregate_id),
+        "aggregate-version": str(envelope.aggregate_version),
+        "position": str(envelope.position),
+        "occurred-at": envelope.occurred_at.isoformat(),
+        "event-id": str(envelope.event_id),
+        "content-type": "application/json",
+    }
+    if envelope.correlation_id:
+        pairs["correlation-id"] = envelope.correlation_id
+    return [(k, v.encode()) for k, v in pairs.items()]
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One event to publish, on its topic."""
+
+    topic: str
+    envelope: Envelope[Any]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a source read: the events to send and the mark to record once all are acked."""
+
+    events: Sequence[Outgoing]
+    mark: Any
+    """Source-specific: a position, or the ids to mark published; None when nothing was read."""
+    size: int
+    """How many source entries the batch moves past (internal ones included)."""
+
+
+class Source(Protocol):
+    """An ordered outbox: read the next batch, record it once Kafka has it."""
+
+    name: str
+
+    async def open(self) -> None:
+        """Connects and waits until this process may publish (e.g. a leader lock)."""
+
+    async def read(self, limit: int) -> Batch: ...
+
+    async def record(self, mark: Any) -> None: ...
+
+    async def backlog(self) -> int:
+        """Entries not yet published (for the lag gauge)."""
+
+    async def close(self) -> None: ...
+
+
+class Publisher:
+    """Runs a source's publish loop until `stop()`; `last_cycle` tells readiness."""
+
+    def __init__(
+        self,
+        source: Source,
+        producer: AIOKafkaProducer,
+        batch_size: int = 500,
+        idle_sleep: float = 0.02,
+    ):
+        self.source = source
+        self.producer = producer
+        self.batch_size = batch_size
+        self.idle_sleep = idle_sleep
+        self.last_cycle = time.monotonic()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        name = self.source.name
+        while not self._stopping.is_set():
+            try:
+                if not await self._opened():
+                    break
+                while not self._stopping.is_set():
+                    moved = await self.cycle()
+                    self.last_cycle = time.monotonic()
+                    if moved == 0:
+                        LAG.labels(name).set(await self.source.backlog())
+                        await self._idle(self.idle_sleep)
+            except (KafkaError, psycopg.OperationalError, OSError) as exc:
+                # Nothing past the last record counts as sent: the next cycle resends it.
+                log.warning("publish cycle failed; retrying", publisher=name, error=repr(exc))
+                await self._idle(1.0)
+            finally:
+                await self.source.close()
+        log.info("publisher stopped", publisher=name)
+
+    async def _opened(self) -> bool:
+        """Opens the source (which may wait for a leader lock); False if stopped meanwhile."""
+        opening = asyncio.ensure_future(self.source.open())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not opening.done():
+            opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await opening
+            return False
+        opening.result()
+        return True
+
+    async def cycle(self) -> int:
+        """Publishes one batch; returns how many source entries it moved past."""
+        batch = await self.source.read(self.batch_size)
+        if batch.size == 0:
+            return 0
+        deliveries = []
+        for out in batch.events:
+            envelope = out.envelope
+            deliveries.append(
+                (
+                    out.topic,
+                    await self.producer.send(
+                        out.topic,
+                        value=_encoder.encode(envelope),
+                        key=str(envelope.aggregate_id).encode(),
+                        headers=headers_for(envelope),
+                    ),
+                )
+            )
+        for topic, delivery in deliveries:
+            await delivery  # raises if Kafka did not take it: nothing is recorded
+            PUBLISHED.labels(self.source.name, topic).inc()
+        await self.source.record(batch.mark)
+        if isinstance(batch.mark, int):
+            POSITION.labels(self.source.name).set(batch.mark)
+        return batch.size
+
+    async def _idle(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
