@@ -34,7 +34,14 @@ from auth.service import AuthService, Session, User, create_schema
 from auth.tokens import RingKeys
 from domain.roles import ALL_ROLES, USER_ADMINS, Role
 from runtime.db import open_pool
-from runtime.http import EXCEPTION_HANDLERS, metrics_middleware, operational_routes, problem
+from runtime.http import (
+    EXCEPTION_HANDLERS,
+    bind_correlation_id,
+    echo_correlation_id,
+    metrics_middleware,
+    operational_routes,
+    problem,
+)
 from runtime.security import Claims, TokenVerifier, requires
 from runtime.settings import Settings
 
@@ -267,6 +274,8 @@ def create_app(settings: Settings, auth: AuthSettings, ring: KeyRing | None = No
         ring.refresh()
 
     app = Litestar(
+        before_request=bind_correlation_id,
+        before_send=[echo_correlation_id],
         logging_config=None,
         route_handlers=[
             login,

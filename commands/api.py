@@ -8,7 +8,6 @@ mapped to statuses in `ERRORS`, in one place.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable
 from datetime import date
 from typing import Annotated, Any, TypeVar
@@ -32,10 +31,15 @@ from domain.patients import ADDRESS_MAX, EMAIL_MAX, NAME_MAX, parse_change, pars
 from domain.roles import PATIENT_WRITERS
 from runtime.http import (
     EXCEPTION_HANDLERS,
+    bind_correlation_id,
+    echo_correlation_id,
     json_body_operation,
     metrics_middleware,
     operational_routes,
     problem,
+)
+from runtime.http import (
+    correlation_id as correlation_id_of,
 )
 from runtime.security import TokenVerifier, requires
 from runtime.settings import Settings
@@ -47,7 +51,6 @@ COMMANDS = Counter("carelog_commands_total", "Commands handled, by outcome", ["c
 
 MAX_BODY_BYTES = 64 * 1024
 POSITION_HEADER = "Event-Position"
-CORRELATION_HEADER = "X-Correlation-ID"
 
 
 class PatientInput(msgspec.Struct, rename="camel", kw_only=True):
@@ -115,11 +118,6 @@ def _patient_id(raw: str) -> UUID:
         raise PatientNotFound(raw) from None
 
 
-def _correlation_id(request: Request[Any, Any, Any]) -> str:
-    given = request.headers.get(CORRELATION_HEADER.lower(), "")
-    return given[:100] if given.strip() else str(uuid.uuid4())
-
-
 def _representation(written: Written) -> dict[str, Any]:
     patient = written.patient
     return {
@@ -134,8 +132,8 @@ def _representation(written: Written) -> dict[str, Any]:
     }
 
 
-def _headers(written: Written, correlation_id: str) -> dict[str, str]:
-    headers = {"ETag": f'"{written.version}"', CORRELATION_HEADER: correlation_id}
+def _headers(written: Written) -> dict[str, str]:
+    headers = {"ETag": f'"{written.version}"'}
     if written.position is not None:
         headers[POSITION_HEADER] = str(written.position)
     return headers
@@ -156,13 +154,13 @@ def _service(state: State) -> PatientService:
 )
 async def register_patient(request: Request[Any, Any, Any], state: State) -> Response[Any]:
     details, registered = _parse(await request.body(), parse_registration)
-    correlation_id = _correlation_id(request)
+    correlation_id = correlation_id_of(request.scope)
     written = await anyio.to_thread.run_sync(
         lambda: _service(state).register(details, registered, correlation_id)
     )
     COMMANDS.labels("RegisterPatient", "ok").inc()
     log.info("patient registered", patient_id=str(written.patient_id), position=written.position)
-    headers = _headers(written, correlation_id)
+    headers = _headers(written)
     headers["Location"] = f"/patients/{written.patient_id}"
     return Response(_representation(written), status_code=201, headers=headers)
 
@@ -181,13 +179,13 @@ async def change_patient(
     pid = _patient_id(patient_id)
     expected = _expected_version(request)
     details = _parse(await request.body(), parse_change)
-    correlation_id = _correlation_id(request)
+    correlation_id = correlation_id_of(request.scope)
     written = await anyio.to_thread.run_sync(
         lambda: _service(state).change(pid, details, expected, correlation_id)
     )
     COMMANDS.labels("ChangePatientDetails", "ok").inc()
     log.info("patient changed", patient_id=str(pid), position=written.position)
-    return Response(_representation(written), headers=_headers(written, correlation_id))
+    return Response(_representation(written), headers=_headers(written))
 
 
 @delete(
@@ -201,13 +199,13 @@ async def remove_patient(
 ) -> Response[None]:
     pid = _patient_id(patient_id)
     expected = _expected_version(request)
-    correlation_id = _correlation_id(request)
+    correlation_id = correlation_id_of(request.scope)
     written = await anyio.to_thread.run_sync(
         lambda: _service(state).remove(pid, expected, correlation_id)
     )
     COMMANDS.labels("RemovePatient", "ok").inc()
     log.info("patient removed", patient_id=str(pid), position=written.position)
-    return Response(None, status_code=204, headers=_headers(written, correlation_id))
+    return Response(None, status_code=204, headers=_headers(written))
 
 
 def _invalid(_: Request[Any, Any, Any], exc: InvalidData) -> Response[Any]:
@@ -270,6 +268,8 @@ def create_app(
         await anyio.to_thread.run_sync(lambda: app.state.store.recorder.max_notification_id())
 
     app = Litestar(
+        before_request=bind_correlation_id,
+        before_send=[echo_correlation_id],
         logging_config=None,
         route_handlers=[
             register_patient,

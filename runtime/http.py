@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
@@ -42,6 +44,38 @@ HTTP_LATENCY = Histogram(
     ["service", "method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+
+CORRELATION_HEADER = "X-Correlation-ID"
+_CORRELATION_KEY = "carelog.correlation_id"
+_USABLE_ID = re.compile(r"^[\x21-\x7e]{1,100}$")
+
+
+def correlation_id(scope: Scope) -> str:
+    """The request's correlation id: the client's `X-Correlation-ID` if usable, else a new one.
+
+    Decided once per request and kept in its scope, so the handler, the events it
+    writes, its log lines and the response header all carry the same id.
+    """
+    known = scope.get(_CORRELATION_KEY)
+    if known is None:
+        given = dict(scope.get("headers", ())).get(b"x-correlation-id", b"").decode("latin-1")
+        known = given if _USABLE_ID.match(given) else str(uuid.uuid4())
+        scope[_CORRELATION_KEY] = known  # type: ignore[literal-required]
+    return str(known)
+
+
+async def bind_correlation_id(request: Request[Any, Any, Any]) -> None:
+    """before_request: every log line written for this request names its correlation id."""
+    structlog.contextvars.bind_contextvars(correlation_id=correlation_id(request.scope))
+
+
+async def echo_correlation_id(message: Any, scope: Scope) -> None:
+    """before_send: every response, errors and 404s included, echoes the correlation id."""
+    if message["type"] == "http.response.start":
+        headers = message.setdefault("headers", [])
+        if not any(name.lower() == b"x-correlation-id" for name, _ in headers):
+            headers.append((b"x-correlation-id", correlation_id(scope).encode()))
+
 
 Check = Callable[[], Awaitable[None]]
 """A readiness check: returns when its dependency answers, raises otherwise."""

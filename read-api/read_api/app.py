@@ -31,7 +31,14 @@ from readmodels.directory import (
     records,
 )
 from runtime.db import open_pool
-from runtime.http import EXCEPTION_HANDLERS, metrics_middleware, operational_routes, problem
+from runtime.http import (
+    EXCEPTION_HANDLERS,
+    bind_correlation_id,
+    echo_correlation_id,
+    metrics_middleware,
+    operational_routes,
+    problem,
+)
 from runtime.security import TokenVerifier, requires
 from runtime.settings import Settings
 
@@ -233,6 +240,8 @@ def create_app(
         await app.state.redis.ping()
 
     app = Litestar(
+        before_request=bind_correlation_id,
+        before_send=[echo_correlation_id],
         logging_config=None,
         route_handlers=[
             list_patients,

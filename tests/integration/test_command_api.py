@@ -54,6 +54,27 @@ async def test_register_answers_201_with_location_etag_and_position(client, stor
     assert stored.topic.endswith("Patient.Registered")
 
 
+async def test_every_answer_echoes_the_correlation_id_errors_included(client):
+    given = {"X-Correlation-ID": "corr-echo-1"}
+    invalid = await client.post("/patients", json={"name": ""}, headers=given)
+    assert invalid.status_code == 400
+    assert invalid.headers["x-correlation-id"] == "corr-echo-1"
+    unknown_route = await client.get("/no-such-route", headers=given)
+    assert unknown_route.status_code in (404, 405)
+    assert unknown_route.headers["x-correlation-id"] == "corr-echo-1"
+    denied = await client.post("/patients", json={}, headers={**given, "Authorization": "x"})
+    assert denied.status_code == 401
+    assert denied.headers["x-correlation-id"] == "corr-echo-1"
+
+
+async def test_a_missing_or_unusable_correlation_id_is_replaced_by_a_new_one(client):
+    first = await client.get("/health/live")
+    second = await client.get("/health/live", headers={"X-Correlation-ID": "bad id with spaces"})
+    ids = {first.headers["x-correlation-id"], second.headers["x-correlation-id"]}
+    assert len(ids) == 2
+    assert all(uuid.UUID(i) for i in ids)
+
+
 async def test_the_correlation_id_is_kept_with_the_event(client, store):
     response = await client.post(
         "/patients", json=patient(), headers={"X-Correlation-ID": "corr-123"}
