@@ -30,7 +30,7 @@ from auth.errors import (
     UserNotFound,
 )
 from auth.keys import KeyRing
-from auth.service import AuthService, Session, User, create_schema
+from auth.service import AuthService, Session, User
 from auth.tokens import RingKeys
 from domain.roles import ALL_ROLES, USER_ADMINS, Role
 from runtime.db import open_pool
@@ -257,7 +257,6 @@ def create_app(settings: Settings, auth: AuthSettings, ring: KeyRing | None = No
     async def start(app: Litestar) -> None:
         ring.ensure(development=settings.development)
         pool = await open_pool(settings.database_url, min_size=1, max_size=8)
-        await create_schema(pool)
         service = AuthService(pool, ring, auth)
         await service.provision_development_user(settings.development)
         app.state.update(pool=pool, service=service)

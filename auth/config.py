@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -29,8 +28,11 @@ DEV_STACK = Path(__file__).resolve().parent.parent / ".stack"
 _Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class _FromEnv(msgspec.Struct, frozen=True, kw_only=True):
-    keys_dir: str
+class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How tokens are signed, checked and served."""
+
+    development: bool
+    keys_directory: str
     jwks_url: str
     issuer: str = "carelog-auth"
     audience: str = "carelog-api"
@@ -39,9 +41,29 @@ class _FromEnv(msgspec.Struct, frozen=True, kw_only=True):
     port: Port = 4005
     hash_workers: _Positive = max(1, (os.cpu_count() or 2) // 2)
 
+    @property
+    def keys_dir(self) -> Path:
+        return Path(self.keys_directory)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AuthSettings:
+        source = os.environ if environ is None else environ
+        port = source.get("CARELOG_AUTH_PORT", "").strip() or "4005"
+        return load(
+            cls,
+            source,
+            _NAMES,
+            dev_defaults={
+                "CARELOG_AUTH_KEYS_DIR": str(DEV_STACK / "keys"),
+                "CARELOG_JWKS_URL": f"http://127.0.0.1:{port}/auth/.well-known/jwks.json",
+            },
+            required=frozenset({"keys_directory", "jwks_url"}),
+            development=env_mode(source) == DEVELOPMENT,
+        )
+
 
 _NAMES = {
-    "keys_dir": "CARELOG_AUTH_KEYS_DIR",
+    "keys_directory": "CARELOG_AUTH_KEYS_DIR",
     "jwks_url": "CARELOG_JWKS_URL",
     "issuer": "CARELOG_AUTH_ISSUER",
     "audience": "CARELOG_AUTH_AUDIENCE",
@@ -50,44 +72,3 @@ _NAMES = {
     "port": "CARELOG_AUTH_PORT",
     "hash_workers": "CARELOG_AUTH_HASH_WORKERS",
 }
-
-
-@dataclass(frozen=True)
-class AuthSettings:
-    """How tokens are signed, checked and served."""
-
-    development: bool
-    keys_dir: Path
-    jwks_url: str
-    issuer: str = "carelog-auth"
-    audience: str = "carelog-api"
-    access_ttl_seconds: int = 900
-    refresh_ttl_seconds: int = 14 * 24 * 3600
-    port: int = 4005
-    hash_workers: int = 1
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> AuthSettings:
-        source = os.environ if environ is None else environ
-        port = source.get("CARELOG_AUTH_PORT", "").strip() or "4005"
-        read = load(
-            _FromEnv,
-            source,
-            _NAMES,
-            development={
-                "CARELOG_AUTH_KEYS_DIR": str(DEV_STACK / "keys"),
-                "CARELOG_JWKS_URL": f"http://127.0.0.1:{port}/auth/.well-known/jwks.json",
-            },
-            required=frozenset({"keys_dir", "jwks_url"}),
-        )
-        return cls(
-            development=env_mode(source) == DEVELOPMENT,
-            keys_dir=Path(read.keys_dir),
-            jwks_url=read.jwks_url,
-            issuer=read.issuer,
-            audience=read.audience,
-            access_ttl_seconds=read.access_ttl_seconds,
-            refresh_ttl_seconds=read.refresh_ttl_seconds,
-            port=read.port,
-            hash_workers=read.hash_workers,
-        )

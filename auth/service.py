@@ -47,31 +47,6 @@ log = structlog.get_logger(__name__)
 DEV_EMAIL = "testuser@test.com"
 DEV_PASSWORD = "password123"  # noqa: S105 (the seed's development-only user; never in production)
 
-SCHEMA = f"""
-CREATE SCHEMA IF NOT EXISTS auth;
-CREATE TABLE IF NOT EXISTS auth.users (
-    id uuid PRIMARY KEY,
-    email text NOT NULL,
-    password_hash text NOT NULL,
-    role text NOT NULL CHECK (role IN ({", ".join(f"'{r.value}'" for r in Role)})),
-    disabled boolean NOT NULL DEFAULT false,
-    development_only boolean NOT NULL DEFAULT false,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE UNIQUE INDEX IF NOT EXISTS users_email ON auth.users (email);
-CREATE TABLE IF NOT EXISTS auth.refresh_tokens (
-    token_hash bytea PRIMARY KEY,
-    family uuid NOT NULL,
-    user_id uuid NOT NULL REFERENCES auth.users (id) ON DELETE CASCADE,
-    issued_at timestamptz NOT NULL DEFAULT now(),
-    expires_at timestamptz NOT NULL,
-    used_at timestamptz,
-    revoked_at timestamptz
-);
-CREATE INDEX IF NOT EXISTS refresh_tokens_family ON auth.refresh_tokens (family);
-CREATE INDEX IF NOT EXISTS refresh_tokens_user ON auth.refresh_tokens (user_id);
-"""
 
 _USER_COLUMNS = "id, email, role, disabled, created_at"
 
@@ -100,13 +75,6 @@ def _user(row: Any) -> User:
 
 def _digest(refresh_token: str) -> bytes:
     return hashlib.sha256(refresh_token.encode()).digest()
-
-
-async def create_schema(pool: AsyncConnectionPool[Any]) -> None:
-    async with pool.connection() as conn, conn.transaction():
-        # Two services starting together must not race on CREATE ... IF NOT EXISTS.
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('carelog.auth.schema'))")
-        await conn.execute(SCHEMA)
 
 
 class AuthService:

@@ -3,8 +3,8 @@
     uv run python -m bench.billing      (needs PostgreSQL and Kafka; CARELOG_ENV etc.)
 
 It starts its own billing process (`python -m bootstrap serve billing`) on free ports,
-with a scratch topic prefix and a scratch PostgreSQL schema, so it neither reads
-nor writes the live stack's billing; both are deleted afterwards.
+with a scratch topic prefix and a scratch PostgreSQL database (migrated), so it neither
+reads nor writes the live stack's billing; both are deleted afterwards.
 
 - Lag: PatientRegistered envelopes are published to the scratch patient topic at
   a steady rate, as the relay would publish them; the lag of each is the time
@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import msgspec
@@ -41,6 +42,7 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest
 
 import billing_grpc.generated.carelog.billing.v1 as pb
 from bench.loadgen import percentile
+from bootstrap.database import migrate
 from domain import contracts
 from runtime.kafka import ensure_topics, reliable_producer
 from runtime.settings import Settings
@@ -80,11 +82,15 @@ def _registered(patient_id: uuid.UUID) -> bytes:
 
 
 class _Billing:
-    """The billing process under test, on scratch topics, schema and ports."""
+    """The billing process under test, on scratch topics, database and ports."""
 
     def __init__(self, settings: Settings, token: str):
-        self.settings = settings.with_(topic_prefix=f"{settings.topic_prefix}{token}.")
-        self.schema = token
+        self.admin_url = settings.database_url
+        self.database = token
+        self.settings = settings.with_(
+            topic_prefix=f"{settings.topic_prefix}{token}.",
+            database_url=urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{token}")),
+        )
         self.grpc_port = _free_port()
         self.http_port = _free_port()
         self.popen: subprocess.Popen[bytes] | None = None
@@ -101,10 +107,12 @@ class _Billing:
             "CARELOG_LOG_LEVEL": "warning",
             "CARELOG_BILLING_GRPC_PORT": str(self.grpc_port),
             "CARELOG_BILLING_HTTP_PORT": str(self.http_port),
-            "CARELOG_BILLING_SCHEMA": self.schema,
         }
 
     async def start(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.admin_url, autocommit=True) as db:
+            await db.execute(f'CREATE DATABASE "{self.database}"')
+        await asyncio.to_thread(migrate, self.settings.database_url)
         self.popen = subprocess.Popen(  # noqa: ASYNC220 (started once, waited on below)
             [sys.executable, "-m", "bootstrap", "serve", "billing"],
             env=self.env(),
@@ -135,10 +143,8 @@ class _Billing:
                 self.popen.kill()
 
     async def clean_up(self) -> None:
-        async with await psycopg.AsyncConnection.connect(
-            self.settings.database_url, autocommit=True
-        ) as db:
-            await db.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+        async with await psycopg.AsyncConnection.connect(self.admin_url, autocommit=True) as db:
+            await db.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
         admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
         await admin.start()
         try:
@@ -169,7 +175,7 @@ async def _lag(billing: _Billing) -> tuple[list[float], list[uuid.UUID]]:
     finally:
         await producer.stop()
     query = (
-        f'SELECT extract(epoch FROM opened_at - registered_at) FROM "{billing.schema}".accounts'
+        "SELECT extract(epoch FROM opened_at - registered_at) FROM billing.accounts"
         " WHERE patient_id = ANY(%s)"
     )
     deadline = time.monotonic() + 120

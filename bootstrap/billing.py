@@ -25,7 +25,7 @@ from billing_grpc.consumer import PatientEventsWorker
 from billing_grpc.outbox import BillingOutbox
 from billing_grpc.server import services_of
 from billing_grpc.service import Billing
-from billing_grpc.store import create_schema
+from billing_grpc.store import SCHEMA
 from domain import contracts
 from domain.billing import BILLING_STREAM
 from runtime.consumers import subscribe
@@ -73,13 +73,11 @@ async def start(settings: Settings, config: BillingConfig) -> Running:
     await ensure_topics(settings.kafka_bootstrap, [dlq], partitions=1)
 
     pool = await open_pool(settings.database_url, min_size=2, max_size=config.pool_size)
-    async with pool.connection() as conn:
-        await create_schema(conn, config.schema)
-    billing = Billing(pool, config.schema, config.currency)
+    billing = Billing(pool, SCHEMA, config.currency)
 
     producer = reliable_producer(settings.kafka_bootstrap)
     await producer.start()
-    source = BillingOutbox(settings.database_url, config.schema, billing_topic)
+    source = BillingOutbox(settings.database_url, SCHEMA, billing_topic)
     relay = Publisher(source, producer)
 
     broker = kafka_broker(settings, group)
@@ -118,7 +116,7 @@ async def start(settings: Settings, config: BillingConfig) -> Running:
         http_port=config.http_port,
         consumes=patient_topic,
         publishes=billing_topic,
-        schema=config.schema,
+        schema=SCHEMA,
     )
     return Running(server, broker, relay, relay_task, http, producer, pool)
 

@@ -10,6 +10,7 @@ carelog relay              event store → Kafka (health on 4010)
 carelog project directory  the patient directory projection (health on 4011)
 carelog topics             creates the Kafka topics
 carelog schemas write|check  the JSON Schemas of published events
+carelog db migrate|status  the database schema's versioned migrations
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def keys(action: str) -> int:
 
 def serve(which: str) -> None:
     settings = _settings(which)
+    _require_migrated(settings, which)
     if which == "billing":
         from billing_grpc.config import BillingConfig
         from bootstrap import billing
@@ -129,6 +131,39 @@ def serve(which: str) -> None:
         from bootstrap import read_api
 
         read_api.run(settings)
+
+
+def _require_migrated(settings: Settings, service: str) -> None:
+    """Stops a service whose database lacks a migration (it would fail later, less clearly)."""
+    from bootstrap.database import DatabaseBehind, require_current
+
+    try:
+        require_current(settings.database_url)
+    except DatabaseBehind as exc:
+        sys.exit(f"carelog {service}: {exc}")
+    except Exception as exc:
+        log.warning("database schema not checked", error=type(exc).__name__)
+
+
+def db(action: str) -> int:
+    from bootstrap import database
+
+    settings = _settings("db")
+    try:
+        if action == "migrate":
+            applied = database.migrate(settings.database_url)
+            print("applied:", ", ".join(applied) if applied else "nothing (up to date)")
+            return 0
+        rows = database.status(settings.database_url)
+    except Exception as exc:
+        print(f"carelog db {action}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    for row in rows:
+        when = (
+            row.applied_at.isoformat(sep=" ", timespec="seconds") if row.applied_at else "pending"
+        )
+        print(f"{row.id:<24} {when}")
+    return 1 if any(r.applied_at is None for r in rows) else 0
 
 
 def schemas(action: str) -> int:
@@ -172,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("topics", help="create the Kafka topics")
     schemas_p = sub.add_parser("schemas", help="write or check the event JSON Schemas")
     schemas_p.add_argument("action", choices=["write", "check"])
+    db_p = sub.add_parser("db", help="apply or list the database migrations")
+    db_p.add_argument("action", choices=["migrate", "status"])
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -179,11 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "relay":
         from bootstrap import relay
 
-        asyncio.run(relay.run(_settings("relay")))
+        settings = _settings("relay")
+        _require_migrated(settings, "relay")
+        asyncio.run(relay.run(settings))
     elif args.command == "project":
         from bootstrap import directory
 
-        asyncio.run(directory.run(_settings("projection")))
+        settings = _settings("projection")
+        _require_migrated(settings, "projection")
+        asyncio.run(directory.run(settings))
     elif args.command == "topics":
         from domain.contracts import CONTRACTS
         from runtime.kafka import ensure_topics
@@ -198,3 +239,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(keys(args.action))
     elif args.command == "schemas":
         sys.exit(schemas(args.action))
+    elif args.command == "db":
+        sys.exit(db(args.action))

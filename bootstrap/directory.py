@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from domain import contracts
 from projections.directory import DirectoryProjection
 from projections.worker import GROUP, DirectoryWorker
-from readmodels.directory import LIVE, DirectoryCache, Tables, create_tables
+from readmodels.directory import LIVE, DirectoryCache, Tables
 from runtime.consumers import subscribe
 from runtime.db import open_pool
 from runtime.http import serve_health
@@ -32,8 +32,6 @@ async def run(settings: Settings, tables: Tables = LIVE) -> None:
     await ensure_topics(settings.kafka_bootstrap, [topic])
     await ensure_topics(settings.kafka_bootstrap, [dlq], partitions=1)
     pool = await open_pool(settings.database_url, min_size=1, max_size=4)
-    async with pool.connection() as conn:
-        await create_tables(conn, tables)
     redis_client = Redis.from_url(settings.redis_url)
     cache = DirectoryCache(
         redis_client, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds

@@ -18,14 +18,6 @@ from commands.store import EventStore
 from domain.contracts import CONTRACTS, envelope_for
 from runtime.publisher import Batch, Outgoing
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS relay_positions (
-    relay text PRIMARY KEY,
-    position bigint NOT NULL,
-    updated_at timestamptz NOT NULL DEFAULT now()
-)
-"""
-
 
 class EventStoreLog:
     """The store's notifications after the recorded position, as events to publish."""
@@ -46,7 +38,6 @@ class EventStoreLog:
 
     async def open(self) -> None:
         self._db = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
-        await self._db.execute(_SCHEMA)
         row = await (
             await self._db.execute(
                 "SELECT position FROM relay_positions WHERE relay = %s", [self.name]

@@ -40,7 +40,7 @@ def postgres_env(database_url: str, pool_size: int = 10) -> dict[str, str]:
         "POSTGRES_CONNECT_TIMEOUT": "5",
         "POSTGRES_LOCK_TIMEOUT": "5",
         "POSTGRES_PRE_PING": "y",
-        "CREATE_TABLE": "y",
+        "CREATE_TABLE": "n",  # the migrations create the store
     }
 
 

@@ -72,70 +72,28 @@ class Tables:
     tracking: str = "projection_tracking"
     positions: str = "directory_positions"
 
-    def ddl(self) -> list[sql.Composed]:
-        p = sql.Identifier(self.patients)
-
-        def index(suffix: str) -> sql.Identifier:
-            return sql.Identifier(f"{self.patients}_{suffix}")
-
-        return [
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} ("
-                " id uuid PRIMARY KEY,"
-                " version bigint NOT NULL,"
-                " position bigint NOT NULL,"
-                " name text NOT NULL,"
-                " name_key text NOT NULL,"
-                " email text NOT NULL,"
-                " email_key text NOT NULL,"
-                " address text NOT NULL,"
-                " date_of_birth date NOT NULL,"
-                " registered_date date NOT NULL,"
-                " removed boolean NOT NULL DEFAULT false,"
-                " updated_at timestamptz NOT NULL DEFAULT now())"
-            ).format(p),
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (name_key, id) WHERE NOT removed").format(
-                index("name"), p
-            ),
-            sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} (registered_date, id) WHERE NOT removed"
-            ).format(index("registered"), p),
-            sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} (date_of_birth, id) WHERE NOT removed"
-            ).format(index("dob"), p),
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (email_key) WHERE NOT removed").format(
-                index("email"), p
-            ),
-            sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} USING gin (name_key gin_trgm_ops)"
-                " WHERE NOT removed"
-            ).format(index("name_trgm"), p),
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} ("
-                " projection text PRIMARY KEY,"
-                " position bigint NOT NULL DEFAULT 0,"
-                " applied bigint NOT NULL DEFAULT 0,"
-                " updated_at timestamptz NOT NULL DEFAULT now())"
-            ).format(sql.Identifier(self.tracking)),
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} ("
-                " position bigint PRIMARY KEY,"
-                " patient_id uuid NOT NULL)"
-            ).format(sql.Identifier(self.positions)),
-        ]
-
 
 LIVE = Tables()
 """The tables the query API reads."""
 
 
-async def create_tables(conn: psycopg.AsyncConnection[Any], tables: Tables = LIVE) -> None:
+async def create_copy(conn: psycopg.AsyncConnection[Any], tables: Tables) -> None:
+    """Creates `tables` empty, shaped like the live ones (columns, defaults, indexes).
+
+    The live tables come from the migrations (`carelog db migrate`); a copy is what a
+    rebuild fills beside them, and what a test projects into on its own.
+    """
     async with conn.transaction():
-        # Serialise concurrent creators (projection, query API, tests) on one lock.
-        await conn.execute("SELECT pg_advisory_xact_lock(4242001)")
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-        for statement in tables.ddl():
-            await conn.execute(statement)
+        for copy, live in (
+            (tables.patients, LIVE.patients),
+            (tables.tracking, LIVE.tracking),
+            (tables.positions, LIVE.positions),
+        ):
+            await conn.execute(
+                sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING ALL)").format(
+                    sql.Identifier(copy), sql.Identifier(live)
+                )
+            )
 
 
 async def reached(conn: psycopg.AsyncConnection[Any], position: int, tables: Tables = LIVE) -> bool:

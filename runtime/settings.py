@@ -89,13 +89,13 @@ def load(
     cls: type[S],
     environ: Mapping[str, str],
     names: Mapping[str, str],
-    development: Mapping[str, str] | None = None,
+    dev_defaults: Mapping[str, str] | None = None,
     required: frozenset[str] = frozenset(),
     **given: Any,
 ) -> S:
     """Reads `cls` from `environ`: field → variable by `names`; `given` values win.
 
-    In development mode a missing variable takes its value from `development`; in
+    In development mode a missing variable takes its value from `dev_defaults`; in
     production a field in `required` must be set. Types come from `cls`'s fields.
     """
     mode = env_mode(environ)
@@ -103,8 +103,8 @@ def load(
     raw: dict[str, Any] = {}
     for field, variable in names.items():
         value = environ.get(variable)
-        if not value and mode == DEVELOPMENT and development:
-            value = development.get(variable)
+        if not value and mode == DEVELOPMENT and dev_defaults:
+            value = dev_defaults.get(variable)
         if not value:
             if field in required:
                 raise SettingsError(
@@ -223,7 +223,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             cls,
             source,
             _NAMES,
-            development=development,
+            dev_defaults=development,
             required=frozenset({"database_url", "redis_url", "kafka_bootstrap", "jwks_url"}),
             ports=ports,
         )

@@ -54,82 +54,8 @@ _lines_encoder = msgspec.json.Encoder()
 _lines_decoder = msgspec.json.Decoder(list[tuple[str, int, int]])
 
 
-def ddl(schema: str) -> list[sql.Composed]:
-    s = sql.Identifier(schema)
-    return [
-        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s),
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {}.accounts ("
-            " id uuid PRIMARY KEY,"
-            " patient_id uuid NOT NULL UNIQUE,"
-            " currency char(3) NOT NULL,"
-            " status text NOT NULL CHECK (status IN ('open', 'closed')),"
-            " invoiced_minor bigint NOT NULL DEFAULT 0 CHECK (invoiced_minor >= 0),"
-            " paid_minor bigint NOT NULL DEFAULT 0"
-            "  CHECK (paid_minor >= 0 AND paid_minor <= invoiced_minor),"
-            " version bigint NOT NULL,"
-            " name text NOT NULL,"
-            " email text NOT NULL,"
-            " patient_version bigint NOT NULL DEFAULT 0,"
-            " opened_by text NOT NULL,"
-            " registered_at timestamptz,"
-            " opened_at timestamptz NOT NULL,"
-            " closed_at timestamptz)"
-        ).format(s),
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {}.invoices ("
-            " id uuid PRIMARY KEY,"
-            " seq bigserial UNIQUE,"
-            " account_id uuid NOT NULL REFERENCES {}.accounts (id),"
-            " currency char(3) NOT NULL,"
-            " lines jsonb NOT NULL,"
-            " total_minor bigint NOT NULL CHECK (total_minor > 0),"
-            " request_id text,"
-            " request_digest text,"
-            " issued_at timestamptz NOT NULL,"
-            " UNIQUE (account_id, request_id))"
-        ).format(s, s),
-        sql.SQL(
-            "CREATE INDEX IF NOT EXISTS invoices_by_account ON {}.invoices (account_id, seq)"
-        ).format(s),
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {}.payments ("
-            " id uuid PRIMARY KEY,"
-            " seq bigserial UNIQUE,"
-            " account_id uuid NOT NULL REFERENCES {}.accounts (id),"
-            " currency char(3) NOT NULL,"
-            " amount_minor bigint NOT NULL CHECK (amount_minor > 0),"
-            " request_id text,"
-            " request_digest text,"
-            " received_at timestamptz NOT NULL,"
-            " UNIQUE (account_id, request_id))"
-        ).format(s, s),
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {}.outbox ("
-            " id bigserial PRIMARY KEY,"
-            " aggregate_id uuid NOT NULL,"
-            " aggregate_version bigint NOT NULL,"
-            " type text NOT NULL,"
-            " schema_version int NOT NULL,"
-            " payload bytea NOT NULL,"
-            " occurred_at timestamptz NOT NULL,"
-            " correlation_id text,"
-            " published_at timestamptz,"
-            " UNIQUE (aggregate_id, aggregate_version))"
-        ).format(s),
-        sql.SQL(
-            "CREATE INDEX IF NOT EXISTS outbox_unpublished ON {}.outbox (id)"
-            " WHERE published_at IS NULL"
-        ).format(s),
-    ]
-
-
-async def create_schema(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
-    async with conn.transaction():
-        # Serialise concurrent creators (two billing processes, tests) on one lock.
-        await conn.execute("SELECT pg_advisory_xact_lock(4242101)")
-        for statement in ddl(schema):
-            await conn.execute(statement)
+SCHEMA = "billing"
+"""The PostgreSQL schema of billing's tables (created by the migrations)."""
 
 
 def _account(row: tuple[Any, ...]) -> Account:

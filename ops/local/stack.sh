@@ -328,6 +328,14 @@ SQL
   pg_psql -d "$PG_DB" <"$ROOT/ops/local/postgres/extensions.sql"
 }
 
+db_migrate() {
+  # The schema's versioned migrations (bootstrap/migrations/), before any service starts.
+  local log="$LOGS/migrate.log"
+  (cd "$ROOT" && uv run carelog db migrate >>"$log" 2>&1 9>&-) ||
+    die_log "database migration failed" "$log"
+  say "postgres: schema migrated ($(tail -n 1 "$log"))"
+}
+
 pg_up() {
   local log="$LOGS/postgres.log"
   if pg_running; then
@@ -599,6 +607,7 @@ cmd_infra() {
   pg_up
   redis_up
   kafka_wait
+  db_migrate
   say "infra ready in $((SECONDS - t0))s"
 }
 

@@ -25,7 +25,6 @@ from readmodels.directory import (
     LIVE,
     DirectoryCache,
     Tables,
-    create_tables,
     get_record,
     reached,
     records,
@@ -215,8 +214,6 @@ def create_app(
 
     async def start(app: Litestar) -> None:
         pool = await open_pool(settings.database_url, min_size=2, max_size=16)
-        async with pool.connection() as conn:
-            await create_tables(conn, tables)
         redis = Redis.from_url(settings.redis_url)
         app.state.update(
             settings=settings,

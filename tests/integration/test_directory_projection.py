@@ -21,7 +21,7 @@ from commands.store import EventStore
 from domain import contracts
 from domain.contracts import PATIENT_STREAM, PatientRegisteredV1
 from projections.directory import DirectoryProjection
-from readmodels.directory import Tables, create_tables
+from readmodels.directory import Tables, create_copy
 from runtime.db import open_pool
 from tests.support.patients import details, published
 from tests.support.stack import Process, eventually, read_topic
@@ -102,7 +102,7 @@ async def test_any_redelivery_or_replay_ends_in_the_same_read_model(settings, hi
     try:
         reference = Tables(patients="directory_reference", tracking="tracking_reference")
         async with pool.connection() as conn:
-            await create_tables(conn, reference)
+            await create_copy(conn, reference)
             await DirectoryProjection(reference).apply(conn, events)
             want = await actual_directory(conn, reference.patients, ids)
         assert want == expected_directory_from(events)
@@ -120,7 +120,7 @@ async def test_any_redelivery_or_replay_ends_in_the_same_read_model(settings, hi
 
             async def run() -> None:
                 async with pool.connection() as conn:
-                    await create_tables(conn, tables)
+                    await create_copy(conn, tables)
                     projection = DirectoryProjection(tables)
                     for i in range(0, len(delivery), batch):
                         await projection.apply(conn, delivery[i : i + batch])
@@ -156,7 +156,7 @@ async def test_an_event_for_an_unknown_patient_is_refused_not_skipped(settings, 
     try:
         tables = Tables(patients="directory_orphans", tracking="tracking_orphans")
         async with pool.connection() as conn:
-            await create_tables(conn, tables)
+            await create_copy(conn, tables)
             from projections.directory import UnappliableEvent
 
             with pytest.raises(UnappliableEvent):

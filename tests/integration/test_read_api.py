@@ -17,7 +17,7 @@ from commands.store import EventStore
 from domain.roles import Role
 from projections.directory import DirectoryProjection
 from read_api.app import create_app
-from readmodels.directory import DirectoryCache, create_tables
+from readmodels.directory import DirectoryCache
 from runtime.db import open_pool
 from runtime.settings import Settings
 from tests.support.patients import details, published
@@ -48,8 +48,6 @@ class Directory:
 @pytest.fixture
 async def directory(settings, store, redis) -> AsyncIterator[Directory]:
     pool = await open_pool(settings.database_url)
-    async with pool.connection() as conn:
-        await create_tables(conn)
     yield Directory(settings, store, pool, redis)
     await pool.close()
 

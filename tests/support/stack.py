@@ -23,6 +23,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bootstrap.database import migrate
 from runtime.kafka import delete_topics
 from runtime.settings import Settings
 
@@ -52,6 +53,7 @@ def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
     token = f"{prefix}{uuid.uuid4().hex[:10]}"
     with psycopg.connect(base.database_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{token}"')
+    migrate(with_database(base.database_url, token))
     settings = base.with_(
         database_url=with_database(base.database_url, token),
         topic_prefix=f"{token}.",

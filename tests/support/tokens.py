@@ -26,7 +26,7 @@ def auth_settings(keys_dir: Path, **changes: Any) -> AuthSettings:
     """Development-mode auth settings with the keys in `keys_dir` (a test's temporary dir)."""
     defaults: dict[str, Any] = {
         "development": True,
-        "keys_dir": keys_dir,
+        "keys_directory": str(keys_dir),
         "jwks_url": "http://127.0.0.1:1/unused",
         "hash_workers": 2,
     }

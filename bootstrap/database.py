@@ -1,0 +1,76 @@
+"""The database's schema, versioned: `carelog db migrate` and `carelog db status`.
+
+Every table, index and function carelog keeps in PostgreSQL is created by a
+numbered SQL file in `bootstrap/migrations/`, applied once and in order and
+recorded in the database itself. A schema change is a new file, never an edit to
+an applied one. `make up` and the tests migrate before any service starts; a
+service that finds its database behind refuses to start and says so in one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from yoyo import get_backend, read_migrations
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+class DatabaseBehind(Exception):
+    """The database lacks migrations this code needs."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: str
+    applied_at: datetime | None
+
+
+def _yoyo_url(database_url: str) -> str:
+    parts = urlsplit(database_url)
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
+
+
+@contextmanager
+def _backend(database_url: str) -> Iterator[Any]:
+    backend = get_backend(_yoyo_url(database_url))
+    try:
+        yield backend
+    finally:
+        backend.connection.close()
+
+
+def migrate(database_url: str) -> list[str]:
+    """Applies what is pending, in order, under yoyo's lock; returns the ids applied."""
+    migrations = read_migrations(str(MIGRATIONS))
+    with _backend(database_url) as backend, backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+        return [m.id for m in pending]
+
+
+def status(database_url: str) -> list[Migration]:
+    """Every migration this code knows, with when it was applied (None: pending)."""
+    migrations = read_migrations(str(MIGRATIONS))
+    with _backend(database_url) as backend:
+        backend.ensure_internal_schema_updated()
+        cursor = backend.execute(
+            f"SELECT migration_id, applied_at_utc FROM {backend.migration_table_quoted}"
+        )
+        applied = dict(cursor.fetchall())
+        return [Migration(m.id, applied.get(m.id)) for m in migrations]
+
+
+def require_current(database_url: str) -> None:
+    """Raises DatabaseBehind when a migration this code knows has not been applied."""
+    pending = [m.id for m in status(database_url) if m.applied_at is None]
+    if pending:
+        raise DatabaseBehind(
+            f"the database lacks migration(s) {', '.join(pending)}: run `carelog db migrate`"
+        )
