@@ -12,7 +12,7 @@ from uuid import UUID
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post, put
-from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Tag
 from litestar.params import FromPath, JSONBody, Parameter
@@ -34,14 +34,7 @@ from auth.service import AuthService, Session, User
 from auth.tokens import RingKeys
 from domain.roles import ALL_ROLES, USER_ADMINS, Role
 from runtime.db import open_pool
-from runtime.http import (
-    EXCEPTION_HANDLERS,
-    bind_correlation_id,
-    echo_correlation_id,
-    metrics_middleware,
-    operational_routes,
-    problem,
-)
+from runtime.http import Problems, problem, service_app
 from runtime.security import Claims, TokenVerifier, requires
 from runtime.settings import Settings
 
@@ -93,11 +86,6 @@ class Validity(msgspec.Struct, rename="camel", kw_only=True):
     expires_at: int
 
 
-def _service(state: State) -> AuthService:
-    service: AuthService = state.service
-    return service
-
-
 def _claims(request: Request[Any, Any, Any]) -> Claims:
     claims: Claims = request.state.claims
     return claims
@@ -124,9 +112,9 @@ _ANYONE = [requires(ALL_ROLES)]
 
 
 @post("/auth/login", summary="Log in: an access token and a refresh token", status_code=200)
-async def login(data: JSONBody[Credentials], state: State) -> SessionOut:
+async def login(data: JSONBody[Credentials], service: NamedDependency[AuthService]) -> SessionOut:
     try:
-        session = await _service(state).login(data.email, data.password)
+        session = await service.login(data.email, data.password)
     except InvalidCredentials:
         LOGINS.labels("refused").inc()
         raise
@@ -135,9 +123,11 @@ async def login(data: JSONBody[Credentials], state: State) -> SessionOut:
 
 
 @post("/auth/refresh", summary="Spend a refresh token for new tokens", status_code=200)
-async def refresh(data: JSONBody[RefreshInput], state: State) -> SessionOut:
+async def refresh(
+    data: JSONBody[RefreshInput], service: NamedDependency[AuthService]
+) -> SessionOut:
     try:
-        session = await _service(state).refresh(data.refresh_token)
+        session = await service.refresh(data.refresh_token)
     except InvalidRefreshToken:
         REFRESHES.labels("refused").inc()
         raise
@@ -147,48 +137,53 @@ async def refresh(data: JSONBody[RefreshInput], state: State) -> SessionOut:
 
 @post("/auth/logout", summary="End the session of a refresh token", guards=_ANYONE, status_code=204)
 async def logout(
-    data: JSONBody[RefreshInput], request: Request[Any, Any, Any], state: State
+    data: JSONBody[RefreshInput],
+    request: Request[Any, Any, Any],
+    service: NamedDependency[AuthService],
 ) -> None:
-    await _service(state).logout(data.refresh_token, _claims(request).subject)
+    await service.logout(data.refresh_token, _claims(request).subject)
 
 
 @get("/auth/validate", summary="Check a bearer token", guards=_ANYONE)
-async def validate(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+async def validate(
+    request: Request[Any, Any, Any], service: NamedDependency[AuthService]
+) -> Response[Any]:
     claims = _claims(request)
-    if not await _service(state).active(claims.subject):
-        return problem(401, "the token's user is disabled or gone")
+    if not await service.active(claims.subject):
+        raise problem(401, "the token's user is disabled or gone")
     return Response(
         Validity(subject=claims.subject, role=claims.role, expires_at=claims.expires_at)
     )
 
 
 @get("/auth/.well-known/jwks.json", summary="The public keys that verify access tokens")
-async def jwks(state: State) -> Response[dict[str, Any]]:
-    ring: KeyRing = state.ring
+async def jwks(ring: NamedDependency[KeyRing]) -> Response[dict[str, Any]]:
     ring.refresh()
     return Response(ring.jwks(), headers={"Cache-Control": "public, max-age=60"})
 
 
 @post("/auth/users", summary="Create a user", guards=_ADMIN, tags=["users"])
-async def create_user(data: JSONBody[NewUser], state: State) -> Response[UserOut]:
-    user = await _service(state).create_user(data.email, data.password, data.role)
+async def create_user(
+    data: JSONBody[NewUser], service: NamedDependency[AuthService]
+) -> Response[UserOut]:
+    user = await service.create_user(data.email, data.password, data.role)
     return Response(_user(user), status_code=201, headers={"Location": f"/auth/users/{user.id}"})
 
 
 @get("/auth/users", summary="List users by email", guards=_ADMIN, tags=["users"])
 async def list_users(
-    state: State,
+    service: NamedDependency[AuthService],
     limit: Annotated[int, Parameter(ge=1, le=500)] = 100,
     after: Annotated[
         str | None, Parameter(max_length=254, description="The last email of the previous page")
     ] = None,
 ) -> list[UserOut]:
-    return [_user(u) for u in await _service(state).list_users(limit, after)]
+    return [_user(u) for u in await service.list_users(limit, after)]
 
 
 @get("/auth/users/{user_id:uuid}", summary="Get a user", guards=_ADMIN, tags=["users"])
-async def get_user(user_id: FromPath[UUID], state: State) -> UserOut:
-    return _user(await _service(state).get_user(user_id))
+async def get_user(user_id: FromPath[UUID], service: NamedDependency[AuthService]) -> UserOut:
+    return _user(await service.get_user(user_id))
 
 
 @put(
@@ -198,10 +193,10 @@ async def change_role(
     user_id: FromPath[UUID],
     data: JSONBody[RoleChange],
     request: Request[Any, Any, Any],
-    state: State,
+    service: NamedDependency[AuthService],
 ) -> UserOut:
     actor = _claims(request).subject
-    return _user(await _service(state).change_role(user_id, data.role, actor))
+    return _user(await service.change_role(user_id, data.role, actor))
 
 
 @post(
@@ -212,10 +207,10 @@ async def change_role(
     status_code=200,
 )
 async def disable_user(
-    user_id: FromPath[UUID], request: Request[Any, Any, Any], state: State
+    user_id: FromPath[UUID], request: Request[Any, Any, Any], service: NamedDependency[AuthService]
 ) -> UserOut:
     actor = _claims(request).subject
-    return _user(await _service(state).set_disabled(user_id, True, actor))
+    return _user(await service.set_disabled(user_id, True, actor))
 
 
 @post(
@@ -226,25 +221,25 @@ async def disable_user(
     status_code=200,
 )
 async def enable_user(
-    user_id: FromPath[UUID], request: Request[Any, Any, Any], state: State
+    user_id: FromPath[UUID], request: Request[Any, Any, Any], service: NamedDependency[AuthService]
 ) -> UserOut:
     actor = _claims(request).subject
-    return _user(await _service(state).set_disabled(user_id, False, actor))
+    return _user(await service.set_disabled(user_id, False, actor))
 
 
 _SAME_401 = "invalid email or password"
 
-ERRORS: dict[Any, Any] = {
-    InvalidInput: lambda _, exc: problem(400, "invalid request", errors=exc.errors),
-    InvalidCredentials: lambda _, __: problem(401, _SAME_401),
-    InvalidRefreshToken: lambda _, __: problem(401, "invalid refresh token"),
-    NotYourToken: lambda _, __: problem(403, "the refresh token is not yours"),
-    SelfLockout: lambda _, __: problem(409, "you may not disable or demote yourself"),
-    UserNotFound: lambda _, __: problem(404, "no such user"),
-    EmailTaken: lambda _, __: problem(
+PROBLEMS: Problems = {
+    InvalidInput: lambda exc: problem(400, "invalid request", errors=exc.errors),
+    InvalidCredentials: lambda _: problem(401, _SAME_401),
+    InvalidRefreshToken: lambda _: problem(401, "invalid refresh token"),
+    NotYourToken: lambda _: problem(403, "the refresh token is not yours"),
+    SelfLockout: lambda _: problem(409, "you may not disable or demote yourself"),
+    UserNotFound: lambda _: problem(404, "no such user"),
+    EmailTaken: lambda _: problem(
         409, "email already registered", errors={"email": "is already in use"}
     ),
-    Busy: lambda _, __: problem(
+    Busy: lambda _: problem(
         503, "too many logins at once; retry shortly", headers={"Retry-After": "1"}
     ),
 }
@@ -252,31 +247,36 @@ ERRORS: dict[Any, Any] = {
 
 def create_app(settings: Settings, auth: AuthSettings, ring: KeyRing | None = None) -> Litestar:
     """The auth service; loads its keys (a missing one fails startup) and opens its pool."""
-    ring = ring or KeyRing(auth.keys_dir)
+    keyring = ring or KeyRing(auth.keys_dir)
+    opened: list[AuthService] = []
 
     async def start(app: Litestar) -> None:
-        ring.ensure(development=settings.development)
+        keyring.ensure(development=settings.development)
         pool = await open_pool(settings.database_url, min_size=1, max_size=8)
-        service = AuthService(pool, ring, auth)
+        service = AuthService(pool, keyring, auth)
         await service.provision_development_user(settings.development)
-        app.state.update(pool=pool, service=service)
+        opened.append(service)
 
     async def stop(app: Litestar) -> None:
-        if app.state.get("pool") is not None:  # None when startup failed
-            await app.state.pool.close()
+        for service in opened:  # none when startup failed
+            await service.pool.close()
+
+    def auth_service() -> AuthService:
+        return opened[0]
+
+    def key_ring() -> KeyRing:
+        return keyring
 
     async def database() -> None:
-        async with app.state.pool.connection() as conn:
+        async with opened[0].pool.connection() as conn:
             await conn.execute("SELECT 1")
 
     async def keys() -> None:
-        ring.refresh()
+        keyring.refresh()
 
-    app = Litestar(
-        before_request=bind_correlation_id,
-        before_send=[echo_correlation_id],
-        logging_config=None,
-        route_handlers=[
+    return service_app(
+        "auth",
+        [
             login,
             refresh,
             logout,
@@ -288,20 +288,22 @@ def create_app(settings: Settings, auth: AuthSettings, ring: KeyRing | None = No
             change_role,
             disable_user,
             enable_user,
-            *operational_routes({"database": database, "keys": keys}),
         ],
-        on_startup=[start],
-        on_shutdown=[stop],
-        exception_handlers={**EXCEPTION_HANDLERS, **ERRORS},
-        middleware=[metrics_middleware("auth")],
-        request_max_body_size=MAX_BODY_BYTES,
-        openapi_config=OpenAPIConfig(
+        openapi=OpenAPIConfig(
             title="carelog auth",
             version="1.0.0",
             description="Users, login, refresh rotation, logout and the JWKS.",
             tags=[Tag(name="users")],
             path="/schema",
         ),
+        problems=PROBLEMS,
+        checks={"database": database, "keys": keys},
+        dependencies={
+            "service": Provide(auth_service, sync_to_thread=False),
+            "ring": Provide(key_ring, sync_to_thread=False),
+        },
+        on_startup=[start],
+        on_shutdown=[stop],
+        max_body_bytes=MAX_BODY_BYTES,
+        state={"verifier": TokenVerifier(RingKeys(keyring), auth.issuer, auth.audience)},
     )
-    app.state.update(ring=ring, verifier=TokenVerifier(RingKeys(ring), auth.issuer, auth.audience))
-    return app

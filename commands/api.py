@@ -1,8 +1,11 @@
 """The command API (port 4000): register, change and remove patients.
 
-Each handler decodes its input, calls one use case of `PatientService` in a worker
-thread (the event store's driver is synchronous), and maps the outcome. Errors are
-mapped to statuses in `ERRORS`, in one place.
+Each handler takes its typed body and its injected service, calls one use case of
+`PatientService` in a worker thread (the event store's driver is synchronous) and
+maps the outcome. Field rules live in the domain's parsers (`domain.patients`):
+`PatientInput` declares the same limits for the wire and the published schema, and
+a body that fails it is re-checked by the parser so that every bad field is named.
+Errors map to problems in `PROBLEMS`, in one place.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import msgspec
 import structlog
 from eventsourcing.persistence import IntegrityError
 from litestar import Litestar, Request, Response, delete, post, put
-from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Tag
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 from prometheus_client import Counter
 
 from commands.service import PatientService, Written, today
@@ -29,18 +32,7 @@ from commands.store import EventStore
 from domain.errors import EmailTaken, InvalidData, PatientNotFound, StaleVersion
 from domain.patients import ADDRESS_MAX, EMAIL_MAX, NAME_MAX, parse_change, parse_registration
 from domain.roles import PATIENT_WRITERS
-from runtime.http import (
-    EXCEPTION_HANDLERS,
-    bind_correlation_id,
-    echo_correlation_id,
-    json_body_operation,
-    metrics_middleware,
-    operational_routes,
-    problem,
-)
-from runtime.http import (
-    correlation_id as correlation_id_of,
-)
+from runtime.http import BODY_ERRORS, Problems, problem, service_app
 from runtime.security import TokenVerifier, requires
 from runtime.settings import Settings
 
@@ -53,7 +45,7 @@ MAX_BODY_BYTES = 64 * 1024
 POSITION_HEADER = "Event-Position"
 
 
-class PatientInput(msgspec.Struct, rename="camel", kw_only=True):
+class PatientInput(msgspec.Struct, rename="camel", kw_only=True, forbid_unknown_fields=True):
     """A patient's fields as a client sends them (`registeredDate` only on register)."""
 
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=NAME_MAX)]
@@ -82,9 +74,8 @@ def _decode_object(raw: bytes) -> tuple[dict[str, Any], dict[str, str]]:
     return value, {key: "is not a known field" for key in sorted(set(value) - _FIELDS)}
 
 
-def _parse(raw: bytes, parse: Callable[..., T]) -> T:
-    """Runs a domain parser over the body, reporting its errors and unknown fields together."""
-    body, errors = _decode_object(raw)
+def _parse(body: dict[str, Any], unknown: dict[str, str], parse: Callable[..., T]) -> T:
+    """Runs a domain parser over the fields, reporting its errors and unknown fields together."""
     try:
         parsed = parse(
             name=body.get("name"),
@@ -95,10 +86,33 @@ def _parse(raw: bytes, parse: Callable[..., T]) -> T:
             today=today(),
         )
     except InvalidData as invalid:
-        raise InvalidData({**invalid.errors, **errors}) from None
-    if errors:
-        raise InvalidData(errors)
+        raise InvalidData({**invalid.errors, **unknown}) from None
+    if unknown:
+        raise InvalidData(unknown)
     return parsed
+
+
+def _every_error(parse: Callable[..., Any]) -> Callable[[bytes], dict[str, str]]:
+    """The BODY_ERRORS check of a route: every bad field of a body that failed decoding."""
+
+    def check(raw: bytes) -> dict[str, str]:
+        try:
+            _parse(*_decode_object(raw), parse)
+        except InvalidData as invalid:
+            return invalid.errors
+        return {}
+
+    return check
+
+
+def _fields(data: JSONBody[PatientInput]) -> dict[str, Any]:
+    return {
+        "name": data.name,
+        "email": data.email,
+        "address": data.address,
+        "dateOfBirth": data.date_of_birth,
+        "registeredDate": data.registered_date,
+    }
 
 
 def _expected_version(request: Request[Any, Any, Any]) -> int | None:
@@ -139,24 +153,22 @@ def _headers(written: Written) -> dict[str, str]:
     return headers
 
 
-def _service(state: State) -> PatientService:
-    service: PatientService = state.service
-    return service
-
-
 @post(
     "/patients",
     summary="Register a patient",
-    operation_class=json_body_operation(PatientInput),
     tags=["patients"],
     status_code=201,
     guards=[requires(PATIENT_WRITERS)],
+    opt={BODY_ERRORS: _every_error(parse_registration)},
 )
-async def register_patient(request: Request[Any, Any, Any], state: State) -> Response[Any]:
-    details, registered = _parse(await request.body(), parse_registration)
-    correlation_id = correlation_id_of(request.scope)
+async def register_patient(
+    data: JSONBody[PatientInput],
+    service: NamedDependency[PatientService],
+    correlation_id: NamedDependency[str],
+) -> Response[Any]:
+    details, registered = _parse(_fields(data), {}, parse_registration)
     written = await anyio.to_thread.run_sync(
-        lambda: _service(state).register(details, registered, correlation_id)
+        lambda: service.register(details, registered, correlation_id)
     )
     COMMANDS.labels("RegisterPatient", "ok").inc()
     log.info("patient registered", patient_id=str(written.patient_id), position=written.position)
@@ -169,19 +181,22 @@ async def register_patient(request: Request[Any, Any, Any], state: State) -> Res
     "/patients/{patient_id:str}",
     summary="Change a patient's details",
     description="Send `If-Match` with the ETag you read to refuse a lost update (412).",
-    operation_class=json_body_operation(PatientInput),
     tags=["patients"],
     guards=[requires(PATIENT_WRITERS)],
+    opt={BODY_ERRORS: _every_error(parse_change)},
 )
 async def change_patient(
-    patient_id: FromPath[str], request: Request[Any, Any, Any], state: State
+    patient_id: FromPath[str],
+    data: JSONBody[PatientInput],
+    request: Request[Any, Any, Any],
+    service: NamedDependency[PatientService],
+    correlation_id: NamedDependency[str],
 ) -> Response[Any]:
     pid = _patient_id(patient_id)
     expected = _expected_version(request)
-    details = _parse(await request.body(), parse_change)
-    correlation_id = correlation_id_of(request.scope)
+    details = _parse(_fields(data), {}, parse_change)
     written = await anyio.to_thread.run_sync(
-        lambda: _service(state).change(pid, details, expected, correlation_id)
+        lambda: service.change(pid, details, expected, correlation_id)
     )
     COMMANDS.labels("ChangePatientDetails", "ok").inc()
     log.info("patient changed", patient_id=str(pid), position=written.position)
@@ -195,54 +210,48 @@ async def change_patient(
     guards=[requires(PATIENT_WRITERS)],
 )
 async def remove_patient(
-    patient_id: FromPath[str], request: Request[Any, Any, Any], state: State
+    patient_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    service: NamedDependency[PatientService],
+    correlation_id: NamedDependency[str],
 ) -> Response[None]:
     pid = _patient_id(patient_id)
     expected = _expected_version(request)
-    correlation_id = correlation_id_of(request.scope)
-    written = await anyio.to_thread.run_sync(
-        lambda: _service(state).remove(pid, expected, correlation_id)
-    )
+    written = await anyio.to_thread.run_sync(lambda: service.remove(pid, expected, correlation_id))
     COMMANDS.labels("RemovePatient", "ok").inc()
     log.info("patient removed", patient_id=str(pid), position=written.position)
     return Response(None, status_code=204, headers=_headers(written))
 
 
-def _invalid(_: Request[Any, Any, Any], exc: InvalidData) -> Response[Any]:
-    COMMANDS.labels("any", "invalid").inc()
-    return problem(400, "invalid request", errors=exc.errors)
+def _counted(outcome: str, make: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def convert(exc: Any) -> Any:
+        COMMANDS.labels("any", outcome).inc()
+        return make(exc)
+
+    return convert
 
 
-def _not_found(_: Request[Any, Any, Any], exc: PatientNotFound) -> Response[Any]:
-    return problem(404, "no such patient")
-
-
-def _email_taken(_: Request[Any, Any, Any], exc: EmailTaken) -> Response[Any]:
-    COMMANDS.labels("any", "conflict").inc()
-    return problem(409, "email already registered", errors={"email": "is already in use"})
-
-
-def _stale(_: Request[Any, Any, Any], exc: StaleVersion) -> Response[Any]:
-    COMMANDS.labels("any", "stale").inc()
-    return problem(
-        412,
-        "the patient has changed since you read it",
-        headers={"ETag": f'"{exc.actual}"'},
-        currentVersion=exc.actual,
-    )
-
-
-def _conflict(_: Request[Any, Any, Any], exc: IntegrityError) -> Response[Any]:
-    COMMANDS.labels("any", "conflict").inc()
-    return problem(409, "a concurrent change won; read again and retry")
-
-
-ERRORS: dict[Any, Any] = {
-    InvalidData: _invalid,
-    PatientNotFound: _not_found,
-    EmailTaken: _email_taken,
-    StaleVersion: _stale,
-    IntegrityError: _conflict,
+PROBLEMS: Problems = {
+    InvalidData: _counted(
+        "invalid", lambda exc: problem(400, "invalid request", errors=exc.errors)
+    ),
+    PatientNotFound: lambda exc: problem(404, "no such patient"),
+    EmailTaken: _counted(
+        "conflict",
+        lambda exc: problem(409, "email already registered", errors={"email": "is already in use"}),
+    ),
+    StaleVersion: _counted(
+        "stale",
+        lambda exc: problem(
+            412,
+            "the patient has changed since you read it",
+            headers={"ETag": f'"{exc.actual}"'},
+            currentVersion=exc.actual,
+        ),
+    ),
+    IntegrityError: _counted(
+        "conflict", lambda exc: problem(409, "a concurrent change won; read again and retry")
+    ),
 }
 
 
@@ -253,42 +262,39 @@ def create_app(
 
     Tokens are checked with `verifier`, by default against the auth service's JWKS.
     """
+    built: list[PatientService] = []
 
     async def start(app: Litestar) -> None:
-        app.state.store = store or await anyio.to_thread.run_sync(
-            lambda: EventStore(settings.database_url)
-        )
-        app.state.service = PatientService(app.state.store)
+        event_store = store
+        if event_store is None:
+            event_store = await anyio.to_thread.run_sync(EventStore, settings.database_url)
+        built.append(PatientService(event_store))
 
     async def stop(app: Litestar) -> None:
-        if store is None and getattr(app.state, "store", None) is not None:
-            await anyio.to_thread.run_sync(app.state.store.close)
+        if store is None and built:
+            await anyio.to_thread.run_sync(built[0].store.close)
 
-    async def database(app_state: State | None = None) -> None:
-        await anyio.to_thread.run_sync(lambda: app.state.store.recorder.max_notification_id())
+    def patient_service() -> PatientService:
+        return built[0]
 
-    app = Litestar(
-        before_request=bind_correlation_id,
-        before_send=[echo_correlation_id],
-        logging_config=None,
-        route_handlers=[
-            register_patient,
-            change_patient,
-            remove_patient,
-            *operational_routes({"database": database}),
-        ],
-        on_startup=[start],
-        on_shutdown=[stop],
-        exception_handlers={**EXCEPTION_HANDLERS, **ERRORS},
-        middleware=[metrics_middleware("commands")],
-        request_max_body_size=MAX_BODY_BYTES,
-        openapi_config=OpenAPIConfig(
+    async def database() -> None:
+        await anyio.to_thread.run_sync(built[0].store.recorder.max_notification_id)
+
+    return service_app(
+        "commands",
+        [register_patient, change_patient, remove_patient],
+        openapi=OpenAPIConfig(
             title="carelog commands",
             version="1.0.0",
             description="Writes: every change is an event in the event store.",
             tags=[Tag(name="patients")],
             path="/schema",
         ),
+        problems=PROBLEMS,
+        checks={"database": database},
+        dependencies={"service": Provide(patient_service, sync_to_thread=False)},
+        on_startup=[start],
+        on_shutdown=[stop],
+        max_body_bytes=MAX_BODY_BYTES,
+        state={"verifier": verifier or TokenVerifier.from_settings(settings)},
     )
-    app.state.verifier = verifier or TokenVerifier.from_settings(settings)
-    return app

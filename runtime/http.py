@@ -1,13 +1,25 @@
-"""HTTP plumbing shared by every carelog service: errors, health, metrics, serving."""
+"""The HTTP app factory every carelog service uses, and its shared pieces.
+
+`service_app` builds a Litestar app with what every service answers the same way:
+- errors as `application/problem+json` `{"status", "detail", "errors"?}`, through
+  Litestar's problem-details plugin; each service adds its own exception → problem map;
+- every bad query parameter named at once (unknown ones too), checked against the
+  handler's own signature, so a parameter's rules live only there;
+- a body that fails its typed decoding re-checked by the route's `body_errors`
+  option (see `BODY_ERRORS`), so every bad field is named at once;
+- the correlation id, decided once per request, bound to its log lines, echoed on
+  every answer and injectable as `correlation_id: str`;
+- Prometheus metrics per route template (Litestar's Prometheus integration) at
+  `/metrics`, and `/health/live` and `/health/ready`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import eventsourcing.persistence
@@ -18,36 +30,33 @@ import redis.exceptions
 import structlog
 import uvicorn
 from litestar import Litestar, Request, Response, get
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.constants import RESERVED_KWARGS
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import ClientException, HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler
-from litestar.openapi.spec import (
-    OpenAPIFormat,
-    OpenAPIMediaType,
-    OpenAPIType,
-    Operation,
-    RequestBody,
-    Schema,
+from litestar.openapi import OpenAPIConfig
+from litestar.params import ParameterKwarg
+from litestar.plugins.problem_details import (
+    ProblemDetailsConfig,
+    ProblemDetailsException,
+    ProblemDetailsPlugin,
 )
-from litestar.types import ASGIApp, Receive, Scope, Send
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.types import Scope
+from litestar.utils.scope.state import ScopeState
 
 log = structlog.get_logger(__name__)
-
-HTTP_REQUESTS = Counter(
-    "carelog_http_requests_total",
-    "HTTP requests answered",
-    ["service", "method", "route", "status"],
-)
-HTTP_LATENCY = Histogram(
-    "carelog_http_request_seconds",
-    "Time to answer an HTTP request",
-    ["service", "method", "route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
 
 CORRELATION_HEADER = "X-Correlation-ID"
 _CORRELATION_KEY = "carelog.correlation_id"
 _USABLE_ID = re.compile(r"^[\x21-\x7e]{1,100}$")
+
+BODY_ERRORS = "body_errors"
+"""A route option: `opt={BODY_ERRORS: fn}`, fn(raw body) -> {field: message} for every
+bad field. Called when the typed body fails to decode (which stops at the first error)."""
+
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 
 
 def correlation_id(scope: Scope) -> str:
@@ -64,11 +73,6 @@ def correlation_id(scope: Scope) -> str:
     return str(known)
 
 
-async def bind_correlation_id(request: Request[Any, Any, Any]) -> None:
-    """before_request: every log line written for this request names its correlation id."""
-    structlog.contextvars.bind_contextvars(correlation_id=correlation_id(request.scope))
-
-
 async def echo_correlation_id(message: Any, scope: Scope) -> None:
     """before_send: every response, errors and 404s included, echoes the correlation id."""
     if message["type"] == "http.response.start":
@@ -77,49 +81,104 @@ async def echo_correlation_id(message: Any, scope: Scope) -> None:
             headers.append((b"x-correlation-id", correlation_id(scope).encode()))
 
 
-Check = Callable[[], Awaitable[None]]
-"""A readiness check: returns when its dependency answers, raises otherwise."""
+def _query_fields(request: Request[Any, Any, Any]) -> dict[str, tuple[str, Any]]:
+    """The handler's query parameters: wire name → (argument name, declared type)."""
+    model = request.route_handler.signature_model
+    skip = RESERVED_KWARGS | model._dependency_name_set | set(request.path_params)
+    fields: dict[str, tuple[str, Any]] = {}
+    for name, definition in model._fields.items():
+        if name in skip:
+            continue
+        kwarg = definition.kwarg_definition
+        if isinstance(kwarg, ParameterKwarg) and (kwarg.header or kwarg.cookie):
+            continue
+        wire = kwarg.query if isinstance(kwarg, ParameterKwarg) and kwarg.query else name
+        fields[wire] = (name, model.__annotations__[name])
+    return fields
+
+
+def _message(exc: Exception) -> str:
+    text = str(exc).split(" - at `", 1)[0]
+    return text[0].lower() + text[1:] if text else "is invalid"
+
+
+def query_errors(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """Every query parameter that is unknown or does not fit its declared type, at once."""
+    fields = _query_fields(request)
+    errors: dict[str, str] = {}
+    for key in request.query_params:
+        if key not in fields:
+            errors[key] = "is not a known query parameter"
+            continue
+        value = request.query_params.get(key) or ""
+        if "\x00" in value:
+            errors[key] = "must not contain NUL characters"
+            continue
+        try:
+            msgspec.convert(value, type=fields[key][1], strict=False)
+        except (msgspec.ValidationError, TypeError, ValueError) as exc:
+            errors[key] = _message(exc)
+    return dict(sorted(errors.items()))
+
+
+async def _before_request(request: Request[Any, Any, Any]) -> None:
+    structlog.contextvars.bind_contextvars(correlation_id=correlation_id(request.scope))
+    if request.query_params and (errors := query_errors(request)):
+        raise problem(400, "invalid request", errors=errors)
 
 
 def problem(
     status: int, detail: str, headers: Mapping[str, str] | None = None, **extra: Any
-) -> Response[dict[str, Any]]:
-    """An error answer: `{"status", "detail", ...}` as application/problem+json."""
-    return Response(
-        {"status": status, "detail": detail, **extra},
-        status_code=status,
-        media_type="application/problem+json",
-        headers=dict(headers or {}),
+) -> ProblemDetailsException:
+    """An error answer: `{"status", "detail", ...extra}` as application/problem+json."""
+    return ProblemDetailsException(
+        status_code=status, detail=detail, headers=dict(headers or {}), extra=extra or None
     )
 
 
-def _http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+Problems = Mapping[type[BaseException], Callable[[Any], ProblemDetailsException]]
+"""Exception type → the problem it answers with."""
+
+
+def _from_http_exception(exc: HTTPException) -> ProblemDetailsException:
     extra: dict[str, Any] = {}
     detail = exc.detail
     if isinstance(exc, ValidationException):
         detail = "invalid request"  # the default names the URL, which may carry personal data
-    if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
-        errors = {}
-        for item in exc.extra:
-            if isinstance(item, dict) and item.get("key"):
-                errors[str(item["key"])] = str(item.get("message", "is invalid"))
-        if errors:
-            extra["errors"] = errors
+        if isinstance(exc.extra, list):
+            errors = {
+                str(item["key"]): _message(Exception(item.get("message") or "is invalid"))
+                for item in exc.extra
+                if isinstance(item, dict) and item.get("key")
+            }
+            if errors:
+                extra["errors"] = errors
     return problem(exc.status_code, detail, headers=exc.headers, **extra)
 
 
-def _unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    log.warning("dependency unavailable", path=request.url.path, error=type(exc).__name__)
+def _invalid_request(request: Request[Any, Any, Any], exc: ClientException) -> Response[Any]:
+    """A 400 from Litestar's own decoding; a body is re-checked so every field is named."""
+    handler = request.scope.get("route_handler")  # none when no route matched (404, 405)
+    check = handler.opt.get(BODY_ERRORS) if handler is not None else None
+    if exc.status_code == 400 and check is not None:
+        body = ScopeState.from_scope(request.scope).body  # read (and kept) by the decoding
+        if isinstance(body, bytes) and (errors := check(body)):
+            return problem(400, "invalid request", errors=errors).to_response(request)
+    return _from_http_exception(exc).to_response(request)
+
+
+def _unavailable(exc: Exception) -> ProblemDetailsException:
+    log.warning("dependency unavailable", error=type(exc).__name__)
     return problem(503, "a dependency is unavailable; retry shortly", headers={"Retry-After": "1"})
 
 
-def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    log.exception("unexpected error", method=request.method, path=request.url.path)
+def _unexpected(exc: Exception) -> ProblemDetailsException:
+    log.error("unexpected error", exc_info=exc)
     return problem(500, "internal error")
 
 
-EXCEPTION_HANDLERS: dict[Any, Any] = {
-    HTTPException: _http_exception,
+BASE_PROBLEMS: Problems = {
+    HTTPException: _from_http_exception,
     psycopg.OperationalError: _unavailable,
     eventsourcing.persistence.OperationalError: _unavailable,
     eventsourcing.persistence.InterfaceError: _unavailable,
@@ -130,38 +189,76 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
 }
 
 
-def metrics_middleware(service: str) -> Callable[[ASGIApp], ASGIApp]:
-    """Counts and times every request by its route template (never the raw path)."""
-
-    def factory(app: ASGIApp) -> ASGIApp:
-        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
-                await app(scope, receive, send)
-                return
-            start = time.perf_counter()
-            status = 500
-
-            async def sending(message: Any) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
-
-            try:
-                await app(scope, receive, sending)
-            finally:
-                route = scope.get("path_template") or "unmatched"
-                method = scope.get("method", "")
-                HTTP_REQUESTS.labels(service, method, route, str(status)).inc()
-                HTTP_LATENCY.labels(service, method, route).observe(time.perf_counter() - start)
-
-        return middleware
-
-    return factory
+Check = Callable[[], Awaitable[None]]
+"""A readiness check: returns when its dependency answers, raises otherwise."""
 
 
-def operational_routes(checks: Mapping[str, Check]) -> list[BaseRouteHandler]:
-    """`/health/live`, `/health/ready` (runs every check) and `/metrics`."""
+def service_app(
+    name: str,
+    route_handlers: Sequence[Any],
+    *,
+    openapi: OpenAPIConfig | None = None,
+    problems: Problems | None = None,
+    checks: Mapping[str, Check] | None = None,
+    dependencies: Mapping[str, Provide] | None = None,
+    on_startup: Sequence[Callable[[Litestar], Awaitable[None]]] = (),
+    on_shutdown: Sequence[Callable[[Litestar], Awaitable[None]]] = (),
+    max_body_bytes: int = 64 * 1024,
+    state: Mapping[str, Any] | None = None,
+) -> Litestar:
+    """A carelog HTTP service: its routes plus errors, metrics, health and correlation ids."""
+    metrics = PrometheusConfig(
+        app_name=name,
+        prefix="carelog_http",
+        group_path=True,
+        buckets=list(LATENCY_BUCKETS),
+        exclude=["/health", "/metrics"],
+    )
+    return Litestar(
+        route_handlers=[
+            *route_handlers,
+            *health_routes(checks or {}),
+            MetricsController,
+        ],
+        plugins=[
+            ProblemDetailsPlugin(
+                ProblemDetailsConfig(
+                    exception_to_problem_detail_map={**BASE_PROBLEMS, **(problems or {})}
+                )
+            )
+        ],
+        exception_handlers={
+            ValidationException: _invalid_request,
+            ClientException: _invalid_request,
+        },
+        dependencies={
+            "correlation_id": Provide(_correlation_id, sync_to_thread=False),
+            **(dependencies or {}),
+        },
+        before_request=_before_request,
+        before_send=[echo_correlation_id],
+        middleware=[metrics.middleware],
+        on_startup=list(on_startup),
+        on_shutdown=list(on_shutdown),
+        request_max_body_size=max_body_bytes,
+        openapi_config=openapi,
+        logging_config=None,
+        state=State(dict(state or {})),
+    )
+
+
+class MetricsController(PrometheusController):
+    """`/metrics` for Prometheus; not part of a service's published API."""
+
+    include_in_schema = False
+
+
+def _correlation_id(request: Request[Any, Any, Any]) -> str:
+    return correlation_id(request.scope)
+
+
+def health_routes(checks: Mapping[str, Check]) -> list[BaseRouteHandler]:
+    """`/health/live` and `/health/ready` (runs every check)."""
 
     @get("/health/live", include_in_schema=False, sync_to_thread=False)
     def live() -> dict[str, str]:
@@ -176,11 +273,7 @@ def operational_routes(checks: Mapping[str, Check]) -> list[BaseRouteHandler]:
             status_code=200 if ok else 503,
         )
 
-    @get("/metrics", include_in_schema=False, sync_to_thread=False)
-    def metrics() -> Response[bytes]:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    return [live, ready, metrics]
+    return [live, ready]
 
 
 async def run_checks(checks: Mapping[str, Check], timeout: float = 2.0) -> dict[str, str]:
@@ -194,55 +287,6 @@ async def run_checks(checks: Mapping[str, Check], timeout: float = 2.0) -> dict[
     names = list(checks)
     outcomes = await asyncio.gather(*(one(checks[n]) for n in names))
     return dict(zip(names, outcomes, strict=True))
-
-
-def json_body_operation(struct: type[msgspec.Struct]) -> type[Operation]:
-    """An OpenAPI operation that documents a JSON body the handler decodes itself.
-
-    Handlers that collect every field's error read the raw body; this keeps the
-    body's schema in the published OpenAPI all the same.
-    """
-    schema = _schema_of(struct)
-
-    class BodyOperation(Operation):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.request_body = RequestBody(
-                content={"application/json": OpenAPIMediaType(schema=schema)}, required=True
-            )
-
-    return BodyOperation
-
-
-def _schema_of(struct: type[msgspec.Struct]) -> Schema:
-    raw = msgspec.json.schema(struct)
-    definition = raw["$defs"][raw["$ref"].split("/")[-1]]
-
-    def convert(node: dict[str, Any]) -> Schema:
-        keep = {_SCHEMA_KEYS_RENAMED.get(k, k): v for k, v in node.items() if k in _SCHEMA_KEYS}
-        if "type" in keep:
-            keep["type"] = OpenAPIType(keep["type"])
-        if "format" in keep:
-            keep["format"] = OpenAPIFormat(keep["format"])
-        if "properties" in node:
-            keep["properties"] = {k: convert(v) for k, v in node["properties"].items()}
-        return Schema(**keep)
-
-    return convert(definition)
-
-
-_SCHEMA_KEYS = {
-    "type",
-    "format",
-    "title",
-    "description",
-    "required",
-    "minLength",
-    "maxLength",
-    "pattern",
-    "examples",
-}
-_SCHEMA_KEYS_RENAMED = {"minLength": "min_length", "maxLength": "max_length"}
 
 
 def serve(app: Litestar, host: str, port: int) -> None:
@@ -273,7 +317,9 @@ class HealthServer:
     """A worker's health and metrics endpoint, served inside its own event loop."""
 
     def __init__(self, checks: Mapping[str, Check], host: str, port: int):
-        app = Litestar(route_handlers=operational_routes(checks), logging_config=None)
+        app = Litestar(
+            route_handlers=[*health_routes(checks), MetricsController], logging_config=None
+        )
         config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
         )

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from dataclasses import dataclass
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import msgspec
+import psycopg_pool
 import structlog
-from litestar import Litestar, Request, Response, get
-from litestar.datastructures import State
+from litestar import Litestar, Response, get
+from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, Parameter
 from prometheus_client import Counter
@@ -30,14 +32,7 @@ from readmodels.directory import (
     records,
 )
 from runtime.db import open_pool
-from runtime.http import (
-    EXCEPTION_HANDLERS,
-    bind_correlation_id,
-    echo_correlation_id,
-    metrics_middleware,
-    operational_routes,
-    problem,
-)
+from runtime.http import Problems, problem, service_app
 from runtime.security import TokenVerifier, requires
 from runtime.settings import Settings
 
@@ -45,20 +40,6 @@ log = structlog.get_logger(__name__)
 
 CACHE = Counter("carelog_read_cache_total", "Query API cache lookups", ["kind", "outcome"])
 
-_LIST_PARAMS = frozenset(
-    {
-        "limit",
-        "cursor",
-        "name",
-        "email",
-        "dateOfBirthFrom",
-        "dateOfBirthTo",
-        "registeredFrom",
-        "registeredTo",
-        "sort",
-        "minPosition",
-    }
-)
 _page_encoder = msgspec.json.Encoder()
 
 
@@ -66,24 +47,25 @@ class NotYetProjected(Exception):
     """The read model has not reached the position the client asked for, in time."""
 
 
-def _reject_unknown(request: Request[Any, Any, Any], allowed: frozenset[str]) -> None:
-    errors = {key: "is not a known query parameter" for key in set(request.query_params) - allowed}
-    for key, value in request.query_params.items():
-        if key in allowed and "\x00" in value:
-            errors[key] = "must not contain NUL characters"
-    if errors:
-        raise InvalidData(dict(sorted(errors.items())))
+@dataclass(frozen=True)
+class Directory:
+    """What the patient queries read: the directory's tables, its cache, how long to wait."""
+
+    pool: psycopg_pool.AsyncConnectionPool[Any]
+    cache: DirectoryCache
+    tables: Tables
+    read_wait_seconds: float
 
 
-async def _await_position(state: State, position: int | None) -> None:
+async def _await_position(directory: Directory, position: int | None) -> None:
     """Waits (bounded) until the directory has applied the event at `position`."""
     if position is None:
         return
-    deadline = time.monotonic() + state.settings.read_wait_seconds
+    deadline = time.monotonic() + directory.read_wait_seconds
     pause = 0.005
     while True:
-        async with state.pool.connection() as conn:
-            if await reached(conn, position, state.tables):
+        async with directory.pool.connection() as conn:
+            if await reached(conn, position, directory.tables):
                 return
         if time.monotonic() + pause > deadline:
             raise NotYetProjected()
@@ -93,8 +75,7 @@ async def _await_position(state: State, position: int | None) -> None:
 
 @get("/patients", summary="List patients", tags=["patients"], guards=[requires(PATIENT_READERS)])
 async def list_patients(
-    request: Request[Any, Any, Any],
-    state: State,
+    directory: NamedDependency[Directory],
     limit: Annotated[int, Parameter(ge=1, le=200, description="Page size")] = 50,
     cursor: Annotated[
         str | None, Parameter(description="The `next` value of the previous page")
@@ -108,14 +89,16 @@ async def list_patients(
     registeredFrom: Annotated[date | None, Parameter()] = None,
     registeredTo: Annotated[date | None, Parameter()] = None,
     sort: Annotated[
-        str, Parameter(description="name, registeredDate or dateOfBirth; prefix - to reverse")
+        Literal[
+            "name", "-name", "registeredDate", "-registeredDate", "dateOfBirth", "-dateOfBirth"
+        ],
+        Parameter(description="name, registeredDate or dateOfBirth; prefix - to reverse"),
     ] = "name",
     minPosition: Annotated[
         int | None,
         Parameter(ge=1, description="Answer only once the read model reflects this position"),
     ] = None,
 ) -> Response[bytes]:
-    _reject_unknown(request, _LIST_PARAMS)
     query = PatientQuery(
         limit=limit,
         sort=sort,
@@ -128,8 +111,8 @@ async def list_patients(
         registered_to=registeredTo,
     )
     query.check()
-    await _await_position(state, minPosition)
-    cache: DirectoryCache = state.cache
+    await _await_position(directory, minPosition)
+    cache = directory.cache
     use_cache = minPosition is None
     key = hashlib.sha1(repr(query).encode(), usedforsecurity=False).hexdigest()
     generation = 0
@@ -139,8 +122,8 @@ async def list_patients(
             CACHE.labels("page", "hit").inc()
             return Response(cached, media_type="application/json")
         CACHE.labels("page", "miss").inc()
-    statement, params = build(query, state.tables)
-    async with state.pool.connection() as conn, conn.cursor(row_factory=records) as cur:
+    statement, params = build(query, directory.tables)
+    async with directory.pool.connection() as conn, conn.cursor(row_factory=records) as cur:
         await cur.execute(statement, params)
         rows = await cur.fetchall()
     body = _page_encoder.encode(page_from_rows(query, rows))
@@ -157,17 +140,15 @@ async def list_patients(
 )
 async def get_patient(
     patient_id: FromPath[str],
-    request: Request[Any, Any, Any],
-    state: State,
+    directory: NamedDependency[Directory],
     minPosition: Annotated[int | None, Parameter(ge=1)] = None,
 ) -> Response[bytes]:
-    _reject_unknown(request, frozenset({"minPosition"}))
     try:
         pid = UUID(patient_id)
     except ValueError:
         raise PatientNotFound(patient_id) from None
-    await _await_position(state, minPosition)
-    cache: DirectoryCache = state.cache
+    await _await_position(directory, minPosition)
+    cache = directory.cache
     if minPosition is None:
         cached = await cache.get_patient(str(pid))
         if cached is not None:
@@ -177,8 +158,8 @@ async def get_patient(
                 raise PatientNotFound(patient_id)
             return Response(body, media_type="application/json", headers={"ETag": f'"{version}"'})
         CACHE.labels("patient", "miss").inc()
-    async with state.pool.connection() as conn:
-        record = await get_record(conn, pid, state.tables)
+    async with directory.pool.connection() as conn:
+        record = await get_record(conn, pid, directory.tables)
     if record is None:
         raise PatientNotFound(patient_id)
     body = record.cache_entry()
@@ -188,20 +169,15 @@ async def get_patient(
     return Response(body, media_type="application/json", headers={"ETag": f'"{record.version}"'})
 
 
-def _invalid(_: Request[Any, Any, Any], exc: InvalidData) -> Response[Any]:
-    return problem(400, "invalid request", errors=exc.errors)
-
-
-def _not_found(_: Request[Any, Any, Any], exc: PatientNotFound) -> Response[Any]:
-    return problem(404, "no such patient")
-
-
-def _not_yet(request: Request[Any, Any, Any], exc: NotYetProjected) -> Response[Any]:
-    return problem(
+PROBLEMS: Problems = {
+    InvalidData: lambda exc: problem(400, "invalid request", errors=exc.errors),
+    PatientNotFound: lambda exc: problem(404, "no such patient"),
+    NotYetProjected: lambda exc: problem(
         503,
         "the read model has not reached minPosition yet; retry shortly",
         headers={"Retry-After": "1"},
-    )
+    ),
+}
 
 
 def create_app(
@@ -211,55 +187,44 @@ def create_app(
 
     Tokens are checked with `verifier`, by default against the auth service's JWKS.
     """
+    opened: list[tuple[Directory, Redis]] = []
 
     async def start(app: Litestar) -> None:
         pool = await open_pool(settings.database_url, min_size=2, max_size=16)
         redis = Redis.from_url(settings.redis_url)
-        app.state.update(
-            settings=settings,
-            tables=tables,
-            pool=pool,
-            redis=redis,
-            cache=DirectoryCache(
-                redis, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds
-            ),
+        cache = DirectoryCache(
+            redis, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds
         )
+        opened.append((Directory(pool, cache, tables, settings.read_wait_seconds), redis))
 
     async def stop(app: Litestar) -> None:
-        await app.state.redis.aclose()
-        await app.state.pool.close()
+        for directory, redis in opened:
+            await redis.aclose()
+            await directory.pool.close()
+
+    def directory() -> Directory:
+        return opened[0][0]
 
     async def database() -> None:
-        async with app.state.pool.connection() as conn:
+        async with opened[0][0].pool.connection() as conn:
             await conn.execute("SELECT 1")
 
     async def cache() -> None:
-        await app.state.redis.ping()
+        await opened[0][1].ping()
 
-    app = Litestar(
-        before_request=bind_correlation_id,
-        before_send=[echo_correlation_id],
-        logging_config=None,
-        route_handlers=[
-            list_patients,
-            get_patient,
-            *operational_routes({"database": database, "cache": cache}),
-        ],
-        on_startup=[start],
-        on_shutdown=[stop],
-        exception_handlers={
-            **EXCEPTION_HANDLERS,
-            InvalidData: _invalid,
-            PatientNotFound: _not_found,
-            NotYetProjected: _not_yet,
-        },
-        middleware=[metrics_middleware("read-api")],
-        openapi_config=OpenAPIConfig(
+    return service_app(
+        "read-api",
+        [list_patients, get_patient],
+        openapi=OpenAPIConfig(
             title="carelog queries",
             version="1.0.0",
             description="Reads: paged, filtered, cached views of the read models.",
             path="/schema",
         ),
+        problems=PROBLEMS,
+        checks={"database": database, "cache": cache},
+        dependencies={"directory": Provide(directory, sync_to_thread=False)},
+        on_startup=[start],
+        on_shutdown=[stop],
+        state={"verifier": verifier or TokenVerifier.from_settings(settings)},
     )
-    app.state.verifier = verifier or TokenVerifier.from_settings(settings)
-    return app

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from litestar.testing import AsyncTestClient
@@ -167,12 +168,24 @@ async def test_filters_combine(client, directory):
         ({"name": "a\x00b"}, {"name"}),
         ({"email": "\x00"}, {"email"}),
         ({"minPosition": "-3"}, {"minPosition"}),
+        ({"limit": 0, "sort": "foo", "bogus": 1}, {"limit", "sort", "bogus"}),
+        (
+            {"limit": "x", "dateOfBirthTo": "soon", "minPosition": 0, "a": 1, "b": 2},
+            {"limit", "dateOfBirthTo", "minPosition", "a", "b"},
+        ),
     ],
 )
 async def test_bad_parameters_are_400_naming_them(client, params, fields):
     response = await client.get("/patients", params=params)
     assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/problem+json"
     assert set(response.json()["errors"]) == fields
+
+
+async def test_one_patient_names_every_bad_parameter_too(client):
+    response = await client.get(f"/patients/{uuid4()}", params={"minPosition": 0, "limit": 5})
+    assert response.status_code == 400, response.text
+    assert set(response.json()["errors"]) == {"minPosition", "limit"}
 
 
 async def test_min_position_waits_for_the_projection_then_answers(client, directory):
