@@ -14,6 +14,7 @@ from eventsourcing.persistence import IntegrityError
 from commands.group_commit import GroupCommit
 from commands.store import EventStore
 from domain.errors import EmailTaken, PatientNotFound, StaleVersion
+from domain.events import correlated
 from domain.patients import EmailClaim, Patient, PatientDetails, email_claim_id
 
 R = TypeVar("R")
@@ -52,9 +53,9 @@ class PatientService:
         def attempt() -> Written:
             patient = Patient.register(details, registered_date)
             claim = self._claim(details.email, patient.id)
-            return self._save(patient, claim, correlation_id=correlation_id)
+            return self._save(patient, claim)
 
-        return self._retrying(attempt)
+        return self._retrying(attempt, correlation_id)
 
     def change(
         self,
@@ -75,9 +76,9 @@ class PatientService:
                     old.release(patient.id)
                     changed.append(old)
             patient.change_details(details)
-            return self._save(*changed, correlation_id=correlation_id)
+            return self._save(*changed)
 
-        return self._retrying(attempt)
+        return self._retrying(attempt, correlation_id)
 
     def remove(
         self,
@@ -93,9 +94,9 @@ class PatientService:
             claim = self._existing_claim(patient.email)
             if claim is not None:
                 claim.release(patient.id)
-            return self._save(patient, claim, correlation_id=correlation_id)
+            return self._save(patient, claim)
 
-        return self._retrying(attempt)
+        return self._retrying(attempt, correlation_id)
 
     def _current(self, patient_id: UUID, expected_version: int | None) -> Patient:
         patient = self.get(patient_id)
@@ -128,12 +129,7 @@ class PatientService:
         claim.claim(patient_id)
         return claim
 
-    def _save(self, patient: Patient, *others: Any, correlation_id: str | None) -> Written:
-        if correlation_id is not None:
-            # Kept in each event's stored state; the relay publishes it with the event.
-            for changed in (patient, *others):
-                for pending in changed.pending_events if changed is not None else ():
-                    object.__setattr__(pending, "correlation_id", correlation_id)
+    def _save(self, patient: Patient, *others: Any) -> Written:
         recordings = self.writer.save(patient, *others)
         position = next(
             (r.notification.id for r in recordings if r.domain_event.originator_id == patient.id),
@@ -142,10 +138,12 @@ class PatientService:
         return Written(patient.id, patient.version, position, patient)
 
     @staticmethod
-    def _retrying(attempt: Callable[[], R]) -> R:
+    def _retrying(attempt: Callable[[], R], correlation_id: str | None) -> R:
+        """Runs `attempt` until it saves; its events record `correlation_id`."""
         for remaining in range(_SAVE_ATTEMPTS - 1, -1, -1):
             try:
-                return attempt()
+                with correlated(correlation_id):
+                    return attempt()
             except IntegrityError:
                 if remaining == 0:
                     raise

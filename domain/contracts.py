@@ -144,7 +144,7 @@ def envelope_for(domain_event: Any, position: int) -> Envelope[Any] | None:
         aggregate_version=domain_event.originator_version,
         position=position,
         occurred_at=domain_event.timestamp,
-        correlation_id=getattr(domain_event, "correlation_id", None),
+        correlation_id=domain_event.correlation_id,
     )
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import date
 from uuid import UUID, uuid4, uuid5
 
-from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import event
 
 from domain.errors import EmailTaken, InvalidData, PatientNotFound
+from domain.events import TracedAggregate
 
 NAME_MAX = 100
 ADDRESS_MAX = 200
@@ -171,7 +172,7 @@ def _date(errors: dict[str, str], field: str, value: object) -> date | None:
         return None
 
 
-class Patient(Aggregate):
+class Patient(TracedAggregate):
     """A person registered with the practice. Removal keeps the history."""
 
     @staticmethod
@@ -237,7 +238,7 @@ class Patient(Aggregate):
             raise PatientNotFound(str(self.id))
 
 
-class EmailClaim(Aggregate):
+class EmailClaim(TracedAggregate):
     """Which current patient, if any, holds an email address. Holds no email itself."""
 
     @staticmethod

@@ -72,24 +72,33 @@ class EventBatchWorker(abc.ABC):
                 await self.dead_letter(body, f"undecodable: {exc}")
         if not decoded:
             return
-        try:
+        # Log lines about the batch name the requests that caused its events.
+        causes = sorted({e.correlation_id for e, _ in decoded if e.correlation_id})
+        with structlog.contextvars.bound_contextvars(correlation_id=" ".join(causes) or None):
             try:
-                await self.apply(decoded)
-            except NEVER_APPLIES:
-                for one in decoded:
+                await self._apply(decoded)
+            except TRANSIENT as exc:
+                log.warning("batch not applied; redelivering", consumer=self.name, error=repr(exc))
+                await asyncio.sleep(1.0)
+                raise
+            except Exception:
+                # Unexpected: logged by the broker with its traceback, then redelivered,
+                # paced so that a bug cannot spin the consumer.
+                await asyncio.sleep(1.0)
+                raise
+
+    async def _apply(self, decoded: Batch) -> None:
+        try:
+            await self.apply(decoded)
+        except NEVER_APPLIES:
+            for one in decoded:
+                with structlog.contextvars.bound_contextvars(
+                    correlation_id=one[0].correlation_id, event_id=str(one[0].event_id)
+                ):
                     try:
                         await self.apply([one])
                     except NEVER_APPLIES as exc:
                         await self.dead_letter(msgspec.json.encode(one[0]), _reason(exc))
-        except TRANSIENT as exc:
-            log.warning("batch not applied; redelivering", consumer=self.name, error=repr(exc))
-            await asyncio.sleep(1.0)
-            raise
-        except Exception:
-            # Unexpected: logged by the broker with its traceback, then redelivered,
-            # paced so that a bug cannot spin the consumer.
-            await asyncio.sleep(1.0)
-            raise
 
     async def dead_letter(self, body: bytes, reason: str) -> None:
         DEAD_LETTERED.labels(self.name).inc()
