@@ -13,8 +13,6 @@ from uuid import UUID
 import msgspec
 from litestar import Litestar, Request, Response, get, post, put
 from litestar.di import NamedDependency, Provide
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Tag
 from litestar.params import FromPath, JSONBody, Parameter
 from prometheus_client import Counter
 
@@ -289,13 +287,9 @@ def create_app(settings: Settings, auth: AuthSettings, ring: KeyRing | None = No
             disable_user,
             enable_user,
         ],
-        openapi=OpenAPIConfig(
-            title="carelog auth",
-            version="1.0.0",
-            description="Users, login, refresh rotation, logout and the JWKS.",
-            tags=[Tag(name="users")],
-            path="/schema",
-        ),
+        title="auth",
+        description="Users, login, refresh rotation, logout and the JWKS.",
+        tags=["users"],
         problems=PROBLEMS,
         checks={"database": database, "keys": keys},
         dependencies={

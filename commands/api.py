@@ -22,8 +22,6 @@ import structlog
 from eventsourcing.persistence import IntegrityError
 from litestar import Litestar, Request, Response, delete, post, put
 from litestar.di import NamedDependency, Provide
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Tag
 from litestar.params import FromPath, JSONBody
 from prometheus_client import Counter
 
@@ -283,13 +281,9 @@ def create_app(
     return service_app(
         "commands",
         [register_patient, change_patient, remove_patient],
-        openapi=OpenAPIConfig(
-            title="carelog commands",
-            version="1.0.0",
-            description="Writes: every change is an event in the event store.",
-            tags=[Tag(name="patients")],
-            path="/schema",
-        ),
+        title="commands",
+        description="Writes: every change is an event in the event store.",
+        tags=["patients"],
         problems=PROBLEMS,
         checks={"database": database},
         dependencies={"service": Provide(patient_service, sync_to_thread=False)},

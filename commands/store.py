@@ -44,6 +44,10 @@ def postgres_env(database_url: str, pool_size: int = 10) -> dict[str, str]:
     }
 
 
+MEMORY_ENV = {"PERSISTENCE_MODULE": "eventsourcing.popo"}
+"""The `eventsourcing` settings of a store held in this process's memory (for tests)."""
+
+
 class EventStore(Application[Any]):
     """All of carelog's aggregates; its table is `carelog_events`."""
 
@@ -51,6 +55,17 @@ class EventStore(Application[Any]):
 
     def __init__(self, database_url: str, pool_size: int = 10):
         super().__init__(env=postgres_env(database_url, pool_size))
+
+    @classmethod
+    def in_memory(cls) -> EventStore:
+        """An empty store in this process's memory: nothing is shared, nothing outlives it.
+
+        Its positions (notification ids) count 1, 2, 3, ... with no gaps, where PostgreSQL's
+        may skip numbers; it has no table, so nothing that reads SQL can use it.
+        """
+        store = cls.__new__(cls)
+        Application.__init__(store, env=MEMORY_ENV)
+        return store
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)

@@ -36,6 +36,7 @@ from litestar.di import Provide
 from litestar.exceptions import ClientException, HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Tag
 from litestar.params import ParameterKwarg
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
@@ -197,7 +198,9 @@ def service_app(
     name: str,
     route_handlers: Sequence[Any],
     *,
-    openapi: OpenAPIConfig | None = None,
+    title: str,
+    description: str,
+    tags: Sequence[str] = (),
     problems: Problems | None = None,
     checks: Mapping[str, Check] | None = None,
     dependencies: Mapping[str, Provide] | None = None,
@@ -241,7 +244,13 @@ def service_app(
         on_startup=list(on_startup),
         on_shutdown=list(on_shutdown),
         request_max_body_size=max_body_bytes,
-        openapi_config=openapi,
+        openapi_config=OpenAPIConfig(
+            title=f"carelog {title}",
+            version="1.0.0",
+            description=description,
+            tags=[Tag(name=t) for t in tags] or None,
+            path="/schema",
+        ),
         logging_config=None,
         state=State(dict(state or {})),
     )

@@ -15,7 +15,6 @@ import psycopg_pool
 import structlog
 from litestar import Litestar, Response, get
 from litestar.di import NamedDependency, Provide
-from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath, Parameter
 from prometheus_client import Counter
 from redis.asyncio import Redis
@@ -215,12 +214,8 @@ def create_app(
     return service_app(
         "read-api",
         [list_patients, get_patient],
-        openapi=OpenAPIConfig(
-            title="carelog queries",
-            version="1.0.0",
-            description="Reads: paged, filtered, cached views of the read models.",
-            path="/schema",
-        ),
+        title="queries",
+        description="Reads: paged, filtered, cached views of the read models.",
         problems=PROBLEMS,
         checks={"database": database, "cache": cache},
         dependencies={"directory": Provide(directory, sync_to_thread=False)},
