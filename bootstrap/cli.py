@@ -8,6 +8,7 @@ carelog keys list|rotate|prune  the token signing keys
 carelog serve billing      billing over gRPC (port 9001; health on 4001)
 carelog relay              event store → Kafka (health on 4010)
 carelog project directory  the patient directory projection (health on 4011)
+carelog project appointments  the appointments projection (health on 4012)
 carelog topics             creates the Kafka topics
 carelog schemas write|check  the JSON Schemas of published events
 carelog db migrate|status  the database schema's versioned migrations
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     keys_p.add_argument("action", choices=["list", "rotate", "prune"])
     sub.add_parser("relay", help="publish the event store to Kafka")
     project_p = sub.add_parser("project", help="run a projection")
-    project_p.add_argument("projection", choices=["directory"])
+    project_p.add_argument("projection", choices=["directory", "appointments"])
     sub.add_parser("topics", help="create the Kafka topics")
     schemas_p = sub.add_parser("schemas", help="write or check the event JSON Schemas")
     schemas_p.add_argument("action", choices=["write", "check"])
@@ -222,9 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "project":
         from bootstrap import directory
 
-        settings = _settings("projection")
-        _require_migrated(settings, "projection")
-        asyncio.run(directory.run(settings))
+        settings = _settings(f"project {args.projection}")
+        _require_migrated(settings, f"project {args.projection}")
+        if args.projection == "appointments":
+            asyncio.run(directory.run_appointments(settings))
+        else:
+            asyncio.run(directory.run(settings))
     elif args.command == "topics":
         from domain.contracts import CONTRACTS
         from runtime.kafka import ensure_topics

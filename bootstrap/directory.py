@@ -1,71 +1,112 @@
-"""The directory projection process: a FastStream consumer group on `patient.events`."""
+"""The projection processes: a FastStream consumer group per read model.
+
+`carelog project directory` (health on 4011) keeps the patient directory from
+`patient.events`; `carelog project appointments` (health on 4012) keeps the
+appointments model from `appointment.events`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
+from faststream.kafka import KafkaBroker
+from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from domain import contracts
+from projections.appointments import GROUP as APPOINTMENTS_GROUP
+from projections.appointments import AppointmentsWorker
 from projections.directory import DirectoryProjection
 from projections.worker import GROUP, DirectoryWorker
 from readmodels.directory import LIVE, DirectoryCache, Tables
-from runtime.consumers import subscribe
+from runtime.consumers import EventBatchWorker, subscribe
 from runtime.db import open_pool
-from runtime.http import serve_health
+from runtime.http import Check, serve_health
 from runtime.kafka import ensure_topics, kafka_broker, wait_for_kafka
 from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
 
+Build = Callable[[AsyncConnectionPool[Any], KafkaBroker, str], Awaitable[EventBatchWorker]]
+
 
 async def run(settings: Settings, tables: Tables = LIVE) -> None:
     """Runs the directory projection until SIGTERM or SIGINT."""
-    topic = settings.topic(contracts.PATIENT_STREAM)
-    # The topic prefix keeps test runs out of the live stack's consumer group.
-    group = f"{settings.topic_prefix}{GROUP}"
-    dlq = f"{topic}.dlq.{GROUP}"
-    await wait_for_kafka(settings.kafka_bootstrap)
-    await ensure_topics(settings.kafka_bootstrap, [topic])
-    await ensure_topics(settings.kafka_bootstrap, [dlq], partitions=1)
-    pool = await open_pool(settings.database_url, min_size=1, max_size=4)
     redis_client = Redis.from_url(settings.redis_url)
     cache = DirectoryCache(
         redis_client, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds
     )
+
+    async def build(
+        pool: AsyncConnectionPool[Any], broker: KafkaBroker, dlq: str
+    ) -> EventBatchWorker:
+        return DirectoryWorker(pool, cache, broker, dlq, DirectoryProjection(tables))
+
+    async def cache_check() -> None:
+        await redis_client.ping()
+
+    try:
+        await _run(settings, contracts.PATIENT_STREAM, GROUP, "projection", build, cache_check)
+    finally:
+        await redis_client.aclose()
+
+
+async def run_appointments(settings: Settings) -> None:
+    """Runs the appointments projection until SIGTERM or SIGINT."""
+
+    async def build(
+        pool: AsyncConnectionPool[Any], broker: KafkaBroker, dlq: str
+    ) -> EventBatchWorker:
+        return AppointmentsWorker(pool, broker, dlq)
+
+    await _run(settings, contracts.APPOINTMENT_STREAM, APPOINTMENTS_GROUP, "appointments", build)
+
+
+async def _run(
+    settings: Settings,
+    stream: str,
+    group_name: str,
+    port: str,
+    build: Build,
+    cache: Check | None = None,
+) -> None:
+    topic = settings.topic(stream)
+    # The topic prefix keeps test runs out of the live stack's consumer group.
+    group = f"{settings.topic_prefix}{group_name}"
+    dlq = f"{topic}.dlq.{group_name}"
+    await wait_for_kafka(settings.kafka_bootstrap)
+    await ensure_topics(settings.kafka_bootstrap, [topic])
+    await ensure_topics(settings.kafka_bootstrap, [dlq], partitions=1)
+    pool = await open_pool(settings.database_url, min_size=1, max_size=4)
     broker = kafka_broker(settings, group)
-    worker = DirectoryWorker(pool, cache, broker, dlq, DirectoryProjection(tables))
-    subscribe(broker, topic, worker, group)
+    subscribe(broker, topic, await build(pool, broker, dlq), group)
 
     async def database() -> None:
         async with pool.connection() as conn:
             await conn.execute("SELECT 1")
 
-    async def cache_check() -> None:
-        await redis_client.ping()
-
     async def kafka() -> None:
         if not await broker.ping(timeout=2.0):
             raise ConnectionError("broker does not answer")
 
+    checks: dict[str, Check] = {"database": database, "kafka": kafka}
+    if cache is not None:
+        checks["cache"] = cache
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await broker.start()
-    server = await serve_health(
-        {"database": database, "cache": cache_check, "kafka": kafka},
-        settings.http_host,
-        settings.ports["projection"],
-    )
-    log.info("directory projection started", topic=topic, group=group)
+    server = await serve_health(checks, settings.http_host, settings.ports[port])
+    log.info("projection started", topic=topic, group=group)
     started = time.monotonic()
     await stopping.wait()
-    log.info("directory projection stopping", uptime=round(time.monotonic() - started, 1))
+    log.info("projection stopping", topic=topic, uptime=round(time.monotonic() - started, 1))
     await server.stop()
     await broker.stop()
-    await redis_client.aclose()
     await pool.close()

@@ -25,6 +25,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 from prometheus_client import Counter
 
+from commands.scheduling import SchedulingService
 from commands.service import PatientService, Written, today
 from commands.store import EventStore
 from domain.errors import EmailTaken, InvalidData, PatientNotFound, StaleVersion
@@ -113,7 +114,7 @@ def _fields(data: JSONBody[PatientInput]) -> dict[str, Any]:
     }
 
 
-def _expected_version(request: Request[Any, Any, Any]) -> int | None:
+def expected_version(request: Request[Any, Any, Any]) -> int | None:
     header = request.headers.get("if-match")
     if header is None or header.strip() == "*":
         return None
@@ -191,7 +192,7 @@ async def change_patient(
     correlation_id: NamedDependency[str],
 ) -> Response[Any]:
     pid = _patient_id(patient_id)
-    expected = _expected_version(request)
+    expected = expected_version(request)
     details = _parse(_fields(data), {}, parse_change)
     written = await anyio.to_thread.run_sync(
         lambda: service.change(pid, details, expected, correlation_id)
@@ -214,7 +215,7 @@ async def remove_patient(
     correlation_id: NamedDependency[str],
 ) -> Response[None]:
     pid = _patient_id(patient_id)
-    expected = _expected_version(request)
+    expected = expected_version(request)
     written = await anyio.to_thread.run_sync(lambda: service.remove(pid, expected, correlation_id))
     COMMANDS.labels("RemovePatient", "ok").inc()
     log.info("patient removed", patient_id=str(pid), position=written.position)
@@ -260,33 +261,43 @@ def create_app(
 
     Tokens are checked with `verifier`, by default against the auth service's JWKS.
     """
-    built: list[PatientService] = []
+    from commands import scheduling_api  # its routes use this module's shared pieces
+
+    built: list[tuple[PatientService, SchedulingService]] = []
 
     async def start(app: Litestar) -> None:
         event_store = store
         if event_store is None:
             event_store = await anyio.to_thread.run_sync(EventStore, settings.database_url)
-        built.append(PatientService(event_store))
+        patients = PatientService(event_store)
+        # One group-commit queue for every write, so concurrent commands share commits.
+        built.append((patients, SchedulingService(event_store, patients.writer)))
 
     async def stop(app: Litestar) -> None:
         if store is None and built:
-            await anyio.to_thread.run_sync(built[0].store.close)
+            await anyio.to_thread.run_sync(built[0][0].store.close)
 
     def patient_service() -> PatientService:
-        return built[0]
+        return built[0][0]
+
+    def scheduling_service() -> SchedulingService:
+        return built[0][1]
 
     async def database() -> None:
-        await anyio.to_thread.run_sync(built[0].store.recorder.max_notification_id)
+        await anyio.to_thread.run_sync(built[0][0].store.recorder.max_notification_id)
 
     return service_app(
         "commands",
-        [register_patient, change_patient, remove_patient],
+        [register_patient, change_patient, remove_patient, *scheduling_api.ROUTES],
         title="commands",
         description="Writes: every change is an event in the event store.",
-        tags=["patients"],
-        problems=PROBLEMS,
+        tags=["patients", "clinicians", "appointments"],
+        problems={**PROBLEMS, **scheduling_api.PROBLEMS},
         checks={"database": database},
-        dependencies={"service": Provide(patient_service, sync_to_thread=False)},
+        dependencies={
+            "service": Provide(patient_service, sync_to_thread=False),
+            "scheduling": Provide(scheduling_service, sync_to_thread=False),
+        },
         on_startup=[start],
         on_shutdown=[stop],
         max_body_bytes=MAX_BODY_BYTES,

@@ -55,7 +55,7 @@ class PatientService:
             claim = self._claim(details.email, patient.id)
             return self._save(patient, claim)
 
-        return self._retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id)
 
     def change(
         self,
@@ -78,7 +78,7 @@ class PatientService:
             patient.change_details(details)
             return self._save(*changed)
 
-        return self._retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id)
 
     def remove(
         self,
@@ -96,7 +96,7 @@ class PatientService:
                 claim.release(patient.id)
             return self._save(patient, claim)
 
-        return self._retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id)
 
     def _current(self, patient_id: UUID, expected_version: int | None) -> Patient:
         patient = self.get(patient_id)
@@ -137,17 +137,21 @@ class PatientService:
         )
         return Written(patient.id, patient.version, position, patient)
 
-    @staticmethod
-    def _retrying(attempt: Callable[[], R], correlation_id: str | None) -> R:
-        """Runs `attempt` until it saves; its events record `correlation_id`."""
-        for remaining in range(_SAVE_ATTEMPTS - 1, -1, -1):
-            try:
-                with correlated(correlation_id):
-                    return attempt()
-            except IntegrityError:
-                if remaining == 0:
-                    raise
-        raise AssertionError("unreachable")
+
+def retrying(attempt: Callable[[], R], correlation_id: str | None) -> R:
+    """Runs `attempt` until it saves; its events record `correlation_id`.
+
+    A save loses to a concurrent writer only on an aggregate's version; the retry
+    decides again on fresh state (and so answers 409 or 412 where that is right).
+    """
+    for remaining in range(_SAVE_ATTEMPTS - 1, -1, -1):
+        try:
+            with correlated(correlation_id):
+                return attempt()
+        except IntegrityError:
+            if remaining == 0:
+                raise
+    raise AssertionError("unreachable")
 
 
 def is_conflict(error: BaseException) -> bool:

@@ -17,6 +17,7 @@ from uuid import UUID, uuid5
 import msgspec
 
 from domain.patients import Patient
+from domain.scheduling import Appointment, Clinician
 
 T = TypeVar("T")
 
@@ -59,6 +60,63 @@ class PatientRemovedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True
     pass
 
 
+class ClinicianRegisteredV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    name: str
+    email: str
+    timezone: str
+    """An IANA time zone, e.g. Europe/London: working hours are in its local time."""
+    working_hours: dict[str, list[list[str]]]
+    """Weekday (mon..sun) → [start, end) local times as "HH:MM" ("24:00" may end a day)."""
+
+
+class ClinicianWorkingHoursChangedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    working_hours: dict[str, list[list[str]]]
+
+
+class ClinicianTimeOffAddedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    time_off_id: UUID
+    start: datetime
+    end: datetime
+
+
+class ClinicianTimeOffRemovedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    time_off_id: UUID
+
+
+class ClinicianUserLinkedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    user_id: UUID
+    """The auth user (role clinician) who is this clinician."""
+
+
+class AppointmentBookedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    patient_id: UUID
+    clinician_id: UUID
+    start: datetime
+    duration_minutes: int
+    reason: str
+
+
+class AppointmentRescheduledV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    start: datetime
+    duration_minutes: int
+
+
+class AppointmentCancelledV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    reason: str
+
+
+class AppointmentCheckedInV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    pass
+
+
+class AppointmentCompletedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    pass
+
+
+class AppointmentNoShowV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    pass
+
+
 @dataclass(frozen=True)
 class Contract:
     """How one domain event class is published."""
@@ -88,6 +146,34 @@ CONTRACTS: dict[type, Contract] = {
         "PatientRemoved", 1, PatientRemovedV1, "Patient", PATIENT_STREAM
     ),
 }
+
+APPOINTMENT_STREAM = "appointment.events"
+"""Appointments and the clinicians they are booked with, keyed by aggregate id."""
+
+_SCHEDULING: list[tuple[type, str, type[msgspec.Struct], str]] = [
+    (Clinician.Registered, "ClinicianRegistered", ClinicianRegisteredV1, "Clinician"),  # type: ignore[attr-defined]
+    (
+        Clinician.WorkingHoursChanged,  # type: ignore[attr-defined]
+        "ClinicianWorkingHoursChanged",
+        ClinicianWorkingHoursChangedV1,
+        "Clinician",
+    ),
+    (Clinician.TimeOffAdded, "ClinicianTimeOffAdded", ClinicianTimeOffAddedV1, "Clinician"),  # type: ignore[attr-defined]
+    (Clinician.TimeOffRemoved, "ClinicianTimeOffRemoved", ClinicianTimeOffRemovedV1, "Clinician"),  # type: ignore[attr-defined]
+    (Clinician.UserLinked, "ClinicianUserLinked", ClinicianUserLinkedV1, "Clinician"),  # type: ignore[attr-defined]
+    (Appointment.Booked, "AppointmentBooked", AppointmentBookedV1, "Appointment"),  # type: ignore[attr-defined]
+    (Appointment.Rescheduled, "AppointmentRescheduled", AppointmentRescheduledV1, "Appointment"),  # type: ignore[attr-defined]
+    (Appointment.Cancelled, "AppointmentCancelled", AppointmentCancelledV1, "Appointment"),  # type: ignore[attr-defined]
+    (Appointment.CheckedIn, "AppointmentCheckedIn", AppointmentCheckedInV1, "Appointment"),  # type: ignore[attr-defined]
+    (Appointment.Completed, "AppointmentCompleted", AppointmentCompletedV1, "Appointment"),  # type: ignore[attr-defined]
+    (Appointment.MarkedNoShow, "AppointmentNoShow", AppointmentNoShowV1, "Appointment"),  # type: ignore[attr-defined]
+]
+CONTRACTS.update(
+    {
+        event_class: Contract(name, 1, payload, aggregate, APPOINTMENT_STREAM)
+        for event_class, name, payload, aggregate in _SCHEDULING
+    }
+)
 
 BY_TYPE: dict[tuple[str, int], Contract] = {}
 """Every published (type, version), from every context that `publish`ed its contracts."""

@@ -26,3 +26,18 @@ PATIENT_WRITERS: frozenset[Role] = frozenset({Role.ADMIN, Role.CLINICIAN, Role.R
 
 USER_ADMINS: frozenset[Role] = frozenset({Role.ADMIN})
 """Create, list, re-role and disable users (auth service)."""
+
+CLINICIAN_ADMINS: frozenset[Role] = frozenset({Role.ADMIN})
+"""Register clinicians, change their working hours and time off, link them to users."""
+
+SCHEDULE_READERS: frozenset[Role] = ALL_ROLES
+"""Read clinicians, their free slots and appointments (query API). Reasons: see REASON_READERS."""
+
+APPOINTMENT_BOOKERS: frozenset[Role] = frozenset({Role.ADMIN, Role.RECEPTIONIST})
+"""Book, reschedule and cancel appointments."""
+
+APPOINTMENT_ATTENDERS: frozenset[Role] = frozenset({Role.ADMIN, Role.CLINICIAN})
+"""Check in, complete and mark no-shows (a clinician: only their own appointments)."""
+
+REASON_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.RECEPTIONIST, Role.CLINICIAN})
+"""See an appointment's reason (a clinician: only on their own appointments)."""

@@ -17,7 +17,8 @@ fills in the local stack's addresses; production mode requires each of them.
 | CARELOG_READ_WAIT_SECONDS | how long `minPosition` may wait (5) |
 | CARELOG_CACHE_TTL_SECONDS | directory cache lifetime (60) |
 | CARELOG_HTTP_HOST | the address every service listens on (127.0.0.1) |
-| CARELOG_<SERVICE>_PORT | COMMANDS 4000, READ_API 4003, AUTH 4005, RELAY 4010, PROJECTION 4011 |
+| CARELOG_<SERVICE>_PORT | COMMANDS 4000, READ_API 4003, AUTH 4005, RELAY 4010, PROJECTION 4011, |
+| | APPOINTMENTS (the appointments projection) 4012 |
 | CARELOG_JWKS_URL | where services fetch the keys that verify access tokens |
 | CARELOG_AUTH_ISSUER, CARELOG_AUTH_AUDIENCE | `iss` and `aud` of access tokens |
 | CARELOG_GATEWAY_DIR | where `carelog gateway-config` writes HAProxy's files |
@@ -133,6 +134,7 @@ PORT_NAMES = {
     "auth": "CARELOG_AUTH_PORT",
     "relay": "CARELOG_RELAY_PORT",
     "projection": "CARELOG_PROJECTION_PORT",
+    "appointments": "CARELOG_APPOINTMENTS_PORT",
 }
 DEFAULT_PORTS = {
     "commands": 4000,
@@ -140,6 +142,7 @@ DEFAULT_PORTS = {
     "auth": 4005,
     "relay": 4010,
     "projection": 4011,
+    "appointments": 4012,
 }
 
 _NAMES = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,7 +48,11 @@ class GatewayConfigError(Exception):
 def annotated(app: Litestar, prefix: str = "") -> dict[str, Any]:
     """The app's OpenAPI, with paths as the gateway serves them and each operation's roles."""
     schema = app.openapi_schema.to_schema()
-    matrix = role_matrix(app)
+    # Routes are keyed like /patients/{patient_id:str}; OpenAPI writes /patients/{patient_id}.
+    matrix = {
+        (method, re.sub(r":[^}]*}", "}", path)): roles
+        for (method, path), roles in role_matrix(app).items()
+    }
     paths = {}
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():

@@ -44,6 +44,7 @@ commands    | uv run carelog serve commands     | http://127.0.0.1:4000/health/r
 read-api    | uv run carelog serve read-api     | http://127.0.0.1:4003/health/ready
 relay       | uv run carelog relay              | http://127.0.0.1:4010/health/ready
 projection  | uv run carelog project directory  | http://127.0.0.1:4011/health/ready
+appointments | uv run carelog project appointments | http://127.0.0.1:4012/health/ready
 auth        | uv run carelog serve auth         | http://127.0.0.1:4005/health/ready
 billing     | uv run carelog serve billing      | http://127.0.0.1:4001/health/ready
 '

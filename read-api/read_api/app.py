@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import time
 from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any, Literal
@@ -21,7 +19,9 @@ from redis.asyncio import Redis
 
 from domain.errors import InvalidData, PatientNotFound
 from domain.roles import PATIENT_READERS
+from read_api import appointments, waiting
 from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
+from read_api.waiting import await_position
 from readmodels.directory import (
     LIVE,
     DirectoryCache,
@@ -42,10 +42,6 @@ CACHE = Counter("carelog_read_cache_total", "Query API cache lookups", ["kind", 
 _page_encoder = msgspec.json.Encoder()
 
 
-class NotYetProjected(Exception):
-    """The read model has not reached the position the client asked for, in time."""
-
-
 @dataclass(frozen=True)
 class Directory:
     """What the patient queries read: the directory's tables, its cache, how long to wait."""
@@ -58,18 +54,11 @@ class Directory:
 
 async def _await_position(directory: Directory, position: int | None) -> None:
     """Waits (bounded) until the directory has applied the event at `position`."""
-    if position is None:
-        return
-    deadline = time.monotonic() + directory.read_wait_seconds
-    pause = 0.005
-    while True:
-        async with directory.pool.connection() as conn:
-            if await reached(conn, position, directory.tables):
-                return
-        if time.monotonic() + pause > deadline:
-            raise NotYetProjected()
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, 0.1)
+
+    async def applied(conn: Any, at: int) -> bool:
+        return await reached(conn, at, directory.tables)
+
+    await await_position(directory.pool, applied, position, directory.read_wait_seconds)
 
 
 @get("/patients", summary="List patients", tags=["patients"], guards=[requires(PATIENT_READERS)])
@@ -171,11 +160,6 @@ async def get_patient(
 PROBLEMS: Problems = {
     InvalidData: lambda exc: problem(400, "invalid request", errors=exc.errors),
     PatientNotFound: lambda exc: problem(404, "no such patient"),
-    NotYetProjected: lambda exc: problem(
-        503,
-        "the read model has not reached minPosition yet; retry shortly",
-        headers={"Retry-After": "1"},
-    ),
 }
 
 
@@ -186,7 +170,7 @@ def create_app(
 
     Tokens are checked with `verifier`, by default against the auth service's JWKS.
     """
-    opened: list[tuple[Directory, Redis]] = []
+    opened: list[tuple[Directory, Redis, appointments.Appointments]] = []
 
     async def start(app: Litestar) -> None:
         pool = await open_pool(settings.database_url, min_size=2, max_size=16)
@@ -194,15 +178,24 @@ def create_app(
         cache = DirectoryCache(
             redis, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds
         )
-        opened.append((Directory(pool, cache, tables, settings.read_wait_seconds), redis))
+        opened.append(
+            (
+                Directory(pool, cache, tables, settings.read_wait_seconds),
+                redis,
+                appointments.Appointments(pool, settings.read_wait_seconds),
+            )
+        )
 
     async def stop(app: Litestar) -> None:
-        for directory, redis in opened:
+        for directory, redis, _ in opened:
             await redis.aclose()
             await directory.pool.close()
 
     def directory() -> Directory:
         return opened[0][0]
+
+    def schedule() -> appointments.Appointments:
+        return opened[0][2]
 
     async def database() -> None:
         async with opened[0][0].pool.connection() as conn:
@@ -213,12 +206,15 @@ def create_app(
 
     return service_app(
         "read-api",
-        [list_patients, get_patient],
+        [list_patients, get_patient, *appointments.ROUTES],
         title="queries",
         description="Reads: paged, filtered, cached views of the read models.",
-        problems=PROBLEMS,
+        problems={**PROBLEMS, **waiting.PROBLEMS, **appointments.PROBLEMS},
         checks={"database": database, "cache": cache},
-        dependencies={"directory": Provide(directory, sync_to_thread=False)},
+        dependencies={
+            "directory": Provide(directory, sync_to_thread=False),
+            "source": Provide(schedule, sync_to_thread=False),
+        },
         on_startup=[start],
         on_shutdown=[stop],
         state={"verifier": verifier or TokenVerifier.from_settings(settings)},

@@ -6,6 +6,7 @@ when a request reaches them directly (defence in depth).
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +17,15 @@ from litestar.testing import AsyncTestClient
 
 from commands.api import create_app as commands_app
 from commands.store import EventStore
-from domain.roles import PATIENT_READERS, PATIENT_WRITERS, Role
+from domain.roles import (
+    APPOINTMENT_ATTENDERS,
+    APPOINTMENT_BOOKERS,
+    CLINICIAN_ADMINS,
+    PATIENT_READERS,
+    PATIENT_WRITERS,
+    SCHEDULE_READERS,
+    Role,
+)
 from read_api.app import create_app as read_app
 from runtime.security import role_matrix
 from runtime.settings import Settings
@@ -28,15 +37,42 @@ pytestmark = pytest.mark.integration
 UNGUARDED = {"/health/live", "/health/ready", "/metrics"}
 
 
+ROUTES: list[tuple[str, str, str, frozenset[Role]]] = [
+    ("reads", "GET", "/patients", PATIENT_READERS),
+    ("reads", "GET", "/patients/{patient_id:str}", PATIENT_READERS),
+    ("writes", "POST", "/patients", PATIENT_WRITERS),
+    ("writes", "PUT", "/patients/{patient_id:str}", PATIENT_WRITERS),
+    ("writes", "DELETE", "/patients/{patient_id:str}", PATIENT_WRITERS),
+    ("reads", "GET", "/appointments", SCHEDULE_READERS),
+    ("reads", "GET", "/appointments/{appointment_id:str}", SCHEDULE_READERS),
+    ("reads", "GET", "/clinicians", SCHEDULE_READERS),
+    ("reads", "GET", "/clinicians/{clinician_id:str}", SCHEDULE_READERS),
+    ("reads", "GET", "/clinicians/{clinician_id:str}/slots", SCHEDULE_READERS),
+    ("writes", "POST", "/appointments", APPOINTMENT_BOOKERS),
+    ("writes", "POST", "/appointments/{appointment_id:str}/reschedule", APPOINTMENT_BOOKERS),
+    ("writes", "POST", "/appointments/{appointment_id:str}/cancel", APPOINTMENT_BOOKERS),
+    ("writes", "POST", "/appointments/{appointment_id:str}/check-in", APPOINTMENT_ATTENDERS),
+    ("writes", "POST", "/appointments/{appointment_id:str}/complete", APPOINTMENT_ATTENDERS),
+    ("writes", "POST", "/appointments/{appointment_id:str}/no-show", APPOINTMENT_ATTENDERS),
+    ("writes", "POST", "/clinicians", CLINICIAN_ADMINS),
+    ("writes", "PUT", "/clinicians/{clinician_id:str}/working-hours", CLINICIAN_ADMINS),
+    ("writes", "POST", "/clinicians/{clinician_id:str}/time-off", CLINICIAN_ADMINS),
+    (
+        "writes",
+        "DELETE",
+        "/clinicians/{clinician_id:str}/time-off/{time_off_id:str}",
+        CLINICIAN_ADMINS,
+    ),
+    ("writes", "PUT", "/clinicians/{clinician_id:str}/user", CLINICIAN_ADMINS),
+]
+"""(app, method, route template, roles admitted) for every guarded endpoint."""
+
+
 def endpoints() -> list[tuple[str, str, str, frozenset[Role]]]:
-    """(app, method, path, roles admitted) for every patient endpoint."""
-    some_id = str(uuid.uuid4())
+    """(app, method, a concrete path, roles admitted) for every guarded endpoint."""
     return [
-        ("reads", "GET", "/patients", PATIENT_READERS),
-        ("reads", "GET", f"/patients/{some_id}", PATIENT_READERS),
-        ("writes", "POST", "/patients", PATIENT_WRITERS),
-        ("writes", "PUT", f"/patients/{some_id}", PATIENT_WRITERS),
-        ("writes", "DELETE", f"/patients/{some_id}", PATIENT_WRITERS),
+        (app, method, re.sub(r"\{[^}]*\}", str(uuid.uuid4()), template), roles)
+        for app, method, template, roles in ROUTES
     ]
 
 
@@ -90,11 +126,7 @@ async def test_health_metrics_and_schema_stay_open(clients):
 @pytest.mark.parametrize("which", ["writes", "reads"])
 def test_every_route_but_health_and_metrics_names_its_roles(clients, which):
     app: Litestar = clients[which].app
-    tested = {
-        (method, path.rsplit("/", 1)[0] + "/{patient_id:str}" if path.count("/") > 1 else path)
-        for name, method, path, _ in endpoints()
-        if name == which
-    }
+    tested = {(method, template) for name, method, template, _ in ROUTES if name == which}
     for (method, path), roles in role_matrix(app).items():
         if path in UNGUARDED or path.startswith("/schema"):
             continue

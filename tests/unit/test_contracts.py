@@ -24,7 +24,49 @@ def _events_of_every_type() -> list[object]:
         PatientDetails("Ada L", "ada@example.org", "2 Main St", date(1990, 1, 2))
     )
     patient.remove()
-    return list(patient.collect_events())
+    return [*patient.collect_events(), *_scheduling_events()]
+
+
+def _scheduling_events() -> list[object]:
+    from datetime import UTC, datetime, timedelta
+    from uuid import uuid4
+
+    from domain.scheduling import (
+        Appointment,
+        Booking,
+        Clinician,
+        Timing,
+        parse_clinician,
+        parse_working_hours,
+    )
+
+    hours = {"mon": [["09:00", "17:00"]]}
+    clinician = Clinician.register(
+        parse_clinician(
+            name="Dr Who", email="who@example.org", timezone="Europe/London", working_hours=hours
+        )
+    )
+    clinician.change_working_hours(parse_working_hours({"tue": [["09:00", "12:00"]]}))
+    off = uuid4()
+    start = datetime(2030, 1, 7, 10, tzinfo=UTC)
+    clinician.add_time_off(off, start, start + timedelta(hours=1))
+    clinician.remove_time_off(off)
+    clinician.link_user(uuid4())
+    booking = Booking(uuid4(), clinician.id, Timing(start, 30), "check-up")
+    first = Appointment.book(booking)
+    first.reschedule(Timing(start + timedelta(hours=1), 30))
+    first.check_in()
+    first.complete()
+    second = Appointment.book(booking)
+    second.cancel("patient asked")
+    third = Appointment.book(booking)
+    third.mark_no_show()
+    return [
+        *clinician.collect_events(),
+        *first.collect_events(),
+        *second.collect_events(),
+        *third.collect_events(),
+    ]
 
 
 def test_every_published_event_type_is_produced_by_the_aggregate():

@@ -66,8 +66,15 @@ def test_the_docs_use_gateway_paths_and_name_roles(auth):
     documents = gateway.api_documents(SETTINGS, auth)
     assert set(documents) == {"patients", "auth"}
     patients = documents["patients"]["paths"]
-    assert set(patients) == {"/api/patients", "/api/patients/{patient_id}"}
+    assert {"/api/patients", "/api/patients/{patient_id}"} <= set(patients)
+    assert {"/api/appointments", "/api/clinicians/{clinician_id}/slots"} <= set(patients)
+    assert all(path.startswith("/api/") for path in patients)
     assert patients["/api/patients"]["post"]["x-roles"] == ["admin", "clinician", "receptionist"]
+    one = patients["/api/patients/{patient_id}"]
+    assert one["put"]["x-roles"] == ["admin", "clinician", "receptionist"]
+    assert one["get"]["security"] == [{"bearer": []}]
+    booking = patients["/api/appointments"]["post"]["x-roles"]
+    assert booking == ["admin", "receptionist"]
     assert len(patients["/api/patients"]["get"]["x-roles"]) == 5
     login = documents["auth"]["paths"]["/auth/login"]["post"]
     assert "x-roles" not in login
