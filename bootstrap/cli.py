@@ -9,6 +9,7 @@ carelog serve billing      billing over gRPC (port 9001; health on 4001)
 carelog relay              event store → Kafka (health on 4010)
 carelog project directory  the patient directory projection (health on 4011)
 carelog project appointments  the appointments projection (health on 4012)
+carelog react patient-removals  cancels removed patients' appointments (health on 4013)
 carelog topics             creates the Kafka topics
 carelog schemas write|check  the JSON Schemas of published events
 carelog db migrate|status  the database schema's versioned migrations
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("relay", help="publish the event store to Kafka")
     project_p = sub.add_parser("project", help="run a projection")
     project_p.add_argument("projection", choices=["directory", "appointments"])
+    react_p = sub.add_parser("react", help="run a process manager")
+    react_p.add_argument("reaction", choices=["patient-removals"])
     sub.add_parser("topics", help="create the Kafka topics")
     schemas_p = sub.add_parser("schemas", help="write or check the event JSON Schemas")
     schemas_p.add_argument("action", choices=["write", "check"])
@@ -229,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(directory.run_appointments(settings))
         else:
             asyncio.run(directory.run(settings))
+    elif args.command == "react":
+        from bootstrap import directory
+
+        settings = _settings("react patient-removals")
+        _require_migrated(settings, "react patient-removals")
+        asyncio.run(directory.run_patient_removals(settings))
     elif args.command == "topics":
         from domain.contracts import CONTRACTS
         from runtime.kafka import ensure_topics

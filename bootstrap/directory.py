@@ -2,7 +2,8 @@
 
 `carelog project directory` (health on 4011) keeps the patient directory from
 `patient.events`; `carelog project appointments` (health on 4012) keeps the
-appointments model from `appointment.events`.
+appointments model from `appointment.events`; `carelog react patient-removals`
+(health on 4013) cancels removed patients' future appointments.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import structlog
 from faststream.kafka import KafkaBroker
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
+from commands.reactions import GROUP as REMOVALS_GROUP
+from commands.reactions import PatientRemovals
+from commands.scheduling import SchedulingService
+from commands.store import EventStore
 from domain import contracts
 from projections.appointments import GROUP as APPOINTMENTS_GROUP
 from projections.appointments import AppointmentsWorker
@@ -65,6 +71,22 @@ async def run_appointments(settings: Settings) -> None:
         return AppointmentsWorker(pool, broker, dlq)
 
     await _run(settings, contracts.APPOINTMENT_STREAM, APPOINTMENTS_GROUP, "appointments", build)
+
+
+async def run_patient_removals(settings: Settings) -> None:
+    """Runs the process manager that cancels removed patients' appointments."""
+    store = await anyio.to_thread.run_sync(EventStore, settings.database_url, 4)
+    scheduling = SchedulingService(store)
+
+    async def build(
+        pool: AsyncConnectionPool[Any], broker: KafkaBroker, dlq: str
+    ) -> EventBatchWorker:
+        return PatientRemovals(scheduling, pool, broker, dlq)
+
+    try:
+        await _run(settings, contracts.PATIENT_STREAM, REMOVALS_GROUP, "reactions", build)
+    finally:
+        await anyio.to_thread.run_sync(store.close)
 
 
 async def _run(

@@ -246,3 +246,29 @@ async def reached(conn: psycopg.AsyncConnection[Any], position: int, tables: Tab
         [position],
     )
     return await cur.fetchone() is not None
+
+
+async def active_after(
+    conn: psycopg.AsyncConnection[Any], patient_id: UUID, moment: datetime, tables: Tables = LIVE
+) -> list[UUID]:
+    """The patient's booked or checked-in appointments that start after `moment`."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT id FROM {} WHERE patient_id = %s AND status IN ('booked', 'checked-in')"
+            " AND start_at > %s ORDER BY start_at, id"
+        ).format(sql.Identifier(tables.appointments)),
+        [patient_id, moment],
+    )
+    return [row[0] for row in await cur.fetchall()]
+
+
+async def tracked_position(conn: psycopg.AsyncConnection[Any], tables: Tables = LIVE) -> int:
+    """The highest global position the appointments projection has applied (0: none)."""
+    cur = await conn.execute(
+        sql.SQL("SELECT position FROM {} WHERE projection = %s").format(
+            sql.Identifier(tables.tracking)
+        ),
+        [NAME],
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0

@@ -18,7 +18,7 @@ fills in the local stack's addresses; production mode requires each of them.
 | CARELOG_CACHE_TTL_SECONDS | directory cache lifetime (60) |
 | CARELOG_HTTP_HOST | the address every service listens on (127.0.0.1) |
 | CARELOG_<SERVICE>_PORT | COMMANDS 4000, READ_API 4003, AUTH 4005, RELAY 4010, PROJECTION 4011, |
-| | APPOINTMENTS (the appointments projection) 4012 |
+| | APPOINTMENTS (the appointments projection) 4012, REACTIONS 4013 |
 | CARELOG_JWKS_URL | where services fetch the keys that verify access tokens |
 | CARELOG_AUTH_ISSUER, CARELOG_AUTH_AUDIENCE | `iss` and `aud` of access tokens |
 | CARELOG_GATEWAY_DIR | where `carelog gateway-config` writes HAProxy's files |
@@ -135,6 +135,7 @@ PORT_NAMES = {
     "relay": "CARELOG_RELAY_PORT",
     "projection": "CARELOG_PROJECTION_PORT",
     "appointments": "CARELOG_APPOINTMENTS_PORT",
+    "reactions": "CARELOG_REACTIONS_PORT",
 }
 DEFAULT_PORTS = {
     "commands": 4000,
@@ -143,6 +144,7 @@ DEFAULT_PORTS = {
     "relay": 4010,
     "projection": 4011,
     "appointments": 4012,
+    "reactions": 4013,
 }
 
 _NAMES = {

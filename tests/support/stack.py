@@ -62,6 +62,8 @@ def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
             "read-api": free_port(),
             "relay": free_port(),
             "projection": free_port(),
+            "appointments": free_port(),
+            "reactions": free_port(),
             "billing-grpc": free_port(),
             "billing-http": free_port(),
         },
@@ -93,6 +95,8 @@ def env_for(settings: Settings) -> dict[str, str]:
         "CARELOG_READ_API_PORT": str(settings.ports["read-api"]),
         "CARELOG_RELAY_PORT": str(settings.ports["relay"]),
         "CARELOG_PROJECTION_PORT": str(settings.ports["projection"]),
+        "CARELOG_APPOINTMENTS_PORT": str(settings.ports["appointments"]),
+        "CARELOG_REACTIONS_PORT": str(settings.ports["reactions"]),
         **{
             f"CARELOG_{name.upper().replace('-', '_')}_PORT": str(settings.ports[name])
             for name in ("billing-grpc", "billing-http")

@@ -1,0 +1,94 @@
+"""Removing a patient cancels their future appointments: a process manager on the real
+relay, Kafka, projection and event store, killed with SIGKILL in the middle of its work."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+from commands.scheduling import SchedulingService
+from commands.service import PatientService
+from commands.store import EventStore
+from domain.scheduling import Appointment, Booking, Timing, parse_clinician
+from runtime.settings import Settings
+from tests.support.patients import details
+from tests.support.stack import Process
+
+ALWAYS = {day: [["00:00", "24:00"]] for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
+COUNT = 300
+
+
+def cancellations(store: EventStore, start: int) -> list[tuple[UUID, str, str | None]]:
+    """(appointment id, reason, correlation id) of every cancellation stored from `start`."""
+    found = []
+    position = start
+    while batch := store.recorder.select_notifications(position, 1000):
+        for notification in batch:
+            event = store.mapper.to_domain_event(notification)
+            if isinstance(event, Appointment.Cancelled):  # type: ignore[attr-defined]
+                found.append((event.originator_id, event.reason, event.correlation_id))
+        position = batch[-1].id + 1
+    return found
+
+
+async def wait_for(check, timeout: float = 90.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not done in {timeout}s")
+
+
+async def test_a_killed_process_manager_cancels_every_future_appointment_exactly_once(
+    own_settings: Settings, own_store: EventStore, tmp_path: Path
+):
+    settings, store = own_settings, own_store
+    patients, scheduling = PatientService(store), SchedulingService(store)
+    person = patients.register(details("Leaving Soon"), date(2024, 1, 1)).patient_id
+    clinician = scheduling.register_clinician(
+        parse_clinician(
+            name="Dr Stays", email="stays@example.org", timezone="UTC", working_hours=ALWAYS
+        )
+    ).id
+    first = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=2)
+    booked = [
+        scheduling.book(
+            Booking(person, clinician, Timing(first + timedelta(minutes=30 * i), 30), "follow-up")
+        ).id
+        for i in range(COUNT)
+    ]
+    start = (store.recorder.max_notification_id() or 0) + 1
+
+    relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
+    model = Process(
+        ["project", "appointments"], settings, "appointments", tmp_path / "appointments"
+    ).start()
+    reactions = Process(
+        ["react", "patient-removals"], settings, "reactions", tmp_path / "reactions"
+    ).start()
+    try:
+        patients.remove(person, correlation_id="removal-42")
+        done_at_kill = len(await wait_for(lambda: cancellations(store, start)))
+        reactions.kill()  # SIGKILL as soon as it has begun cancelling
+        assert done_at_kill < COUNT, "the kill came after all the work: nothing was tested"
+        reactions.start()
+
+        def all_cancelled() -> list[tuple[UUID, str, str | None]] | None:
+            found = cancellations(store, start)
+            return found if len({a for a, _, _ in found}) == COUNT else None
+
+        found = await wait_for(all_cancelled)
+        await asyncio.sleep(1.0)  # anything applied twice would show up by now
+        found = cancellations(store, start)
+        assert sorted(a for a, _, _ in found) == sorted(booked)  # each exactly once
+        assert {reason for _, reason, _ in found} == {"patient-removed"}
+        assert {corr for _, _, corr in found} == {"removal-42"}
+    finally:
+        reactions.stop()
+        model.stop()
+        relay.stop()
