@@ -21,70 +21,23 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bench.loadgen import Connection, Reply, percentile
+from bench.common import CONCURRENCY, Load, closed_loop, insert_floor, ms, token_headers
+from bench.loadgen import Connection, percentile
 from runtime.kafka import delete_topics, ensure_topics, reliable_producer
 from runtime.settings import Settings
 
-CONCURRENCY = 16
 REGISTRATIONS = 1500
-INSERTS = 3000
 READS = 3000
 LAG_SAMPLES = 200
 KAFKA_MESSAGES = 20_000
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 COMMAND = "make bench"
-
-
-@dataclass
-class Load:
-    latencies: list[float]
-    seconds: float
-    failures: int
-
-    @property
-    def rate(self) -> float:
-        return len(self.latencies) / self.seconds if self.seconds else 0.0
-
-    def p(self, fraction: float) -> float:
-        return percentile(self.latencies, fraction) * 1000
-
-
-async def closed_loop(
-    base: str,
-    request: Callable[[Connection, int], Awaitable[Reply]],
-    total: int,
-    concurrency: int = CONCURRENCY,
-    ok: tuple[int, ...] = (200, 201),
-) -> Load:
-    """`total` requests over `concurrency` keep-alive connections, each waiting for its answer."""
-    connections = [Connection(base) for _ in range(concurrency)]
-    latencies: list[float] = []
-    failures = 0
-    counter = iter(range(total))
-
-    async def worker(conn: Connection) -> None:
-        nonlocal failures
-        for i in counter:
-            reply = await request(conn, i)
-            if reply.status in ok:
-                latencies.append(reply.seconds)
-            else:
-                failures += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in connections))
-    seconds = time.perf_counter() - start
-    for conn in connections:
-        await conn.close()
-    return Load(latencies, seconds, failures)
 
 
 def patient_body(i: int, run: str) -> dict[str, Any]:
@@ -95,57 +48,6 @@ def patient_body(i: int, run: str) -> dict[str, Any]:
         "dateOfBirth": f"19{50 + i % 50}-0{1 + i % 9}-1{i % 9}",
         "registeredDate": "2024-01-02",
     }
-
-
-async def insert_floor(settings: Settings) -> Load:
-    """Single-row INSERTs, each its own committed transaction, as the event store's are."""
-    table = f"bench_floor_{uuid.uuid4().hex[:8]}"
-    async with await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as db:
-        await db.execute(
-            f"CREATE TABLE {table} (id uuid PRIMARY KEY, version int, topic text, state bytea)"
-        )
-    payload = os.urandom(300)
-    connections = [
-        await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True)
-        for _ in range(CONCURRENCY)
-    ]
-    latencies: list[float] = []
-    counter = iter(range(INSERTS))
-
-    async def worker(db: psycopg.AsyncConnection[Any]) -> None:
-        for _ in counter:
-            start = time.perf_counter()
-            await db.execute(
-                f"INSERT INTO {table} VALUES (%s, 1, 'bench', %s)",
-                [uuid.uuid4(), payload],
-            )
-            latencies.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(db) for db in connections))
-    seconds = time.perf_counter() - start
-    await connections[0].execute(f"DROP TABLE IF EXISTS {table}")
-    for db in connections:
-        await db.close()
-    return Load(latencies, seconds, 0)
-
-
-async def token_headers(auth_url: str) -> dict[str, str]:
-    """A development admin's bearer token, when the stack runs an auth service."""
-    from auth.service import DEV_EMAIL, DEV_PASSWORD
-
-    conn = Connection(auth_url)
-    try:
-        reply = await conn.request(
-            "POST", "/auth/login", json_body={"email": DEV_EMAIL, "password": DEV_PASSWORD}
-        )
-    except OSError:
-        return {}
-    finally:
-        await conn.close()
-    if reply.status != 200:
-        raise RuntimeError(f"development login failed ({reply.status}): is `make up` running?")
-    return {"Authorization": f"Bearer {reply.json()['token']}"}
 
 
 async def event_lag(settings: Settings, commands: str, headers: dict[str, str]) -> list[float]:
@@ -253,10 +155,6 @@ async def quiesce(settings: Settings, timeout: float = 120.0) -> float:
     return time.perf_counter() - start
 
 
-def ms(value: float) -> str:
-    return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
-
-
 async def patients(settings: Settings) -> list[str]:
     commands = os.environ.get(
         "CARELOG_COMMANDS_URL", f"http://127.0.0.1:{settings.ports['commands']}"
@@ -342,7 +240,7 @@ def _failed(load: Load) -> str:
 async def run_all() -> str:
     settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
     sections = [await patients(settings)]
-    for name in ("bench.gateway", "bench.billing"):
+    for name in ("bench.appointments", "bench.gateway", "bench.billing"):
         try:
             module = __import__(name, fromlist=["run"])
         except ImportError:
