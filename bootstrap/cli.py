@@ -13,6 +13,9 @@ carelog react patient-removals  cancels removed patients' appointments (health o
 carelog topics             creates the Kafka topics
 carelog schemas write|check  the JSON Schemas of published events
 carelog db migrate|status  the database schema's versioned migrations
+carelog projections list|rebuild|rollback|drop-old|discard  rebuild read models from the store
+carelog history patient|appointment|clinician ID  an aggregate's events, personal data redacted
+carelog dlq list|show ID|replay ID|--all  the events the read models' consumers set aside
 """
 
 from __future__ import annotations
@@ -168,6 +171,128 @@ def db(action: str) -> int:
     return 1 if any(r.applied_at is None for r in rows) else 0
 
 
+def projections(args: argparse.Namespace) -> int:
+    from bootstrap import rebuild
+    from bootstrap.progress import events_progress
+    from commands.store import EventStore
+
+    settings = _settings("projections")
+    _require_migrated(settings, "projections")
+    store = EventStore(settings.database_url, 2)
+    try:
+        if args.action == "list":
+            rows = asyncio.run(rebuild.status(settings, store))
+            if args.json:
+                print(json.dumps(rows))
+                return 0
+            head = ("NAME", "STATE", "POSITION", "LAG", "LAG S", "DLQ")
+            print("{:<14}{:<12}{:>10}{:>8}{:>8}{:>6}  VERSION".format(*head))
+            for r in rows:
+                print(
+                    f"{r['name']:<14}{r['state']:<12}{r['position']:>10}{r['lagEvents']:>8}"
+                    f"{r['lagSeconds']:>8}{r['deadLettered']:>6}  {r['version']}"
+                    + ("  (old copy kept)" if r["oldCopyKept"] else "")
+                )
+            return 0
+        if args.name is None:
+            print(f"carelog projections {args.action}: name a read model", file=sys.stderr)
+            return 2
+        if args.action in ("drop-old", "discard"):
+            discard = args.action == "discard"
+            dropped = asyncio.run(rebuild.drop_old(settings, args.name, rebuilding=discard))
+            print("dropped:", ", ".join(dropped) or "nothing (no such copy)")
+            return 0
+        if args.action == "rollback":
+            report = asyncio.run(rebuild.rollback(settings, store, args.name))
+            print(
+                report.as_json() if args.json else f"{args.name}: rolled back at {report.position}"
+            )
+            return 0
+        interactive = sys.stdin.isatty() and sys.stderr.isatty()
+        if not (args.yes or args.dry_run or interactive):
+            print(
+                "carelog projections rebuild: no terminal to confirm on; pass --yes",
+                file=sys.stderr,
+            )
+            return 2
+
+        def confirm(question: str) -> bool:
+            if args.yes:
+                return True
+            return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+        with events_progress(f"rebuild {args.name}") as progress:
+            report = asyncio.run(
+                rebuild.rebuild(
+                    settings,
+                    store,
+                    args.name,
+                    progress=progress,
+                    dry_run=args.dry_run,
+                    confirm=confirm,
+                    duty=args.duty,
+                )
+            )
+        if args.json:
+            print(report.as_json())
+        elif not args.dry_run:
+            print(
+                f"{args.name}: rebuilt from {report.events} events (resumed at"
+                f" {report.resumed_from}), equal to the live model, swapped in at position"
+                f" {report.position}; the old tables are kept until"
+                f" `carelog projections drop-old {args.name}`"
+            )
+        return 0
+    except rebuild.ParityMismatch as exc:
+        print(f"carelog projections {args.action}: {exc}; nothing swapped", file=sys.stderr)
+        return 3
+    except rebuild.RebuildError as exc:
+        print(f"carelog projections {args.action}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def dlq(args: argparse.Namespace) -> int:
+    from bootstrap import dlq as letters
+
+    settings = _settings("dlq")
+    try:
+        if args.action == "list":
+            found = asyncio.run(letters.letters(settings, args.topic))
+            for letter in found:
+                print(json.dumps(letter.summary()))
+            if not found:
+                print("no dead letters", file=sys.stderr)
+            return 0
+        if args.action == "show":
+            if not args.id:
+                return letters.fail("show needs an id (see `carelog dlq list`)")
+            print(letters.show(asyncio.run(letters.find(settings, args.id)), args.reveal))
+            return 0
+        if args.all:
+            chosen = asyncio.run(letters.letters(settings, args.topic))
+        elif args.id:
+            chosen = [asyncio.run(letters.find(settings, args.id))]
+        else:
+            return letters.fail("replay needs an id or --all")
+        outcomes = asyncio.run(letters.replay(settings, chosen))
+        for letter_id, outcome in outcomes.items():
+            print(f"{letter_id}: {outcome}")
+        return (
+            0 if all(not o.startswith(("still", "undecodable")) for o in outcomes.values()) else 1
+        )
+    except letters.DlqError as exc:
+        return letters.fail(str(exc))
+
+
+def history(kind: str, ident: str, reveal: bool) -> int:
+    from bootstrap.history import print_history
+
+    settings = _settings("history")
+    return print_history(settings, kind, ident, reveal)
+
+
 def schemas(action: str) -> int:
     from domain.billing import billing_json_schemas
     from domain.contracts import json_schemas
@@ -211,6 +336,28 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("topics", help="create the Kafka topics")
     schemas_p = sub.add_parser("schemas", help="write or check the event JSON Schemas")
     schemas_p.add_argument("action", choices=["write", "check"])
+    proj_p = sub.add_parser("projections", help="list or rebuild the read models")
+    proj_p.add_argument("action", choices=["list", "rebuild", "rollback", "drop-old", "discard"])
+    proj_p.add_argument("name", nargs="?", help="directory or appointments")
+    proj_p.add_argument("--dry-run", action="store_true", help="say what would happen")
+    proj_p.add_argument("--yes", action="store_true", help="do not ask before swapping")
+    proj_p.add_argument("--json", action="store_true", help="a JSON summary on stdout")
+    proj_p.add_argument(
+        "--duty",
+        type=float,
+        default=0.5,
+        help="share of the time the rebuild works (the rest it pauses; default 0.5)",
+    )
+    hist_p = sub.add_parser("history", help="an aggregate's events, in order")
+    hist_p.add_argument("kind", choices=["patient", "appointment", "clinician"])
+    hist_p.add_argument("id")
+    hist_p.add_argument("--reveal", action="store_true", help="show personal data (audited)")
+    dlq_p = sub.add_parser("dlq", help="list, show or replay dead-lettered events")
+    dlq_p.add_argument("action", choices=["list", "show", "replay"])
+    dlq_p.add_argument("id", nargs="?", help="a dead letter's id, <model>:<offset>")
+    dlq_p.add_argument("--topic", help="only this dead-letter topic (or model name)")
+    dlq_p.add_argument("--all", action="store_true", help="replay every dead letter")
+    dlq_p.add_argument("--reveal", action="store_true", help="show the body (audited)")
     db_p = sub.add_parser("db", help="apply or list the database migrations")
     db_p.add_argument("action", choices=["migrate", "status"])
     args = parser.parse_args(argv)
@@ -254,3 +401,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(schemas(args.action))
     elif args.command == "db":
         sys.exit(db(args.action))
+    elif args.command == "projections":
+        sys.exit(projections(args))
+    elif args.command == "dlq":
+        sys.exit(dlq(args))
+    elif args.command == "history":
+        sys.exit(history(args.kind, args.id, args.reveal))

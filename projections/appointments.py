@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain import contracts as c
 from readmodels.appointments import LIVE, NAME, Tables
+from readmodels.swaps import applying
 from runtime.consumers import Batch, EventBatchWorker, UnappliableEvent
 
 GROUP = "carelog-appointments"
@@ -105,6 +106,7 @@ class AppointmentsProjection:
         """Applies decoded events in one transaction: (applied, duplicates, position)."""
         applied = duplicates = position = 0
         async with conn.transaction(), conn.cursor() as cur:
+            await applying(cur, self.name)
             for envelope, data in batch:
                 position = max(position, envelope.position)
                 if await self._one(cur, envelope, data):

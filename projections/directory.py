@@ -24,6 +24,7 @@ from domain.contracts import (
 )
 from domain.patients import normalise_email
 from readmodels.directory import COLUMNS, LIVE, NAME, Tables, records
+from readmodels.swaps import applying
 from runtime.consumers import UnappliableEvent
 
 
@@ -87,6 +88,7 @@ class DirectoryProjection:
         touched: set[UUID] = set()
         position = 0
         async with conn.transaction(), conn.cursor() as cur:
+            await applying(cur, self.name)
             for envelope, data in batch:
                 position = max(position, envelope.position)
                 params = {

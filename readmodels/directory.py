@@ -194,3 +194,12 @@ class DirectoryCache:
 
     async def put_page(self, generation: int, query: str, body: bytes) -> None:
         await self.redis.set(self.page_key(generation, query), body, ex=min(self.ttl, 30))
+
+
+async def forget_cached(cache: DirectoryCache) -> int:
+    """Drops every cached patient and retires every cached page (after a swap of tables)."""
+    removed = 0
+    async for key in cache.redis.scan_iter(match=cache.patient_key("*"), count=500):
+        removed += int(await cache.redis.delete(key))
+    await cache.redis.incr(cache.generation_key)
+    return removed

@@ -1,0 +1,84 @@
+"""`carelog history KIND ID`: an aggregate's events in order, personal data redacted.
+
+Each line: version, position in the global log, time, event type, correlation id,
+and the event's fields. Names, emails, addresses, dates of birth and appointment
+reasons print as `<redacted>` unless `--reveal`, which writes an audit line (who,
+what, when) to the log before anything is shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import sys
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from commands.store import EventStore
+from domain.patients import Patient
+from domain.scheduling import Appointment, Clinician
+from runtime.settings import Settings
+
+log = structlog.get_logger("carelog.audit")
+
+KINDS: dict[str, type] = {"patient": Patient, "appointment": Appointment, "clinician": Clinician}
+PERSONAL = frozenset({"name", "email", "address", "date_of_birth", "reason"})
+_META = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
+
+
+def _fields(event: Any, reveal: bool) -> str:
+    shown = []
+    for f in dataclasses.fields(event):
+        if f.name in _META or f.name == "correlation_id":
+            continue
+        value = getattr(event, f.name)
+        shown.append(f"{f.name}={'<redacted>' if f.name in PERSONAL and not reveal else value}")
+    return " ".join(shown)
+
+
+def print_history(settings: Settings, kind: str, ident: str, reveal: bool) -> int:
+    try:
+        aggregate_id = UUID(ident)
+    except ValueError:
+        print(f"carelog history: {ident!r} is not an id", file=sys.stderr)
+        return 2
+    if reveal:
+        log.warning(
+            "personal data revealed",
+            actor=getpass.getuser(),
+            aggregate=kind,
+            aggregate_id=str(aggregate_id),
+            operation="carelog history --reveal",
+        )
+    store = EventStore(settings.database_url, 1)
+    try:
+        stored = store.recorder.select_events(aggregate_id)
+        events: list[Any] = [store.mapper.to_domain_event(s) for s in stored]
+        owner = KINDS[kind].__qualname__ + "."
+        if not events or not type(events[0]).__qualname__.startswith(owner):
+            print(f"carelog history: no {kind} {aggregate_id}", file=sys.stderr)
+            return 1
+        with psycopg.connect(settings.database_url) as conn:
+            positions: dict[int, int] = dict(
+                conn.execute(
+                    sql.SQL(
+                        "SELECT originator_version, notification_id FROM {}"
+                        " WHERE originator_id = %s"
+                    ).format(sql.Identifier(store.events_table)),
+                    [aggregate_id],
+                ).fetchall()
+            )
+        for event in events:
+            print(
+                f"v{event.originator_version:<4} @{positions.get(event.originator_version, '?'):<8}"
+                f" {event.timestamp.isoformat(timespec='seconds')}"
+                f" {type(event).__qualname__:<28} corr={event.correlation_id or '-'}"
+                f"  {_fields(event, reveal)}"
+            )
+        return 0
+    finally:
+        store.close()
