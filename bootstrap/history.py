@@ -26,7 +26,9 @@ from runtime.settings import Settings
 log = structlog.get_logger("carelog.audit")
 
 KINDS: dict[str, type] = {"patient": Patient, "appointment": Appointment, "clinician": Clinician}
-PERSONAL = frozenset({"name", "email", "address", "date_of_birth", "reason"})
+PERSONAL = frozenset(
+    {"name", "given_name", "family_name", "email", "address", "date_of_birth", "reason"}
+)
 _META = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
 
 

@@ -8,7 +8,7 @@ version, and readers upcast older ones.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Generic, TypeVar
@@ -16,7 +16,7 @@ from uuid import UUID, uuid5
 
 import msgspec
 
-from domain.patients import Patient
+from domain.patients import Patient, split_name
 from domain.scheduling import Appointment, Clinician
 
 T = TypeVar("T")
@@ -45,6 +45,38 @@ class PatientRegisteredV1(msgspec.Struct, rename="camel", kw_only=True, frozen=T
     address: str
     date_of_birth: date
     registered_date: date
+
+
+class PatientRegisteredV2(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    """Version 2: `name` as before, and split into `givenName` and `familyName`."""
+
+    name: str
+    given_name: str
+    family_name: str
+    email: str
+    address: str
+    date_of_birth: date
+    registered_date: date
+
+
+def _registered_v2(old: PatientRegisteredV1) -> PatientRegisteredV2:
+    given, family = split_name(old.name)
+    return PatientRegisteredV2(
+        name=old.name,
+        given_name=given,
+        family_name=family,
+        email=old.email,
+        address=old.address,
+        date_of_birth=old.date_of_birth,
+        registered_date=old.registered_date,
+    )
+
+
+UPCASTERS: dict[builtins.type[msgspec.Struct], Callable[[Any], msgspec.Struct]] = {
+    PatientRegisteredV1: _registered_v2,
+}
+"""An older published payload → the next version; `decode` applies them, so readers see
+only the current version of each event."""
 
 
 class PatientDetailsChangedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
@@ -136,8 +168,8 @@ class Contract:
 PATIENT_STREAM = "patient.events"
 
 CONTRACTS: dict[type, Contract] = {
-    Patient.Registered: Contract(  # type: ignore[attr-defined]
-        "PatientRegistered", 1, PatientRegisteredV1, "Patient", PATIENT_STREAM
+    Patient.Registered: Contract(
+        "PatientRegistered", 2, PatientRegisteredV2, "Patient", PATIENT_STREAM
     ),
     Patient.DetailsChanged: Contract(  # type: ignore[attr-defined]
         "PatientDetailsChanged", 1, PatientDetailsChangedV1, "Patient", PATIENT_STREAM
@@ -187,7 +219,13 @@ def publish(contracts: Iterable[Contract]) -> None:
         BY_PAYLOAD[contract.payload] = contract
 
 
-publish(CONTRACTS.values())
+SUPERSEDED: list[Contract] = [
+    Contract("PatientRegistered", 1, PatientRegisteredV1, "Patient", PATIENT_STREAM),
+]
+"""Versions no longer published but still read (messages already on the topics); each has
+an upcaster in UPCASTERS. Their schemas stay in `schemas/`."""
+
+publish([*CONTRACTS.values(), *SUPERSEDED])
 
 
 def event_id(aggregate_id: UUID, aggregate_version: int) -> UUID:
@@ -241,13 +279,16 @@ def decode(message: bytes) -> tuple[Envelope[msgspec.Raw], msgspec.Struct]:
     """Decodes a published event; raises msgspec.ValidationError or KeyError if unknown."""
     envelope = _raw_envelope.decode(message)
     contract = BY_TYPE[(envelope.type, envelope.schema_version)]
-    return envelope, msgspec.json.decode(envelope.data, type=contract.payload)
+    data = msgspec.json.decode(envelope.data, type=contract.payload)
+    while type(data) in UPCASTERS:
+        data = UPCASTERS[type(data)](data)
+    return envelope, data
 
 
 def json_schemas(published: Iterable[Contract] | None = None) -> dict[str, dict[str, Any]]:
     """File name → JSON Schema of the whole message, for every published (patient) event."""
     schemas: dict[str, dict[str, Any]] = {}
-    for contract in CONTRACTS.values() if published is None else published:
+    for contract in [*CONTRACTS.values(), *SUPERSEDED] if published is None else published:
         schema = msgspec.json.schema(Envelope[contract.payload])  # type: ignore[name-defined]
         schema["title"] = f"{contract.type} v{contract.version}"
         schema["$id"] = f"carelog:{contract.stream}:{contract.type}:v{contract.version}"

@@ -42,6 +42,18 @@ def email_claim_id(email: str) -> UUID:
     return uuid5(_CLAIMS, normalise_email(email))
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """(given names, family name) of a full name: the family name is its last word.
+
+    A one-word name is a given name with an empty family name. Used by version 2 of
+    `Registered` and by the upcaster that turns stored version-1 events into it.
+    """
+    words = name.split()
+    if len(words) < 2:
+        return name.strip(), ""
+    return " ".join(words[:-1]), words[-1]
+
+
 def _years_before(day: date, years: int) -> date:
     try:
         return day.replace(year=day.year - years)
@@ -175,6 +187,23 @@ def _date(errors: dict[str, str], field: str, value: object) -> date | None:
 class Patient(TracedAggregate):
     """A person registered with the practice. Removal keeps the history."""
 
+    class Registered(TracedAggregate.Created):
+        """Version 2 also records the name split into given and family names."""
+
+        class_version = 2
+        name: str
+        email: str
+        address: str
+        date_of_birth: date
+        registered_date: date
+        given_name: str
+        family_name: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, object]) -> None:
+            """A stored version-1 event, as version 2: its name split as `split_name` does."""
+            state["given_name"], state["family_name"] = split_name(str(state["name"]))
+
     @staticmethod
     def create_id() -> UUID:
         return uuid4()
@@ -183,17 +212,27 @@ class Patient(TracedAggregate):
     def register(cls, details: PatientDetails, registered_date: date) -> Patient:
         if registered_date < details.date_of_birth:
             raise InvalidData({"registeredDate": "must not be before dateOfBirth"})
+        given, family = split_name(details.name)
         return cls(
             name=details.name,
             email=details.email,
             address=details.address,
             date_of_birth=details.date_of_birth,
             registered_date=registered_date,
+            given_name=given,
+            family_name=family,
         )
 
-    @event("Registered")
+    @event(Registered)
     def __init__(
-        self, name: str, email: str, address: str, date_of_birth: date, registered_date: date
+        self,
+        name: str,
+        email: str,
+        address: str,
+        date_of_birth: date,
+        registered_date: date,
+        given_name: str,
+        family_name: str,
     ):
         self.name = name
         self.email = email
@@ -221,6 +260,7 @@ class Patient(TracedAggregate):
     @event("DetailsChanged")
     def _details_changed(self, name: str, email: str, address: str, date_of_birth: date) -> None:
         self.name = name
+        self.given_name, self.family_name = split_name(name)
         self.email = email
         self.address = address
         self.date_of_birth = date_of_birth

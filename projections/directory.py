@@ -19,10 +19,10 @@ from psycopg import sql
 from domain.contracts import (
     Envelope,
     PatientDetailsChangedV1,
-    PatientRegisteredV1,
+    PatientRegisteredV2,
     PatientRemovedV1,
 )
-from domain.patients import normalise_email
+from domain.patients import normalise_email, split_name
 from readmodels.directory import COLUMNS, LIVE, NAME, Tables, records
 from readmodels.swaps import applying
 from runtime.consumers import UnappliableEvent
@@ -46,11 +46,13 @@ class DirectoryProjection:
         p = sql.Identifier(tables.patients)
         self._register = sql.SQL(
             "INSERT INTO {p} (id, version, position, name, name_key, email, email_key, address,"
-            " date_of_birth, registered_date, removed)"
+            " date_of_birth, registered_date, removed, given_name, family_name)"
             " VALUES (%(id)s, %(version)s, %(position)s, %(name)s, lower(%(name)s), %(email)s,"
-            " %(email_key)s, %(address)s, %(date_of_birth)s, %(registered_date)s, false)"
+            " %(email_key)s, %(address)s, %(date_of_birth)s, %(registered_date)s, false,"
+            " %(given_name)s, %(family_name)s)"
             " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,"
             " position = EXCLUDED.position, name = EXCLUDED.name, name_key = EXCLUDED.name_key,"
+            " given_name = EXCLUDED.given_name, family_name = EXCLUDED.family_name,"
             " email = EXCLUDED.email, email_key = EXCLUDED.email_key, address = EXCLUDED.address,"
             " date_of_birth = EXCLUDED.date_of_birth, registered_date = EXCLUDED.registered_date,"
             " removed = false, updated_at = now()"
@@ -59,7 +61,8 @@ class DirectoryProjection:
         ).format(p=p)
         self._change = sql.SQL(
             "UPDATE {p} SET version = %(version)s, position = %(position)s, name = %(name)s,"
-            " name_key = lower(%(name)s), email = %(email)s, email_key = %(email_key)s,"
+            " name_key = lower(%(name)s), given_name = %(given_name)s,"
+            " family_name = %(family_name)s, email = %(email)s, email_key = %(email_key)s,"
             " address = %(address)s, date_of_birth = %(date_of_birth)s, updated_at = now()"
             " WHERE id = %(id)s AND version < %(version)s"
             " RETURNING id"
@@ -96,9 +99,13 @@ class DirectoryProjection:
                     "version": envelope.aggregate_version,
                     "position": envelope.position,
                 }
-                if isinstance(data, PatientRegisteredV1):
+                if isinstance(data, PatientRegisteredV2):
                     statement = self._register
-                    params |= _details(data) | {"registered_date": data.registered_date}
+                    params |= _details(data) | {
+                        "registered_date": data.registered_date,
+                        "given_name": data.given_name,
+                        "family_name": data.family_name,
+                    }
                 elif isinstance(data, PatientDetailsChangedV1):
                     statement = self._change
                     params |= _details(data)
@@ -133,8 +140,11 @@ class DirectoryProjection:
         return [(str(r.id), r.version, r.cache_entry()) for r in await cur.fetchall()]
 
 
-def _details(data: PatientRegisteredV1 | PatientDetailsChangedV1) -> dict[str, Any]:
+def _details(data: PatientRegisteredV2 | PatientDetailsChangedV1) -> dict[str, Any]:
+    given, family = split_name(data.name)
     return {
+        "given_name": given,
+        "family_name": family,
         "name": data.name,
         "email": data.email,
         "email_key": normalise_email(data.email),

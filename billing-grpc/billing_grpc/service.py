@@ -33,7 +33,7 @@ from domain.billing import (
 from domain.contracts import (
     Envelope,
     PatientDetailsChangedV1,
-    PatientRegisteredV1,
+    PatientRegisteredV2,
     PatientRemovedV1,
 )
 from runtime.consumers import UnappliableEvent
@@ -220,7 +220,7 @@ class Billing:
             for envelope, data in batch:
                 patient_id = envelope.aggregate_id
                 version = envelope.aggregate_version
-                if isinstance(data, PatientRegisteredV1):
+                if isinstance(data, PatientRegisteredV2):
                     contact = Contact(data.name, data.email)
                     result = await self._open(
                         cur,

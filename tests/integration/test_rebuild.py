@@ -238,3 +238,64 @@ def test_dry_run_and_no_terminal_without_yes_change_nothing(own_settings: Settin
     unknown = carelog(own_settings, "projections", "rebuild", "nothing", "--yes")
     assert unknown.returncode == 1
     assert "no read model named" in unknown.stderr
+
+
+def full_rows(settings: Settings) -> dict[UUID, tuple[Any, ...]]:
+    with psycopg.connect(settings.database_url) as conn:
+        return {
+            r[0]: r[1:]
+            for r in conn.execute(
+                "SELECT id, version, position, name, given_name, family_name, email, address,"
+                " date_of_birth, registered_date, removed FROM directory_patients"
+            )
+        }
+
+
+async def test_a_rebuild_over_v1_and_v2_events_equals_one_over_v2_only(
+    own_settings: Settings, own_store: EventStore, tmp_path: Path
+):
+    from eventsourcing.utils import get_topic
+
+    from domain.patients import Patient
+
+    settings, store = own_settings, own_store
+    write_some(PatientService(store), 120, random.Random(21))
+    relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
+    projection = Process(["project", "directory"], settings, "projection", tmp_path / "p").start()
+    try:
+        await settled(settings, store)
+        assert carelog(settings, "projections", "rebuild", "directory", "--yes").returncode == 0
+        only_v2 = full_rows(settings)
+        assert all(row[3] for row in only_v2.values()), "given names are projected"
+        assert carelog(settings, "projections", "drop-old", "directory").returncode == 0
+
+        topic = get_topic(Patient.Registered)
+        with psycopg.connect(settings.database_url) as conn:
+            stored = conn.execute(
+                f"SELECT originator_id, originator_version, state FROM {store.events_table}"
+                " WHERE topic = %s ORDER BY notification_id",
+                [topic],
+            ).fetchall()
+            for originator, version, state in stored[::2]:  # every other one, back to v1
+                old = json.loads(bytes(state))
+                for key in ("class_version", "given_name", "family_name"):
+                    old.pop(key)
+                conn.execute(
+                    f"UPDATE {store.events_table} SET state = %s"
+                    " WHERE originator_id = %s AND originator_version = %s",
+                    [json.dumps(old).encode(), originator, version],
+                )
+            versions = {
+                json.loads(bytes(r[0])).get("class_version", 1)
+                for r in conn.execute(
+                    f"SELECT state FROM {store.events_table} WHERE topic = %s",
+                    [topic],
+                )
+            }
+        assert versions == {1, 2}
+        mixed = carelog(settings, "projections", "rebuild", "directory", "--yes")
+        assert mixed.returncode == 0, mixed.stderr
+        assert full_rows(settings) == only_v2
+    finally:
+        projection.stop()
+        relay.stop()

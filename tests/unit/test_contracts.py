@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import date
+import uuid
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import msgspec
@@ -98,7 +99,15 @@ def test_the_wire_names_are_camel_case():
     assert {"eventId", "schemaVersion", "aggregateId", "aggregateVersion", "occurredAt"} <= set(
         wire
     )
-    assert set(wire["data"]) == {"name", "email", "address", "dateOfBirth", "registeredDate"}
+    assert set(wire["data"]) == {
+        "name",
+        "givenName",
+        "familyName",
+        "email",
+        "address",
+        "dateOfBirth",
+        "registeredDate",
+    }
 
 
 def test_an_unknown_event_type_is_refused():
@@ -140,3 +149,52 @@ def test_the_correlation_id_is_a_declared_field_of_every_patient_event():
     patient.remove()
     recorded = [*patient.collect_events(), *claim.collect_events()]
     assert [e.correlation_id for e in recorded] == ["corr-declared", None, "corr-declared"]
+
+
+def test_a_stored_version_1_registration_reads_as_version_2():
+    import json as _json
+
+    from eventsourcing.persistence import StoredEvent
+
+    from commands.store import EventStore
+
+    store = EventStore.in_memory()
+    patient = Patient.register(
+        PatientDetails("Ada King Lovelace", "a@example.org", "1 St", date(1990, 1, 2)), TODAY
+    )
+    store.save(patient)
+    stored = store.recorder.select_notifications(1, 1)[0]
+    state = _json.loads(stored.state)
+    assert state["class_version"] == 2 and state["family_name"] == "Lovelace"
+    for key in ("class_version", "given_name", "family_name"):
+        del state[key]
+    old = StoredEvent(
+        stored.originator_id, stored.originator_version, stored.topic, _json.dumps(state).encode()
+    )
+    event = store.mapper.to_domain_event(old)
+    assert (event.given_name, event.family_name) == ("Ada King", "Lovelace")
+    envelope = contracts.envelope_for(event, 1)
+    assert envelope is not None and envelope.schema_version == 2
+
+
+def test_a_published_version_1_message_is_read_as_version_2():
+    v1 = contracts.PatientRegisteredV1(
+        name="Grace Hopper",
+        email="g@example.org",
+        address="1 St",
+        date_of_birth=date(1906, 12, 9),
+        registered_date=date(2024, 1, 2),
+    )
+    message = msgspec.json.encode(
+        contracts.envelope(
+            v1,
+            aggregate_id=uuid.uuid4(),
+            aggregate_version=1,
+            position=5,
+            occurred_at=datetime.now(UTC),
+        )
+    )
+    envelope, data = contracts.decode(message)
+    assert envelope.schema_version == 1
+    assert isinstance(data, contracts.PatientRegisteredV2)
+    assert (data.given_name, data.family_name, data.name) == ("Grace", "Hopper", "Grace Hopper")
