@@ -231,6 +231,7 @@ def projections(args: argparse.Namespace) -> int:
                     dry_run=args.dry_run,
                     confirm=confirm,
                     duty=args.duty,
+                    allow_differences=args.allow_differences,
                 )
             )
         if args.json:
@@ -347,6 +348,11 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.5,
         help="share of the time the rebuild works (the rest it pauses; default 0.5)",
+    )
+    proj_p.add_argument(
+        "--allow-differences",
+        action="store_true",
+        help="swap even if the copy differs (the projection's code changed on purpose)",
     )
     hist_p = sub.add_parser("history", help="an aggregate's events, in order")
     hist_p.add_argument("kind", choices=["patient", "appointment", "clinician"])

@@ -16,8 +16,10 @@ When the copy has caught up with the live position, one short transaction:
 4. renames live → `<table>__old` and copy → live, if they are equal.
 Readers see the old tables or the new ones, never a mix, and wait at most for that
 transaction. A mismatch swaps nothing: it names the differing rows by key, never
-by content. `rollback` swaps `__old` back the same way (after bringing it level
-with the events it missed); `drop-old` deletes it.
+by content. When the projection itself changed (new columns, a fixed bug), the
+differences are the point: `--allow-differences` swaps anyway and counts them.
+`rollback` swaps `__old` back the same way (after bringing it level with the
+events it missed); `drop-old` deletes it, `discard` an unfinished copy.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class Model:
     tables: tuple[str, ...]
     """Every table swapped together; the positions table among them."""
     positions: str
+    aggregate_column: str
+    """The positions table's column naming the aggregate an event changed."""
+    rows: tuple[str, ...]
+    """The tables whose rows (id, position) say which event each row reflects."""
     compared: dict[str, tuple[str, ...]]
     """Table → its key columns, for the tables whose content the parity check compares."""
     port: str
@@ -110,6 +116,8 @@ MODELS: dict[str, Model] = {
         stream=contracts.PATIENT_STREAM,
         tables=(directory_model.LIVE.patients, directory_model.LIVE.positions),
         positions=directory_model.LIVE.positions,
+        aggregate_column="patient_id",
+        rows=(directory_model.LIVE.patients,),
         compared={directory_model.LIVE.patients: ("id",)},
         port="projection",
         group="carelog-directory",
@@ -126,6 +134,8 @@ MODELS: dict[str, Model] = {
             appointments_model.LIVE.positions,
         ),
         positions=appointments_model.LIVE.positions,
+        aggregate_column="aggregate_id",
+        rows=(appointments_model.LIVE.appointments, appointments_model.LIVE.clinicians),
         compared={
             appointments_model.LIVE.appointments: ("id",),
             appointments_model.LIVE.clinicians: ("id",),
@@ -165,6 +175,10 @@ class Report:
     swapped: bool = False
     resumed_from: int = 0
     rows: dict[str, int] = field(default_factory=dict)
+    differences: dict[str, int] = field(default_factory=dict)
+    copy_seconds: float = 0.0
+    """Time spent reading and applying events (without creating, comparing, swapping)."""
+    """Table → rows that differed (only when swapped with `allow_differences`)."""
 
     def as_json(self) -> str:
         rate = self.events / self.seconds if self.seconds else 0.0
@@ -217,6 +231,7 @@ async def _exists(conn: psycopg.AsyncConnection[Any], table: str) -> bool:
 
 
 async def _create_copy(conn: psycopg.AsyncConnection[Any], model: Model) -> None:
+    """Empty copies of the live tables: columns, defaults, constraints and indexes."""
     async with conn.transaction():
         for table in model.tables:
             await conn.execute(
@@ -233,20 +248,32 @@ async def _max_position(conn: psycopg.AsyncConnection[Any], table: str) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-async def _applied_upto(
-    conn: psycopg.AsyncConnection[Any], table: str, upto: int
-) -> tuple[int, int]:
-    """(count, sum) of the positions applied up to `upto`: equal sets give equal pairs."""
+async def _unlevel(conn: psycopg.AsyncConnection[Any], model: Model, suffix: str, upto: int) -> int:
+    """How many events up to `upto` one side has applied and the other has not.
+
+    An event the copy applied that is missing from the live positions still counts as
+    applied live when the aggregate's live row reflects that position or a later one
+    (models projected before every position was recorded).
+    """
+    live, copy = sql.Identifier(model.positions), sql.Identifier(model.positions + suffix)
+    key = sql.Identifier(model.aggregate_column)
+    rows = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT id, position FROM {}").format(sql.Identifier(t)) for t in model.rows
+    )
     row = await (
         await conn.execute(
             sql.SQL(
-                "SELECT count(*), coalesce(sum(position), 0) FROM {} WHERE position <= %s"
-            ).format(sql.Identifier(table)),
-            [upto],
+                "SELECT (SELECT count(*) FROM {copy} c WHERE c.position <= %(upto)s"
+                "  AND NOT EXISTS (SELECT 1 FROM {live} l WHERE l.position = c.position)"
+                "  AND NOT EXISTS (SELECT 1 FROM ({rows}) r"
+                "   WHERE r.id = c.{key} AND r.position >= c.position))"
+                " + (SELECT count(*) FROM {live} l WHERE l.position <= %(upto)s"
+                "  AND NOT EXISTS (SELECT 1 FROM {copy} c WHERE c.position = l.position))"
+            ).format(copy=copy, live=live, rows=rows, key=key),
+            {"upto": upto},
         )
     ).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
+    return int(row[0]) if row else 0
 
 
 async def _apply(
@@ -284,6 +311,7 @@ async def _catch_up(
             report.events += len(batch)
             progress(len(batch))
         after = last
+        report.copy_seconds += time.monotonic() - started
         if duty < 1.0:
             await asyncio.sleep((time.monotonic() - started) * (1 - duty) / duty)
     return after
@@ -337,7 +365,11 @@ async def _differences(
 
 
 async def _compare(
-    conn: psycopg.AsyncConnection[Any], model: Model, suffix: str, report: Report | None
+    conn: psycopg.AsyncConnection[Any],
+    model: Model,
+    suffix: str,
+    report: Report | None,
+    allow_differences: bool = False,
 ) -> None:
     differences: dict[str, list[str]] = {}
     for table, key in model.compared.items():
@@ -348,7 +380,9 @@ async def _compare(
             report.rows[table] = copy[0]
         if live != copy:
             differences[table] = await _differences(conn, table, table + suffix, columns, key)
-    if differences:
+    if differences and report is not None:
+        report.differences = {t: len(keys) for t, keys in differences.items()}
+    if differences and not allow_differences:
         raise ParityMismatch(differences)
 
 
@@ -375,6 +409,7 @@ async def _level_and_swap(
     report: Report,
     progress: Callable[[int], None],
     attempts: int = 150,
+    allow_differences: bool = False,
 ) -> int:
     """The swap transaction, retried until the live tables are level with themselves."""
     projection = model.copy(suffix)
@@ -387,11 +422,9 @@ async def _level_and_swap(
                 copy_at = await _catch_up(
                     conn, log, projection, copy_at, live_at, report, progress, duty=1.0
                 )
-            level = await _applied_upto(conn, model.positions, live_at) == await _applied_upto(
-                conn, model.positions + suffix, live_at
-            )
+            level = await _unlevel(conn, model, suffix, live_at) == 0
             if level and copy_at <= live_at:
-                await _compare(conn, model, suffix, report)
+                await _compare(conn, model, suffix, report, allow_differences)
                 await _swap(conn, model, suffix)
                 await conn.execute(
                     "DELETE FROM projection_tracking WHERE projection = %s",
@@ -438,6 +471,7 @@ async def rebuild(
     dry_run: bool = False,
     confirm: Callable[[str], bool] = lambda _: True,
     duty: float = 0.5,
+    allow_differences: bool = False,
 ) -> Report:
     """Builds the copy (or resumes it), levels it with the live model, compares, swaps."""
     model = model_named(name)
@@ -482,7 +516,9 @@ async def rebuild(
             f"{name}: the copy has {report.events} events applied; compare and swap it in?"
         ):
             raise RebuildError("not swapped; the copy is kept, run the command again to resume")
-        await _level_and_swap(settings, conn, log, model, NEXT, report, advance)
+        await _level_and_swap(
+            settings, conn, log, model, NEXT, report, advance, allow_differences=allow_differences
+        )
     report.swapped = True
     report.seconds = time.monotonic() - started
     await _forget_cache(settings, model)

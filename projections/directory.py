@@ -92,29 +92,20 @@ class DirectoryProjection:
         position = 0
         async with conn.transaction(), conn.cursor() as cur:
             await applying(cur, self.name)
-            for envelope, data in batch:
-                position = max(position, envelope.position)
-                params = {
-                    "id": envelope.aggregate_id,
-                    "version": envelope.aggregate_version,
-                    "position": envelope.position,
-                }
-                if isinstance(data, PatientRegisteredV2):
-                    statement = self._register
-                    params |= _details(data) | {
-                        "registered_date": data.registered_date,
-                        "given_name": data.given_name,
-                        "family_name": data.family_name,
-                    }
-                elif isinstance(data, PatientDetailsChangedV1):
-                    statement = self._change
-                    params |= _details(data)
-                elif isinstance(data, PatientRemovedV1):
-                    statement = self._remove
-                else:
-                    raise UnappliableEvent(f"{envelope.type} is not a patient event")
-                await cur.execute(statement, params)
-                if await cur.fetchone() is None:
+            # One round trip for the whole batch: every statement is sent in a pipeline,
+            # then each result is read (the statements still run in order).
+            sent: list[tuple[Envelope[Any], psycopg.AsyncCursor[Any]]] = []
+            async with conn.pipeline():
+                for envelope, data in batch:
+                    position = max(position, envelope.position)
+                    statement, params = self._statement(envelope, data)
+                    one = conn.cursor()
+                    await one.execute(statement, params)
+                    sent.append((envelope, one))
+            for envelope, one in sent:
+                found = await one.fetchone()
+                await one.close()
+                if found is None:
                     await cur.execute(self._exists, [envelope.aggregate_id])
                     if await cur.fetchone() is None:
                         raise UnappliableEvent(
@@ -130,6 +121,24 @@ class DirectoryProjection:
             async with conn.cursor(row_factory=records) as rows:
                 changed = await self._rows(rows, touched)
         return Outcome(applied, duplicates, changed, position)
+
+    def _statement(self, envelope: Envelope[Any], data: Any) -> tuple[sql.Composed, dict[str, Any]]:
+        params = {
+            "id": envelope.aggregate_id,
+            "version": envelope.aggregate_version,
+            "position": envelope.position,
+        }
+        if isinstance(data, PatientRegisteredV2):
+            return self._register, params | _details(data) | {
+                "registered_date": data.registered_date,
+                "given_name": data.given_name,
+                "family_name": data.family_name,
+            }
+        if isinstance(data, PatientDetailsChangedV1):
+            return self._change, params | _details(data)
+        if isinstance(data, PatientRemovedV1):
+            return self._remove, params
+        raise UnappliableEvent(f"{envelope.type} is not a patient event")
 
     async def _rows(
         self, cur: psycopg.AsyncCursor[Any], ids: set[UUID]
