@@ -133,8 +133,17 @@ class SchedulingService:
         """Books if the patient is current and both are free; saves it with its schedules."""
 
         def attempt() -> Saved:
-            self._require_patient(booking.patient_id)
-            clinician = self._known_clinician(booking.clinician_id)
+            errors: dict[str, str] = {}
+            try:
+                self._require_patient(booking.patient_id)
+            except InvalidData as unknown:
+                errors |= unknown.errors
+            try:
+                clinician = self._known_clinician(booking.clinician_id)
+            except InvalidData as unknown:
+                errors |= unknown.errors
+            if errors:
+                raise InvalidData(errors)
             clinician.require_available(booking.start, booking.end)
             appointment = Appointment.book(booking)
             schedules = self._reserve(appointment)
