@@ -9,6 +9,7 @@ carelog serve billing      billing over gRPC (port 9001; health on 4001)
 carelog relay              event store → Kafka (health on 4010)
 carelog project directory  the patient directory projection (health on 4011)
 carelog project appointments  the appointments projection (health on 4012)
+carelog project analytics  the analytics projection (health on 4014)
 carelog react patient-removals  cancels removed patients' appointments (health on 4013)
 carelog topics             creates the Kafka topics
 carelog schemas write|check  the JSON Schemas of published events
@@ -135,7 +136,10 @@ def serve(which: str) -> None:
     else:
         from bootstrap import read_api
 
-        read_api.run(settings)
+        try:
+            read_api.run(settings)
+        except SettingsError as exc:
+            sys.exit(f"carelog {which}: {exc}")
 
 
 def _require_migrated(settings: Settings, service: str) -> None:
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     keys_p.add_argument("action", choices=["list", "rotate", "prune"])
     sub.add_parser("relay", help="publish the event store to Kafka")
     project_p = sub.add_parser("project", help="run a projection")
-    project_p.add_argument("projection", choices=["directory", "appointments"])
+    project_p.add_argument("projection", choices=["directory", "appointments", "analytics"])
     react_p = sub.add_parser("react", help="run a process manager")
     react_p.add_argument("reaction", choices=["patient-removals"])
     sub.add_parser("topics", help="create the Kafka topics")
@@ -383,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         _require_migrated(settings, f"project {args.projection}")
         if args.projection == "appointments":
             asyncio.run(directory.run_appointments(settings))
+        elif args.projection == "analytics":
+            asyncio.run(directory.run_analytics(settings))
         else:
             asyncio.run(directory.run(settings))
     elif args.command == "react":

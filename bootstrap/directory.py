@@ -2,7 +2,9 @@
 
 `carelog project directory` (health on 4011) keeps the patient directory from
 `patient.events`; `carelog project appointments` (health on 4012) keeps the
-appointments model from `appointment.events`; `carelog react patient-removals`
+appointments model from `appointment.events`; `carelog project analytics` (health on
+4014) keeps the analytics facts from the patient, appointment and billing streams;
+`carelog react patient-removals`
 (health on 4013) cancels removed patients' future appointments.
 """
 
@@ -25,6 +27,9 @@ from commands.reactions import PatientRemovals
 from commands.scheduling import SchedulingService
 from commands.store import EventStore
 from domain import contracts
+from domain.billing import BILLING_STREAM
+from projections.analytics import GROUP as ANALYTICS_GROUP
+from projections.analytics import AnalyticsWorker
 from projections.appointments import GROUP as APPOINTMENTS_GROUP
 from projections.appointments import AppointmentsWorker
 from projections.directory import DirectoryProjection
@@ -73,6 +78,18 @@ async def run_appointments(settings: Settings) -> None:
     await _run(settings, contracts.APPOINTMENT_STREAM, APPOINTMENTS_GROUP, "appointments", build)
 
 
+async def run_analytics(settings: Settings) -> None:
+    """Runs the analytics projection (three streams, one consumer group) until stopped."""
+
+    async def build(
+        pool: AsyncConnectionPool[Any], broker: KafkaBroker, dlq: str
+    ) -> EventBatchWorker:
+        return AnalyticsWorker(pool, broker, dlq)
+
+    streams = [contracts.PATIENT_STREAM, contracts.APPOINTMENT_STREAM, BILLING_STREAM]
+    await _run(settings, streams, ANALYTICS_GROUP, "analytics", build)
+
+
 async def run_patient_removals(settings: Settings) -> None:
     """Runs the process manager that cancels removed patients' appointments."""
     store = await anyio.to_thread.run_sync(EventStore, settings.database_url, 4)
@@ -89,24 +106,31 @@ async def run_patient_removals(settings: Settings) -> None:
         await anyio.to_thread.run_sync(store.close)
 
 
+def dead_letter_topic(settings: Settings, streams: list[str], group: str) -> str:
+    """`<topic>.dlq.<group>`: of the one topic consumed, or of `analytics` for several."""
+    base = streams[0] if len(streams) == 1 else "analytics"
+    return f"{settings.topic(base)}.dlq.{group}"
+
+
 async def _run(
     settings: Settings,
-    stream: str,
+    stream: str | list[str],
     group_name: str,
     port: str,
     build: Build,
     cache: Check | None = None,
 ) -> None:
-    topic = settings.topic(stream)
+    streams = [stream] if isinstance(stream, str) else stream
+    topics = [settings.topic(s) for s in streams]
     # The topic prefix keeps test runs out of the live stack's consumer group.
     group = f"{settings.topic_prefix}{group_name}"
-    dlq = f"{topic}.dlq.{group_name}"
+    dlq = dead_letter_topic(settings, streams, group_name)
     await wait_for_kafka(settings.kafka_bootstrap)
-    await ensure_topics(settings.kafka_bootstrap, [topic])
+    await ensure_topics(settings.kafka_bootstrap, topics)
     await ensure_topics(settings.kafka_bootstrap, [dlq], partitions=1)
     pool = await open_pool(settings.database_url, min_size=1, max_size=4)
     broker = kafka_broker(settings, group)
-    subscribe(broker, topic, await build(pool, broker, dlq), group)
+    subscribe(broker, topics, await build(pool, broker, dlq), group)
 
     async def database() -> None:
         async with pool.connection() as conn:
@@ -125,10 +149,10 @@ async def _run(
         loop.add_signal_handler(sig, stopping.set)
     await broker.start()
     server = await serve_health(checks, settings.http_host, settings.ports[port])
-    log.info("projection started", topic=topic, group=group)
+    log.info("projection started", topics=topics, group=group)
     started = time.monotonic()
     await stopping.wait()
-    log.info("projection stopping", topic=topic, uptime=round(time.monotonic() - started, 1))
+    log.info("projection stopping", topics=topics, uptime=round(time.monotonic() - started, 1))
     await server.stop()
     await broker.stop()
     await pool.close()

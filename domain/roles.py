@@ -41,3 +41,6 @@ APPOINTMENT_ATTENDERS: frozenset[Role] = frozenset({Role.ADMIN, Role.CLINICIAN})
 
 REASON_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.RECEPTIONIST, Role.CLINICIAN})
 """See an appointment's reason (a clinician: only on their own appointments)."""
+
+ANALYTICS_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.ANALYST})
+"""Read the analytics (counts and sums, never personal data)."""

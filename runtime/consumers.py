@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -120,11 +121,15 @@ def _reason(exc: BaseException) -> str:
     return f"the database refused it: {type(exc).__name__}"
 
 
-def subscribe(broker: KafkaBroker, topic: str, worker: EventBatchWorker, group: str) -> None:
-    """Feeds batches of `topic` to the worker, as consumer group `group`, from the start."""
+def subscribe(
+    broker: KafkaBroker, topic: str | Sequence[str], worker: EventBatchWorker, group: str
+) -> None:
+    """Feeds batches of `topic` (or topics) to the worker, as consumer group `group`, from
+    the start."""
+    topics = [topic] if isinstance(topic, str) else list(topic)
 
     @broker.subscriber(
-        topic,
+        *topics,
         group_id=group,
         auto_offset_reset="earliest",
         batch=True,

@@ -82,11 +82,18 @@ async def echo_correlation_id(message: Any, scope: Scope) -> None:
             headers.append((b"x-correlation-id", correlation_id(scope).encode()))
 
 
-def _query_fields(request: Request[Any, Any, Any]) -> dict[str, tuple[str, Any]]:
-    """The handler's query parameters: wire name → (argument name, declared type)."""
-    model = request.route_handler.signature_model
+_QUERY_FIELDS: dict[int, dict[str, tuple[Any, bool]]] = {}
+
+
+def _query_fields(request: Request[Any, Any, Any]) -> dict[str, tuple[Any, bool]]:
+    """The handler's query parameters: wire name → (declared type, required)."""
+    handler = request.route_handler
+    known = _QUERY_FIELDS.get(id(handler))
+    if known is not None:
+        return known
+    model = handler.signature_model
     skip = RESERVED_KWARGS | model._dependency_name_set | set(request.path_params)
-    fields: dict[str, tuple[str, Any]] = {}
+    fields: dict[str, tuple[Any, bool]] = {}
     for name, definition in model._fields.items():
         if name in skip:
             continue
@@ -94,7 +101,8 @@ def _query_fields(request: Request[Any, Any, Any]) -> dict[str, tuple[str, Any]]
         if isinstance(kwarg, ParameterKwarg) and (kwarg.header or kwarg.cookie):
             continue
         wire = kwarg.query if isinstance(kwarg, ParameterKwarg) and kwarg.query else name
-        fields[wire] = (name, model.__annotations__[name])
+        fields[wire] = (model.__annotations__[name], not definition.has_default)
+    _QUERY_FIELDS[id(handler)] = fields
     return fields
 
 
@@ -104,9 +112,13 @@ def _message(exc: Exception) -> str:
 
 
 def query_errors(request: Request[Any, Any, Any]) -> dict[str, str]:
-    """Every query parameter that is unknown or does not fit its declared type, at once."""
+    """Every query parameter that is missing, unknown or does not fit its type, at once."""
     fields = _query_fields(request)
-    errors: dict[str, str] = {}
+    errors = {
+        wire: "is required"
+        for wire, (_, required) in fields.items()
+        if required and wire not in request.query_params
+    }
     for key in request.query_params:
         if key not in fields:
             errors[key] = "is not a known query parameter"
@@ -116,7 +128,7 @@ def query_errors(request: Request[Any, Any, Any]) -> dict[str, str]:
             errors[key] = "must not contain NUL characters"
             continue
         try:
-            msgspec.convert(value, type=fields[key][1], strict=False)
+            msgspec.convert(value, type=fields[key][0], strict=False)
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
             errors[key] = _message(exc)
     return dict(sorted(errors.items()))
@@ -124,7 +136,7 @@ def query_errors(request: Request[Any, Any, Any]) -> dict[str, str]:
 
 async def _before_request(request: Request[Any, Any, Any]) -> None:
     structlog.contextvars.bind_contextvars(correlation_id=correlation_id(request.scope))
-    if request.query_params and (errors := query_errors(request)):
+    if errors := query_errors(request):
         raise problem(400, "invalid request", errors=errors)
 
 

@@ -16,9 +16,10 @@ fills in the local stack's addresses; production mode requires each of them.
 | CARELOG_LOG_LEVEL | debug, info (default), warning or error |
 | CARELOG_READ_WAIT_SECONDS | how long `minPosition` may wait (5) |
 | CARELOG_CACHE_TTL_SECONDS | directory cache lifetime (60) |
+| CARELOG_PRACTICE_TIMEZONE | the IANA time zone analytics count days in (Europe/London) |
 | CARELOG_HTTP_HOST | the address every service listens on (127.0.0.1) |
 | CARELOG_<SERVICE>_PORT | COMMANDS 4000, READ_API 4003, AUTH 4005, RELAY 4010, PROJECTION 4011, |
-| | APPOINTMENTS (the appointments projection) 4012, REACTIONS 4013 |
+| | APPOINTMENTS (the appointments projection) 4012, REACTIONS 4013, ANALYTICS 4014 |
 | CARELOG_JWKS_URL | where services fetch the keys that verify access tokens |
 | CARELOG_AUTH_ISSUER, CARELOG_AUTH_AUDIENCE | `iss` and `aud` of access tokens |
 | CARELOG_GATEWAY_DIR | where `carelog gateway-config` writes HAProxy's files |
@@ -136,6 +137,7 @@ PORT_NAMES = {
     "projection": "CARELOG_PROJECTION_PORT",
     "appointments": "CARELOG_APPOINTMENTS_PORT",
     "reactions": "CARELOG_REACTIONS_PORT",
+    "analytics": "CARELOG_ANALYTICS_PORT",
 }
 DEFAULT_PORTS = {
     "commands": 4000,
@@ -145,6 +147,7 @@ DEFAULT_PORTS = {
     "projection": 4011,
     "appointments": 4012,
     "reactions": 4013,
+    "analytics": 4014,
 }
 
 _NAMES = {
@@ -156,6 +159,7 @@ _NAMES = {
     "log_level": "CARELOG_LOG_LEVEL",
     "read_wait_seconds": "CARELOG_READ_WAIT_SECONDS",
     "cache_ttl_seconds": "CARELOG_CACHE_TTL_SECONDS",
+    "practice_timezone": "CARELOG_PRACTICE_TIMEZONE",
     "http_host": "CARELOG_HTTP_HOST",
     "jwks_url": "CARELOG_JWKS_URL",
     "jwt_issuer": "CARELOG_AUTH_ISSUER",
@@ -187,6 +191,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     read_wait_seconds: Seconds = 5.0
     """How long a query API waits for `minPosition` before answering 503."""
     cache_ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] = 60
+    practice_timezone: Annotated[
+        str, msgspec.Meta(pattern=r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*$")
+    ] = "Europe/London"
+    """The IANA time zone analytics buckets are counted in."""
     http_host: str = "127.0.0.1"
     ports: dict[str, Port] = msgspec.field(default_factory=lambda: dict(DEFAULT_PORTS))
     """Each service's port by name (commands, read-api, auth, relay, projection, ...)."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any, Literal
 from uuid import UUID
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import psycopg_pool
@@ -19,7 +20,7 @@ from redis.asyncio import Redis
 
 from domain.errors import InvalidData, PatientNotFound
 from domain.roles import PATIENT_READERS
-from read_api import appointments, waiting
+from read_api import analytics, appointments, waiting
 from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
 from read_api.waiting import await_position
 from readmodels.directory import (
@@ -33,7 +34,7 @@ from readmodels.directory import (
 from runtime.db import open_pool
 from runtime.http import Problems, problem, service_app
 from runtime.security import TokenVerifier, requires
-from runtime.settings import Settings
+from runtime.settings import Settings, SettingsError
 
 log = structlog.get_logger(__name__)
 
@@ -170,7 +171,13 @@ def create_app(
 
     Tokens are checked with `verifier`, by default against the auth service's JWKS.
     """
-    opened: list[tuple[Directory, Redis, appointments.Appointments]] = []
+    opened: list[tuple[Directory, Redis, appointments.Appointments, analytics.Analytics]] = []
+    try:
+        ZoneInfo(settings.practice_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SettingsError(
+            f"CARELOG_PRACTICE_TIMEZONE={settings.practice_timezone!r} is not an IANA time zone"
+        ) from None
 
     async def start(app: Litestar) -> None:
         pool = await open_pool(settings.database_url, min_size=2, max_size=16)
@@ -183,11 +190,12 @@ def create_app(
                 Directory(pool, cache, tables, settings.read_wait_seconds),
                 redis,
                 appointments.Appointments(pool, settings.read_wait_seconds),
+                analytics.Analytics(pool, settings.read_wait_seconds, settings.practice_timezone),
             )
         )
 
     async def stop(app: Litestar) -> None:
-        for directory, redis, _ in opened:
+        for directory, redis, _, _ in opened:
             await redis.aclose()
             await directory.pool.close()
 
@@ -196,6 +204,9 @@ def create_app(
 
     def schedule() -> appointments.Appointments:
         return opened[0][2]
+
+    def counts() -> analytics.Analytics:
+        return opened[0][3]
 
     async def database() -> None:
         async with opened[0][0].pool.connection() as conn:
@@ -206,7 +217,7 @@ def create_app(
 
     return service_app(
         "read-api",
-        [list_patients, get_patient, *appointments.ROUTES],
+        [list_patients, get_patient, *appointments.ROUTES, *analytics.ROUTES],
         title="queries",
         description="Reads: paged, filtered, cached views of the read models.",
         problems={**PROBLEMS, **waiting.PROBLEMS, **appointments.PROBLEMS},
@@ -214,6 +225,7 @@ def create_app(
         dependencies={
             "directory": Provide(directory, sync_to_thread=False),
             "source": Provide(schedule, sync_to_thread=False),
+            "analytics": Provide(counts, sync_to_thread=False),
         },
         on_startup=[start],
         on_shutdown=[stop],

@@ -170,3 +170,33 @@ async def test_removing_a_patient_cancels_their_appointments_on_the_stack(gatewa
         )
 
     await eventually(cancelled, timeout=60)
+
+
+async def test_analytics_count_a_new_registration_through_the_gateway(gateway, admin):
+    analyst = await new_user(gateway, admin, Role.ANALYST)
+    receptionist = await new_user(gateway, admin, Role.RECEPTIONIST)
+    day = "2024-02-29"
+    params = {"from": day, "to": day, "interval": "day"}
+    before = await gateway.get(
+        "/api/analytics/registrations", params=params, headers=analyst.headers
+    )
+    assert before.status_code == 200, before.text
+    created = await gateway.post(
+        "/api/patients", json=body(registeredDate=day), headers=receptionist.headers
+    )
+    assert created.status_code == 201
+
+    async def counted() -> bool:
+        after = await gateway.get(
+            "/api/analytics/registrations", params=params, headers=analyst.headers
+        )
+        return (
+            after.json()["buckets"][0]["registrations"]
+            == before.json()["buckets"][0]["registrations"] + 1
+        )
+
+    await eventually(counted, timeout=60)
+    refused = await gateway.get(
+        "/api/analytics/registrations", params=params, headers=receptionist.headers
+    )
+    assert refused.status_code == 403

@@ -18,6 +18,7 @@ from litestar.testing import AsyncTestClient
 from commands.api import create_app as commands_app
 from commands.store import EventStore
 from domain.roles import (
+    ANALYTICS_READERS,
     APPOINTMENT_ATTENDERS,
     APPOINTMENT_BOOKERS,
     CLINICIAN_ADMINS,
@@ -64,6 +65,10 @@ ROUTES: list[tuple[str, str, str, frozenset[Role]]] = [
         CLINICIAN_ADMINS,
     ),
     ("writes", "PUT", "/clinicians/{clinician_id:str}/user", CLINICIAN_ADMINS),
+    ("reads", "GET", "/analytics/registrations", ANALYTICS_READERS),
+    ("reads", "GET", "/analytics/patients/age-bands", ANALYTICS_READERS),
+    ("reads", "GET", "/analytics/appointments", ANALYTICS_READERS),
+    ("reads", "GET", "/analytics/billing", ANALYTICS_READERS),
 ]
 """(app, method, route template, roles admitted) for every guarded endpoint."""
 

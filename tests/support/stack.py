@@ -64,6 +64,7 @@ def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
             "projection": free_port(),
             "appointments": free_port(),
             "reactions": free_port(),
+            "analytics": free_port(),
             "billing-grpc": free_port(),
             "billing-http": free_port(),
         },
@@ -97,6 +98,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "CARELOG_PROJECTION_PORT": str(settings.ports["projection"]),
         "CARELOG_APPOINTMENTS_PORT": str(settings.ports["appointments"]),
         "CARELOG_REACTIONS_PORT": str(settings.ports["reactions"]),
+        "CARELOG_ANALYTICS_PORT": str(settings.ports["analytics"]),
         **{
             f"CARELOG_{name.upper().replace('-', '_')}_PORT": str(settings.ports[name])
             for name in ("billing-grpc", "billing-http")

@@ -1,0 +1,162 @@
+"""The analytics read model: facts from `patient.events`, `appointment.events` and
+`billing.events`, for counts and sums (`readmodels/analytics.py`).
+
+Idempotent like the other projections: patient and appointment rows keep the
+aggregate version they reflect and change only over an older one; a money movement
+is keyed by its event id. Rows, positions and the tracking record are written in
+one transaction. Events it does not count (clinicians, check-ins, accounts) are
+acknowledged and recorded as applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from faststream.kafka import KafkaBroker
+from prometheus_client import Counter
+from psycopg_pool import AsyncConnectionPool
+
+from domain import contracts as c
+from domain.billing import InvoiceIssuedV1, PaymentRecordedV1
+from readmodels.analytics import LIVE, NAME, Tables
+from readmodels.swaps import applying
+from runtime.consumers import Batch, EventBatchWorker
+
+GROUP = "carelog-analytics"
+
+EVENTS = Counter(
+    "carelog_analytics_projection_events_total",
+    "Events handled by the analytics projection",
+    ["outcome"],
+)
+
+_STATUS: dict[type, str] = {
+    c.AppointmentCancelledV1: "cancelled",
+    c.AppointmentCheckedInV1: "checked-in",
+    c.AppointmentCompletedV1: "completed",
+    c.AppointmentNoShowV1: "no-show",
+}
+
+
+class AnalyticsProjection:
+    """Applies patient, appointment and billing events to the analytics facts."""
+
+    def __init__(self, tables: Tables = LIVE, name: str = NAME):
+        self.tables = tables
+        self.name = name
+        t = tables
+        self._register = (
+            f"INSERT INTO {t.patients} (id, version, position, registered_date, date_of_birth)"
+            " VALUES (%(id)s, %(version)s, %(position)s, %(registered)s, %(born)s)"
+            " ON CONFLICT (id) DO NOTHING"
+        )
+        self._patient = (
+            f"UPDATE {t.patients} SET version = %(version)s, position = %(position)s,"
+            " date_of_birth = COALESCE(%(born)s, date_of_birth),"
+            " removed_at = COALESCE(%(removed)s, removed_at)"
+            " WHERE id = %(id)s AND version < %(version)s"
+        )
+        self._book = (
+            f"INSERT INTO {t.appointments} (id, version, position, clinician_id, booked_at,"
+            " start_at, status) VALUES (%(id)s, %(version)s, %(position)s, %(clinician)s,"
+            " %(at)s, %(start)s, 'booked') ON CONFLICT (id) DO NOTHING"
+        )
+        self._appointment = (
+            f"UPDATE {t.appointments} SET version = %(version)s, position = %(position)s,"
+            " start_at = COALESCE(%(start)s, start_at), status = COALESCE(%(status)s, status)"
+            " WHERE id = %(id)s AND version < %(version)s"
+        )
+        self._money = (
+            f"INSERT INTO {t.money} (id, position, kind, currency, amount_minor, occurred_at)"
+            " VALUES (%(event)s, %(position)s, %(kind)s, %(currency)s, %(amount)s, %(at)s)"
+            " ON CONFLICT (id) DO NOTHING"
+        )
+        self._applied = (
+            f"INSERT INTO {t.positions} (position, aggregate_id) VALUES (%s, %s)"
+            " ON CONFLICT DO NOTHING"
+        )
+        self._track = (
+            f"INSERT INTO {t.tracking} (projection, position, applied) VALUES (%s, %s, %s)"
+            " ON CONFLICT (projection) DO UPDATE SET"
+            f" position = GREATEST({t.tracking}.position, EXCLUDED.position),"
+            f" applied = {t.tracking}.applied + EXCLUDED.applied, updated_at = now()"
+        )
+
+    def _statement(self, envelope: c.Envelope[Any], data: Any) -> tuple[str, dict[str, Any]] | None:
+        base = {
+            "id": envelope.aggregate_id,
+            "version": envelope.aggregate_version,
+            "position": envelope.position,
+        }
+        if isinstance(data, c.PatientRegisteredV2):
+            return self._register, base | {
+                "registered": data.registered_date,
+                "born": data.date_of_birth,
+            }
+        if isinstance(data, c.PatientDetailsChangedV1):
+            return self._patient, base | {"born": data.date_of_birth, "removed": None}
+        if isinstance(data, c.PatientRemovedV1):
+            return self._patient, base | {"born": None, "removed": envelope.occurred_at}
+        if isinstance(data, c.AppointmentBookedV1):
+            return self._book, base | {
+                "clinician": data.clinician_id,
+                "at": envelope.occurred_at,
+                "start": data.start,
+            }
+        if isinstance(data, c.AppointmentRescheduledV1):
+            return self._appointment, base | {"start": data.start, "status": None}
+        if type(data) in _STATUS:
+            return self._appointment, base | {"start": None, "status": _STATUS[type(data)]}
+        if isinstance(data, InvoiceIssuedV1 | PaymentRecordedV1):
+            invoiced = isinstance(data, InvoiceIssuedV1)
+            return self._money, {
+                "event": envelope.event_id,
+                "position": envelope.position,
+                "kind": "invoiced" if invoiced else "paid",
+                "currency": data.currency,
+                "amount": data.total_minor if invoiced else data.amount_minor,  # type: ignore[union-attr]
+                "at": envelope.occurred_at,
+            }
+        return None  # clinicians, account openings and closings: nothing to count
+
+    async def apply(
+        self, conn: psycopg.AsyncConnection[Any], batch: Sequence[tuple[c.Envelope[Any], Any]]
+    ) -> tuple[int, int]:
+        """Applies decoded events in one transaction: (events counted, position)."""
+        position = counted = 0
+        async with conn.transaction(), conn.cursor() as cur:
+            await applying(cur, self.name)
+            async with conn.pipeline():
+                for envelope, data in batch:
+                    position = max(position, envelope.position)
+                    statement = self._statement(envelope, data)
+                    if statement is not None:
+                        await cur.execute(*statement)
+                        counted += 1
+            await cur.executemany(self._applied, [(e.position, e.aggregate_id) for e, _ in batch])
+            await cur.execute(self._track, [self.name, position, counted])
+        return counted, position
+
+
+class AnalyticsWorker(EventBatchWorker):
+    """Applies batches of the three streams to the analytics facts."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        broker: KafkaBroker,
+        dead_letter_topic: str,
+        projection: AnalyticsProjection | None = None,
+    ):
+        self.projection = projection or AnalyticsProjection()
+        super().__init__(self.projection.name, broker, dead_letter_topic)
+        self.pool = pool
+
+    async def apply(self, batch: Batch) -> None:
+        async with self.pool.connection() as conn:
+            counted, _ = await self.projection.apply(conn, batch)
+        EVENTS.labels("counted").inc(counted)
+        EVENTS.labels("seen").inc(len(batch))
+

@@ -1,0 +1,154 @@
+"""The query API's analytics routes (admin and analyst): counts and sums, never
+personal data, bucketed in the practice's time zone (CARELOG_PRACTICE_TIMEZONE)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import msgspec
+import psycopg_pool
+from litestar import Response, get
+from litestar.di import NamedDependency
+from litestar.params import Parameter
+
+from domain.errors import InvalidData
+from domain.roles import ANALYTICS_READERS
+from read_api.waiting import await_position
+from readmodels import analytics as model
+from runtime.security import requires
+
+MAX_DAYS = 3_700
+"""The longest range one answer covers (about ten years)."""
+
+
+@dataclass(frozen=True)
+class Analytics:
+    pool: psycopg_pool.AsyncConnectionPool[Any]
+    read_wait_seconds: float
+    timezone: str
+    tables: model.Tables = model.LIVE
+
+
+_encoder = msgspec.json.Encoder()
+
+From = Annotated[date, Parameter(query="from", description="First day, YYYY-MM-DD")]
+To = Annotated[date, Parameter(query="to", description="Last day (included), YYYY-MM-DD")]
+Interval = Annotated[Literal["day", "week", "month"], Parameter(description="Bucket size")]
+MinPosition = Annotated[
+    int | None, Parameter(ge=1, description="Answer only once the model reflects this position")
+]
+
+
+def _range(start: date, end: date) -> None:
+    if end < start:
+        raise InvalidData({"to": "must not be before from"})
+    if (end - start).days > MAX_DAYS:
+        raise InvalidData({"to": f"must be at most {MAX_DAYS} days after from"})
+
+
+async def _wait(source: Analytics, position: int | None) -> None:
+    async def reached(conn: Any, at: int) -> bool:
+        return await model.reached(conn, at, source.tables)
+
+    await await_position(source.pool, reached, position, source.read_wait_seconds)
+
+
+def _answer(source: Analytics, body: dict[str, Any]) -> Response[bytes]:
+    return Response(
+        _encoder.encode(body | {"timezone": source.timezone}), media_type="application/json"
+    )
+
+
+@get(
+    "/analytics/registrations",
+    summary="New patients (by registeredDate) and removals per bucket",
+    tags=["analytics"],
+    guards=[requires(ANALYTICS_READERS)],
+)
+async def registrations(
+    analytics: NamedDependency[Analytics],
+    start: From,
+    end: To,
+    interval: Interval = "day",
+    minPosition: MinPosition = None,
+) -> Response[bytes]:
+    _range(start, end)
+    await _wait(analytics, minPosition)
+    async with analytics.pool.connection() as conn:
+        buckets = await model.registrations(
+            conn, start, end, interval, analytics.timezone, analytics.tables
+        )
+    return _answer(analytics, {"from": start, "to": end, "interval": interval, "buckets": buckets})
+
+
+@get(
+    "/analytics/patients/age-bands",
+    summary="Current patients per age band on a day",
+    tags=["analytics"],
+    guards=[requires(ANALYTICS_READERS)],
+)
+async def age_bands(
+    analytics: NamedDependency[Analytics],
+    at: Annotated[date, Parameter(description="The day, YYYY-MM-DD")],
+    minPosition: MinPosition = None,
+) -> Response[bytes]:
+    await _wait(analytics, minPosition)
+    async with analytics.pool.connection() as conn:
+        bands = await model.age_bands(conn, at, analytics.timezone, analytics.tables)
+    return _answer(analytics, {"at": at, "bands": bands})
+
+
+@get(
+    "/analytics/appointments",
+    summary="Appointments per bucket of start time: booked, completed, cancelled, no-shows",
+    description="With the no-show rate (no-shows over completed plus no-shows) and the "
+    "median lead time from booking to start, in hours.",
+    tags=["analytics"],
+    guards=[requires(ANALYTICS_READERS)],
+)
+async def appointments(
+    analytics: NamedDependency[Analytics],
+    start: From,
+    end: To,
+    interval: Interval = "day",
+    clinicianId: Annotated[UUID | None, Parameter(description="Only this clinician's")] = None,
+    minPosition: MinPosition = None,
+) -> Response[bytes]:
+    _range(start, end)
+    await _wait(analytics, minPosition)
+    async with analytics.pool.connection() as conn:
+        buckets = await model.appointments(
+            conn, start, end, interval, analytics.timezone, clinicianId, analytics.tables
+        )
+    return _answer(analytics, {"from": start, "to": end, "interval": interval, "buckets": buckets})
+
+
+@get(
+    "/analytics/billing",
+    summary="Invoiced, paid and outstanding per currency and bucket, in minor units",
+    tags=["analytics"],
+    guards=[requires(ANALYTICS_READERS)],
+)
+async def billing(
+    analytics: NamedDependency[Analytics],
+    start: From,
+    end: To,
+    interval: Interval = "day",
+    currency: Annotated[
+        str | None, Parameter(pattern="^[A-Z]{3}$", description="ISO 4217, e.g. GBP")
+    ] = None,
+    minPosition: MinPosition = None,
+) -> Response[bytes]:
+    _range(start, end)
+    await _wait(analytics, minPosition)
+    async with analytics.pool.connection() as conn:
+        buckets = await model.billing(
+            conn, start, end, interval, analytics.timezone, currency, analytics.tables
+        )
+    return _answer(analytics, {"from": start, "to": end, "interval": interval, "buckets": buckets})
+
+
+ROUTES = [registrations, age_bands, appointments, billing]
