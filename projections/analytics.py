@@ -159,4 +159,3 @@ class AnalyticsWorker(EventBatchWorker):
             counted, _ = await self.projection.apply(conn, batch)
         EVENTS.labels("counted").inc(counted)
         EVENTS.labels("seen").inc(len(batch))
-
