@@ -222,6 +222,54 @@ async def remove_patient(
     return Response(None, status_code=204, headers=_headers(written))
 
 
+class PreferencesInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Mail the patient wants beyond what they asked for (confirmations always go)."""
+
+    reminders: bool
+
+
+def _preferences_errors(raw: bytes) -> dict[str, str]:
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return {"body": "malformed JSON"}
+    if not isinstance(body, dict):
+        return {"body": "must be a JSON object"}
+    errors = {key: "is not a known field" for key in sorted(set(body) - {"reminders"})}
+    if not isinstance(body.get("reminders"), bool):
+        errors["reminders"] = "must be true or false"
+    return errors
+
+
+@put(
+    "/patients/{patient_id:str}/preferences",
+    summary="Set a patient's mail preferences (opt out of reminders)",
+    tags=["patients"],
+    guards=[requires(PATIENT_WRITERS)],
+    opt={BODY_ERRORS: _preferences_errors},
+)
+async def set_preferences(
+    patient_id: FromPath[str],
+    data: JSONBody[PreferencesInput],
+    request: Request[Any, Any, Any],
+    service: NamedDependency[PatientService],
+    correlation_id: NamedDependency[str],
+) -> Response[Any]:
+    pid = _patient_id(patient_id)
+    expected = expected_version(request)
+    written = await anyio.to_thread.run_sync(
+        lambda: service.set_preferences(pid, data.reminders, expected, correlation_id)
+    )
+    COMMANDS.labels("SetPreferences", "ok").inc()
+    body = {
+        "id": str(pid),
+        "reminders": written.patient.reminders,
+        "version": written.version,
+        "position": written.position,
+    }
+    return Response(body, headers=_headers(written))
+
+
 def _counted(outcome: str, make: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def convert(exc: Any) -> Any:
         COMMANDS.labels("any", outcome).inc()
@@ -288,7 +336,13 @@ def create_app(
 
     return service_app(
         "commands",
-        [register_patient, change_patient, remove_patient, *scheduling_api.ROUTES],
+        [
+            register_patient,
+            change_patient,
+            remove_patient,
+            set_preferences,
+            *scheduling_api.ROUTES,
+        ],
         title="commands",
         description="Writes: every change is an event in the event store.",
         tags=["patients", "clinicians", "appointments"],

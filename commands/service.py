@@ -98,6 +98,22 @@ class PatientService:
 
         return retrying(attempt, correlation_id)
 
+    def set_preferences(
+        self,
+        patient_id: UUID,
+        reminders: bool,
+        expected_version: int | None = None,
+        correlation_id: str | None = None,
+    ) -> Written:
+        """Records whether the patient wants reminders (confirmations are always sent)."""
+
+        def attempt() -> Written:
+            patient = self._current(patient_id, expected_version)
+            patient.set_preferences(reminders)
+            return self._save(patient)
+
+        return retrying(attempt, correlation_id)
+
     def _current(self, patient_id: UUID, expected_version: int | None) -> Patient:
         patient = self.get(patient_id)
         if expected_version is not None and patient.version != expected_version:

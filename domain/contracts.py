@@ -92,6 +92,11 @@ class PatientRemovedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True
     pass
 
 
+class PatientPreferencesChangedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    reminders: bool
+    """Whether the patient wants non-essential mail (appointment reminders)."""
+
+
 class ClinicianRegisteredV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
     name: str
     email: str
@@ -176,6 +181,9 @@ CONTRACTS: dict[type, Contract] = {
     ),
     Patient.Removed: Contract(  # type: ignore[attr-defined]
         "PatientRemoved", 1, PatientRemovedV1, "Patient", PATIENT_STREAM
+    ),
+    Patient.PreferencesChanged: Contract(  # type: ignore[attr-defined]
+        "PatientPreferencesChanged", 1, PatientPreferencesChangedV1, "Patient", PATIENT_STREAM
     ),
 }
 

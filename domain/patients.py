@@ -240,6 +240,8 @@ class Patient(TracedAggregate):
         self.date_of_birth = date_of_birth
         self.registered_date = registered_date
         self.removed = False
+        self.reminders = True
+        """Whether the patient wants non-essential mail (appointment reminders)."""
 
     @property
     def details(self) -> PatientDetails:
@@ -264,6 +266,16 @@ class Patient(TracedAggregate):
         self.email = email
         self.address = address
         self.date_of_birth = date_of_birth
+
+    def set_preferences(self, reminders: bool) -> None:
+        """Records the patient's mail preferences; setting what is set records nothing."""
+        self._require_current()
+        if reminders != self.reminders:
+            self._preferences_changed(reminders=reminders)
+
+    @event("PreferencesChanged")
+    def _preferences_changed(self, reminders: bool) -> None:
+        self.reminders = reminders
 
     def remove(self) -> None:
         self._require_current()

@@ -19,6 +19,7 @@ from psycopg import sql
 from domain.contracts import (
     Envelope,
     PatientDetailsChangedV1,
+    PatientPreferencesChangedV1,
     PatientRegisteredV2,
     PatientRemovedV1,
 )
@@ -70,6 +71,10 @@ class DirectoryProjection:
         self._remove = sql.SQL(
             "UPDATE {p} SET version = %(version)s, position = %(position)s, removed = true,"
             " updated_at = now() WHERE id = %(id)s AND version < %(version)s RETURNING id"
+        ).format(p=p)
+        self._touch = sql.SQL(
+            "UPDATE {p} SET version = %(version)s, position = %(position)s, updated_at = now()"
+            " WHERE id = %(id)s AND version < %(version)s RETURNING id"
         ).format(p=p)
         self._exists = sql.SQL("SELECT 1 FROM {p} WHERE id = %s").format(p=p)
         self._current = sql.SQL("SELECT {c} FROM {p} WHERE id = ANY(%s)").format(c=COLUMNS, p=p)
@@ -138,6 +143,8 @@ class DirectoryProjection:
             return self._change, params | _details(data)
         if isinstance(data, PatientRemovedV1):
             return self._remove, params
+        if isinstance(data, PatientPreferencesChangedV1):
+            return self._touch, params  # nothing shown changes; the version moves on
         raise UnappliableEvent(f"{envelope.type} is not a patient event")
 
     async def _rows(

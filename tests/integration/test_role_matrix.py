@@ -44,6 +44,7 @@ ROUTES: list[tuple[str, str, str, frozenset[Role]]] = [
     ("writes", "POST", "/patients", PATIENT_WRITERS),
     ("writes", "PUT", "/patients/{patient_id:str}", PATIENT_WRITERS),
     ("writes", "DELETE", "/patients/{patient_id:str}", PATIENT_WRITERS),
+    ("writes", "PUT", "/patients/{patient_id:str}/preferences", PATIENT_WRITERS),
     ("reads", "GET", "/appointments", SCHEDULE_READERS),
     ("reads", "GET", "/appointments/{appointment_id:str}", SCHEDULE_READERS),
     ("reads", "GET", "/clinicians", SCHEDULE_READERS),

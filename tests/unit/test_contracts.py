@@ -24,6 +24,7 @@ def _events_of_every_type() -> list[object]:
     patient.change_details(
         PatientDetails("Ada L", "ada@example.org", "2 Main St", date(1990, 1, 2))
     )
+    patient.set_preferences(reminders=False)
     patient.remove()
     return [*patient.collect_events(), *_scheduling_events()]
 
