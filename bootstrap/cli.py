@@ -10,6 +10,7 @@ carelog relay              event store → Kafka (health on 4010)
 carelog project directory  the patient directory projection (health on 4011)
 carelog project appointments  the appointments projection (health on 4012)
 carelog project analytics  the analytics projection (health on 4014)
+carelog notify             emails patients from events, exactly once each (health on 4015)
 carelog react patient-removals  cancels removed patients' appointments (health on 4013)
 carelog topics             creates the Kafka topics
 carelog schemas write|check  the JSON Schemas of published events
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("relay", help="publish the event store to Kafka")
     project_p = sub.add_parser("project", help="run a projection")
     project_p.add_argument("projection", choices=["directory", "appointments", "analytics"])
+    sub.add_parser("notify", help="run the notifier")
     react_p = sub.add_parser("react", help="run a process manager")
     react_p.add_argument("reaction", choices=["patient-removals"])
     sub.add_parser("topics", help="create the Kafka topics")
@@ -391,6 +393,17 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(directory.run_analytics(settings))
         else:
             asyncio.run(directory.run(settings))
+    elif args.command == "notify":
+        from bootstrap import notifier
+        from notifications.config import NotifierConfig
+
+        settings = _settings("notify")
+        _require_migrated(settings, "notify")
+        try:
+            config = NotifierConfig.from_env(_environ())
+        except SettingsError as exc:
+            sys.exit(f"carelog notify: {exc}")
+        asyncio.run(notifier.run(settings, config))
     elif args.command == "react":
         from bootstrap import directory
 

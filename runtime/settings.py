@@ -19,7 +19,8 @@ fills in the local stack's addresses; production mode requires each of them.
 | CARELOG_PRACTICE_TIMEZONE | the IANA time zone analytics count days in (Europe/London) |
 | CARELOG_HTTP_HOST | the address every service listens on (127.0.0.1) |
 | CARELOG_<SERVICE>_PORT | COMMANDS 4000, READ_API 4003, AUTH 4005, RELAY 4010, PROJECTION 4011, |
-| | APPOINTMENTS (the appointments projection) 4012, REACTIONS 4013, ANALYTICS 4014 |
+| | APPOINTMENTS (the appointments projection) 4012, REACTIONS 4013, ANALYTICS 4014, |
+| | NOTIFIER 4015 |
 | CARELOG_JWKS_URL | where services fetch the keys that verify access tokens |
 | CARELOG_AUTH_ISSUER, CARELOG_AUTH_AUDIENCE | `iss` and `aud` of access tokens |
 | CARELOG_GATEWAY_DIR | where `carelog gateway-config` writes HAProxy's files |
@@ -138,6 +139,7 @@ PORT_NAMES = {
     "appointments": "CARELOG_APPOINTMENTS_PORT",
     "reactions": "CARELOG_REACTIONS_PORT",
     "analytics": "CARELOG_ANALYTICS_PORT",
+    "notifier": "CARELOG_NOTIFIER_PORT",
 }
 DEFAULT_PORTS = {
     "commands": 4000,
@@ -148,6 +150,7 @@ DEFAULT_PORTS = {
     "appointments": 4012,
     "reactions": 4013,
     "analytics": 4014,
+    "notifier": 4015,
 }
 
 _NAMES = {

@@ -47,6 +47,8 @@ projection  | uv run carelog project directory  | http://127.0.0.1:4011/health/r
 appointments | uv run carelog project appointments | http://127.0.0.1:4012/health/ready
 reactions   | uv run carelog react patient-removals | http://127.0.0.1:4013/health/ready
 analytics   | uv run carelog project analytics  | http://127.0.0.1:4014/health/ready
+mail        | uv run python -m ops.local.mailcatcher | http://127.0.0.1:4016/health/ready
+notifier    | uv run carelog notify             | http://127.0.0.1:4015/health/ready
 auth        | uv run carelog serve auth         | http://127.0.0.1:4005/health/ready
 billing     | uv run carelog serve billing      | http://127.0.0.1:4001/health/ready
 '

@@ -65,6 +65,7 @@ def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
             "appointments": free_port(),
             "reactions": free_port(),
             "analytics": free_port(),
+            "notifier": free_port(),
             "billing-grpc": free_port(),
             "billing-http": free_port(),
         },
@@ -99,6 +100,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "CARELOG_APPOINTMENTS_PORT": str(settings.ports["appointments"]),
         "CARELOG_REACTIONS_PORT": str(settings.ports["reactions"]),
         "CARELOG_ANALYTICS_PORT": str(settings.ports["analytics"]),
+        "CARELOG_NOTIFIER_PORT": str(settings.ports["notifier"]),
         **{
             f"CARELOG_{name.upper().replace('-', '_')}_PORT": str(settings.ports[name])
             for name in ("billing-grpc", "billing-http")

@@ -1,0 +1,1 @@
+"""The notifier: emails patients about what happens to them, exactly once each."""

@@ -1,0 +1,318 @@
+"""The notifier's sender: delivers what the ledger owes, over SMTP, at most once each.
+
+A due row is claimed (`sending`, attempt counted) and that is committed before the
+SMTP transaction starts; the outcome is recorded after it. So a crash between the
+server accepting a message and the ledger recording it leaves the row `sending`,
+and the next sender to start gives it up as "in doubt" rather than send it again
+(visibly: given-up, with a metric). Temporary failures (4xx replies, a server
+that does not answer) retry with exponential backoff and jitter; permanent ones
+(5xx replies, a refused address, a removed patient) are given up with their
+reason. Only one sender runs at a time (an advisory lock).
+
+A message carries a `Message-ID` derived from its ledger key and only what the
+patient needs: no diagnosis, no reason for the visit. After sending, the ledger
+keeps ids, purpose and state; the address and the text are never stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+import aiosmtplib
+import jinja2
+import psycopg
+import structlog
+from prometheus_client import Counter
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+from tenacity import RetryCallState, wait_exponential_jitter
+
+from notifications.config import NotifierConfig
+from notifications.intake import REMINDER, about, plan
+from readmodels import appointments as schedule
+from readmodels.directory import get_record
+
+log = structlog.get_logger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+SUBJECTS = {
+    "welcome": "Welcome to {practice}",
+    "booking-confirmation": "Your appointment is booked",
+    "reschedule-notice": "Your appointment has moved",
+    "cancellation-notice": "Your appointment is cancelled",
+    "reminder": "Your appointment tomorrow",
+}
+
+SENT = Counter(
+    "carelog_notifications_total", "Notifications by purpose and outcome", ["purpose", "outcome"]
+)
+GIVEN_UP = Counter(
+    "carelog_notifications_given_up_total", "Notifications given up, by reason", ["reason"]
+)
+
+_LOCK = "carelog.notifier.sender"
+
+
+class Permanent(Exception):
+    """No retry can deliver this one (a 5xx reply, a refused or missing address)."""
+
+
+class NotYet(Exception):
+    """Something the message needs is not known yet (the directory lags); retry later."""
+
+
+@dataclass(frozen=True)
+class Due:
+    id: UUID
+    patient_id: UUID
+    purpose: str
+    source: str
+    attempts: int
+    details: dict[str, Any] | None
+
+
+class Sender:
+    def __init__(self, pool: AsyncConnectionPool[Any], config: NotifierConfig, timezone: str):
+        self.pool = pool
+        self.config = config
+        self.zone = ZoneInfo(timezone)
+        self.templates = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(TEMPLATES),
+            autoescape=jinja2.select_autoescape(["html.j2"]),
+            undefined=jinja2.StrictUndefined,
+        )
+        self._wait = wait_exponential_jitter(
+            initial=config.first_retry_seconds, max=config.max_retry_seconds
+        )
+        self._leader: psycopg.AsyncConnection[Any] | None = None
+
+    async def lead(self, dsn: str) -> None:
+        """Waits to be the only sender, then gives up what a crashed one left in doubt."""
+        self._leader = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        while True:
+            row = await (
+                await self._leader.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [_LOCK])
+            ).fetchone()
+            if row and row[0]:
+                break
+            await asyncio.sleep(1.0)
+        cur = await self._leader.execute(
+            "UPDATE notifications SET status = 'given-up', updated_at = now(), details = NULL,"
+            " last_error = 'in doubt: the sender stopped during sending; not sent again'"
+            " WHERE status = 'sending' RETURNING purpose"
+        )
+        for (purpose,) in await cur.fetchall():
+            GIVEN_UP.labels("in-doubt").inc()
+            SENT.labels(purpose, "given-up").inc()
+
+    async def close(self) -> None:
+        if self._leader is not None:
+            await self._leader.close()
+
+    async def run(self, stop: asyncio.Event, pause: float = 0.2) -> None:
+        while not stop.is_set():
+            try:
+                sent = await self.send_due()
+            except (psycopg.OperationalError, OSError) as exc:
+                log.warning("sender paused", error=type(exc).__name__)
+                sent = 0
+            if not sent:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), pause)
+
+    async def send_due(self, limit: int = 20) -> int:
+        """Claims and sends what is due; returns how many it tried."""
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            async with conn.transaction():
+                await cur.execute(
+                    "SELECT id, patient_id, purpose, source, attempts, details FROM notifications"
+                    " WHERE status IN ('pending', 'failed-retrying') AND next_attempt_at <= now()"
+                    " ORDER BY next_attempt_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
+                    [limit],
+                )
+                due = [Due(**row) for row in await cur.fetchall()]
+                if due:
+                    await cur.execute(
+                        "UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
+                        " updated_at = now() WHERE id = ANY(%s)",
+                        [[d.id for d in due]],
+                    )
+            for item in due:
+                await self._one(conn, item)
+        return len(due)
+
+    async def _one(self, conn: psycopg.AsyncConnection[Any], item: Due) -> None:
+        attempt = item.attempts + 1
+        try:
+            message = await self._compose(conn, item)
+            await self._deliver(message)
+        except Permanent as exc:
+            await self._record(conn, item, "given-up", str(exc))
+            GIVEN_UP.labels(str(exc).split(":", 1)[0]).inc()
+        except (NotYet, aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            reason = str(exc) if isinstance(exc, NotYet) else f"temporary: {type(exc).__name__}"
+            if attempt >= self.config.max_attempts:
+                await self._record(conn, item, "given-up", f"gave up after {attempt}: {reason}")
+                GIVEN_UP.labels("attempts").inc()
+            else:
+                delay = self._wait(_Attempt(attempt))
+                await self._record(conn, item, "failed-retrying", reason, retry_in=delay)
+        else:
+            await self._record(conn, item, "sent", None)
+
+    async def _record(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        item: Due,
+        status: str,
+        error: str | None,
+        retry_in: float = 0.0,
+    ) -> None:
+        final = status in ("sent", "given-up")
+        await conn.execute(
+            "UPDATE notifications SET status = %s, last_error = %s, updated_at = now(),"
+            " next_attempt_at = now() + %s, sent_at = CASE WHEN %s THEN now() END,"
+            " details = CASE WHEN %s THEN NULL ELSE details END WHERE id = %s",
+            [status, error, timedelta(seconds=retry_in), status == "sent", final, item.id],
+        )
+        await conn.commit()
+        SENT.labels(item.purpose, status).inc()
+        log.info(
+            "notification " + status,
+            notification_id=str(item.id),
+            purpose=item.purpose,
+            patient_id=str(item.patient_id),
+            error=error,
+        )
+
+    async def _compose(self, conn: psycopg.AsyncConnection[Any], item: Due) -> EmailMessage:
+        record = await get_record(conn, item.patient_id)
+        if record is None:
+            raise NotYet("waiting: the directory does not know the patient yet")
+        if record.removed:
+            raise Permanent("patient removed")
+        if "@" not in record.email:
+            raise Permanent("bad address")
+        context: dict[str, Any] = {"name": record.name, "practice": self.config.practice_name}
+        details = item.details or {}
+        if details.get("appointmentId"):
+            appointment = await schedule.get_appointment(conn, UUID(details["appointmentId"]))
+            if item.purpose == REMINDER and (
+                appointment is None
+                or appointment.status not in ("booked", "checked-in")
+                or appointment.start.astimezone(UTC).isoformat() != details.get("start")
+            ):
+                raise Permanent("no longer due: the appointment moved or was cancelled")
+            start = datetime.fromisoformat(details["start"]) if details.get("start") else None
+            clinician_id = details.get("clinicianId")
+            if appointment is not None:
+                start = start or appointment.start
+                clinician_id = clinician_id or str(appointment.clinician_id)
+            if start is None or clinician_id is None:
+                raise NotYet("waiting: the appointments model does not know the appointment yet")
+            clinician = await schedule.get_clinician(conn, UUID(clinician_id))
+            if clinician is None:
+                raise NotYet("waiting: the appointments model does not know the clinician yet")
+            context |= {
+                "clinician": clinician.name,
+                "when": start.astimezone(self.zone).strftime("%A %d %B %Y at %H:%M"),
+            }
+        message = EmailMessage()
+        message["From"] = self.config.mail_from
+        message["To"] = record.email
+        message["Subject"] = SUBJECTS[item.purpose].format(practice=self.config.practice_name)
+        message["Message-ID"] = f"<{item.id}@carelog>"
+        message["Date"] = email.utils.formatdate(localtime=False)
+        message["X-Carelog-Purpose"] = item.purpose
+        message.set_content(self.templates.get_template(f"{item.purpose}.txt.j2").render(context))
+        message.add_alternative(
+            self.templates.get_template(f"{item.purpose}.html.j2").render(context), subtype="html"
+        )
+        return message
+
+    async def _deliver(self, message: EmailMessage) -> None:
+        try:
+            await aiosmtplib.send(
+                message,
+                hostname=self.config.smtp_host,
+                port=self.config.smtp_port,
+                username=self.config.smtp_username,
+                password=self.config.smtp_password,
+                start_tls=self.config.smtp_starttls,
+                timeout=10,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            if all(code >= 500 for code in codes):
+                raise Permanent(f"address refused: {codes[0]}") from None
+            raise
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code >= 500:
+                raise Permanent(f"smtp {exc.code}") from None
+            raise
+
+
+class _Attempt(RetryCallState):
+    """Just enough of tenacity's retry state for its wait strategies."""
+
+    def __init__(self, number: int):
+        self.attempt_number = number
+
+
+async def plan_reminders(pool: AsyncConnectionPool[Any], hours: int) -> int:
+    """Owes a reminder for each active appointment starting within `hours` (unless the
+    patient opted out), keyed by its start, so a moved one is reminded anew; gives up
+    the pending reminders of appointments that moved or were cancelled."""
+    planned = 0
+    async with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        await cur.execute(
+            "SELECT a.id, a.patient_id, a.clinician_id, a.start_at FROM appointments a"
+            " LEFT JOIN notification_preferences p ON p.patient_id = a.patient_id"
+            " WHERE a.status IN ('booked', 'checked-in') AND a.start_at > now()"
+            " AND a.start_at <= now() + make_interval(hours => %s) AND coalesce(p.reminders, true)",
+            [hours],
+        )
+        for appointment, patient, clinician, start in await cur.fetchall():
+            await plan(
+                cur,
+                reminder_source(appointment, start),
+                REMINDER,
+                patient,
+                about(appointment, clinician, start),
+            )
+            planned += cur.rowcount
+        await cur.execute(
+            "SELECT n.id, n.source FROM notifications n WHERE n.purpose = 'reminder'"
+            " AND n.status IN ('pending', 'failed-retrying')"
+        )
+        waiting = await cur.fetchall()
+        if waiting:
+            await cur.execute(
+                "SELECT id, start_at FROM appointments WHERE status IN ('booked', 'checked-in')"
+                " AND id = ANY(%s)",
+                [[UUID(source.split(":")[1]) for _, source in waiting]],
+            )
+            current = {reminder_source(a, start) for a, start in await cur.fetchall()}
+            stale = [nid for nid, source in waiting if source not in current]
+            if stale:
+                await cur.execute(
+                    "UPDATE notifications SET status = 'given-up', details = NULL,"
+                    " updated_at = now(),"
+                    " last_error = 'no longer due: the appointment moved or was cancelled'"
+                    " WHERE id = ANY(%s)",
+                    [stale],
+                )
+    return planned
+
+
+def reminder_source(appointment: UUID, start: datetime) -> str:
+    return f"reminder:{appointment}:{start.astimezone(UTC).isoformat()}"
