@@ -44,3 +44,6 @@ REASON_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.RECEPTIONIST, Role
 
 ANALYTICS_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.ANALYST})
 """Read the analytics (counts and sums, never personal data)."""
+
+NOTIFICATION_READERS: frozenset[Role] = frozenset({Role.ADMIN})
+"""Read the notification ledger."""

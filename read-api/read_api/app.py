@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from domain.errors import InvalidData, PatientNotFound
 from domain.roles import PATIENT_READERS
-from read_api import analytics, appointments, waiting
+from read_api import analytics, appointments, notifications, waiting
 from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
 from read_api.waiting import await_position
 from readmodels.directory import (
@@ -208,6 +208,9 @@ def create_app(
     def counts() -> analytics.Analytics:
         return opened[0][3]
 
+    def database_pool() -> Any:
+        return opened[0][0].pool
+
     async def database() -> None:
         async with opened[0][0].pool.connection() as conn:
             await conn.execute("SELECT 1")
@@ -217,7 +220,13 @@ def create_app(
 
     return service_app(
         "read-api",
-        [list_patients, get_patient, *appointments.ROUTES, *analytics.ROUTES],
+        [
+            list_patients,
+            get_patient,
+            *appointments.ROUTES,
+            *analytics.ROUTES,
+            *notifications.ROUTES,
+        ],
         title="queries",
         description="Reads: paged, filtered, cached views of the read models.",
         problems={**PROBLEMS, **waiting.PROBLEMS, **appointments.PROBLEMS},
@@ -226,6 +235,7 @@ def create_app(
             "directory": Provide(directory, sync_to_thread=False),
             "source": Provide(schedule, sync_to_thread=False),
             "analytics": Provide(counts, sync_to_thread=False),
+            "pool": Provide(database_pool, sync_to_thread=False),
         },
         on_startup=[start],
         on_shutdown=[stop],

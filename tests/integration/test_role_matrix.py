@@ -22,6 +22,7 @@ from domain.roles import (
     APPOINTMENT_ATTENDERS,
     APPOINTMENT_BOOKERS,
     CLINICIAN_ADMINS,
+    NOTIFICATION_READERS,
     PATIENT_READERS,
     PATIENT_WRITERS,
     SCHEDULE_READERS,
@@ -70,6 +71,7 @@ ROUTES: list[tuple[str, str, str, frozenset[Role]]] = [
     ("reads", "GET", "/analytics/patients/age-bands", ANALYTICS_READERS),
     ("reads", "GET", "/analytics/appointments", ANALYTICS_READERS),
     ("reads", "GET", "/analytics/billing", ANALYTICS_READERS),
+    ("reads", "GET", "/notifications", NOTIFICATION_READERS),
 ]
 """(app, method, route template, roles admitted) for every guarded endpoint."""
 

@@ -120,6 +120,8 @@ class Process:
     popen: subprocess.Popen[bytes] | None = None
     starts: int = 0
     logs: list[Path] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables added to the settings' environment (e.g. the notifier's SMTP port)."""
 
     def start(self, timeout: float = 60.0) -> Process:
         self.starts += 1
@@ -128,7 +130,7 @@ class Process:
         handle = log.open("wb")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "bootstrap", *self.args],
-            env=env_for(self.settings),
+            env={**env_for(self.settings), **self.env},
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
