@@ -23,5 +23,5 @@ RUN uv sync --frozen --no-dev \
  && useradd --system --uid 10001 --home-dir /app carelog
 
 USER carelog
-EXPOSE 4000 4003 4010 4011 4012 4013 4014
+EXPOSE 4000 4003 4010 4011 4012 4013 4014 4015 1025
 CMD ["carelog", "serve", "commands"]

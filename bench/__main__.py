@@ -240,7 +240,13 @@ def _failed(load: Load) -> str:
 async def run_all() -> str:
     settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
     sections = [await patients(settings)]
-    for name in ("bench.appointments", "bench.rebuild", "bench.gateway", "bench.billing"):
+    for name in (
+        "bench.appointments",
+        "bench.notifications",
+        "bench.rebuild",
+        "bench.gateway",
+        "bench.billing",
+    ):
         try:
             module = __import__(name, fromlist=["run"])
         except ImportError:

@@ -118,7 +118,7 @@ class Sender:
         if self._leader is not None:
             await self._leader.close()
 
-    async def run(self, stop: asyncio.Event, pause: float = 0.2) -> None:
+    async def run(self, stop: asyncio.Event, pause: float = 0.05) -> None:
         while not stop.is_set():
             try:
                 sent = await self.send_due()
