@@ -94,6 +94,7 @@ class Sender:
             initial=config.first_retry_seconds, max=config.max_retry_seconds
         )
         self._leader: psycopg.AsyncConnection[Any] | None = None
+        self._smtp: aiosmtplib.SMTP | None = None
 
     async def lead(self, dsn: str) -> None:
         """Waits to be the only sender, then gives up what a crashed one left in doubt."""
@@ -146,8 +147,11 @@ class Sender:
                         " updated_at = now() WHERE id = ANY(%s)",
                         [[d.id for d in due]],
                     )
-            for item in due:
-                await self._one(conn, item)
+            try:
+                for item in due:
+                    await self._one(conn, item)
+            finally:
+                await self._hang_up()
         return len(due)
 
     async def _one(self, conn: psycopg.AsyncConnection[Any], item: Due) -> None:
@@ -239,17 +243,34 @@ class Sender:
         )
         return message
 
-    async def _deliver(self, message: EmailMessage) -> None:
-        try:
-            await aiosmtplib.send(
-                message,
+    async def _session(self) -> aiosmtplib.SMTP:
+        """One SMTP session for a batch of messages (connected, TLS, logged in)."""
+        if self._smtp is None or not self._smtp.is_connected:
+            client = aiosmtplib.SMTP(
                 hostname=self.config.smtp_host,
                 port=self.config.smtp_port,
-                username=self.config.smtp_username,
-                password=self.config.smtp_password,
                 start_tls=self.config.smtp_starttls,
                 timeout=10,
             )
+            await client.connect()
+            if self.config.smtp_username:
+                await client.login(self.config.smtp_username, self.config.smtp_password or "")
+            self._smtp = client
+        return self._smtp
+
+    async def _hang_up(self) -> None:
+        client, self._smtp = self._smtp, None
+        if client is not None and client.is_connected:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit()
+
+    async def _deliver(self, message: EmailMessage) -> None:
+        try:
+            client = await self._session()
+            await client.send_message(message)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, OSError):
+            self._smtp = None  # reconnect for the next message
+            raise
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             if all(code >= 500 for code in codes):

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import re
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -82,13 +83,16 @@ async def echo_correlation_id(message: Any, scope: Scope) -> None:
             headers.append((b"x-correlation-id", correlation_id(scope).encode()))
 
 
-_QUERY_FIELDS: dict[int, dict[str, tuple[Any, bool]]] = {}
+_QUERY_FIELDS: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, bool]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per route handler (not by id(): a collected handler's id can be reused by another)."""
 
 
 def _query_fields(request: Request[Any, Any, Any]) -> dict[str, tuple[Any, bool]]:
     """The handler's query parameters: wire name → (declared type, required)."""
     handler = request.route_handler
-    known = _QUERY_FIELDS.get(id(handler))
+    known = _QUERY_FIELDS.get(handler)
     if known is not None:
         return known
     model = handler.signature_model
@@ -102,7 +106,7 @@ def _query_fields(request: Request[Any, Any, Any]) -> dict[str, tuple[Any, bool]
             continue
         wire = kwarg.query if isinstance(kwarg, ParameterKwarg) and kwarg.query else name
         fields[wire] = (model.__annotations__[name], not definition.has_default)
-    _QUERY_FIELDS[id(handler)] = fields
+    _QUERY_FIELDS[handler] = fields
     return fields
 
 
@@ -134,8 +138,33 @@ def query_errors(request: Request[Any, Any, Any]) -> dict[str, str]:
     return dict(sorted(errors.items()))
 
 
+MAX_HEADER_BYTES = 16 * 1024
+"""Request headers larger than this, together, are refused (431)."""
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _json_media(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
 async def _before_request(request: Request[Any, Any, Any]) -> None:
     structlog.contextvars.bind_contextvars(correlation_id=correlation_id(request.scope))
+    if sum(len(k) + len(v) for k, v in request.scope.get("headers", ())) > MAX_HEADER_BYTES:
+        raise problem(431, f"request headers are larger than {MAX_HEADER_BYTES} bytes")
+    if request.method in _BODY_METHODS:
+        # A body that says what it is must say JSON; one that does not is read as JSON.
+        content_type = request.headers.get("content-type")
+        if content_type is not None and not _json_media(content_type):
+            raise problem(
+                415,
+                "the body must be JSON",
+                headers={"Accept": "application/json"},
+                errors={"Content-Type": "must be application/json"},
+            )
     if errors := query_errors(request):
         raise problem(400, "invalid request", errors=errors)
 
@@ -175,9 +204,29 @@ def _invalid_request(request: Request[Any, Any, Any], exc: ClientException) -> R
     check = handler.opt.get(BODY_ERRORS) if handler is not None else None
     if exc.status_code == 400 and check is not None:
         body = ScopeState.from_scope(request.scope).body  # read (and kept) by the decoding
-        if isinstance(body, bytes) and (errors := check(body)):
-            return problem(400, "invalid request", errors=errors).to_response(request)
+        if isinstance(body, bytes):
+            try:
+                errors = check(body)
+            except RecursionError:
+                errors = {"body": "is nested too deeply"}
+            except UnicodeDecodeError:
+                errors = {"body": "is not valid UTF-8"}
+            if errors:
+                return problem(400, "invalid request", errors=errors).to_response(request)
     return _from_http_exception(exc).to_response(request)
+
+
+def _unstorable(exc: Exception) -> ProblemDetailsException:
+    # PostgreSQL refused a value a client sent (a NUL in text, say): the client's error.
+    return problem(400, "invalid request: a value cannot be stored (control characters?)")
+
+
+def _not_utf8(exc: Exception) -> ProblemDetailsException:
+    return problem(400, "invalid request", errors={"body": "is not valid UTF-8"})
+
+
+def _too_deep(exc: Exception) -> ProblemDetailsException:
+    return problem(400, "invalid request", errors={"body": "is nested too deeply"})
 
 
 def _unavailable(exc: Exception) -> ProblemDetailsException:
@@ -193,6 +242,9 @@ def _unexpected(exc: Exception) -> ProblemDetailsException:
 BASE_PROBLEMS: Problems = {
     HTTPException: _from_http_exception,
     psycopg.OperationalError: _unavailable,
+    psycopg.DataError: _unstorable,
+    RecursionError: _too_deep,
+    UnicodeDecodeError: _not_utf8,
     eventsourcing.persistence.OperationalError: _unavailable,
     eventsourcing.persistence.InterfaceError: _unavailable,
     psycopg_pool.PoolTimeout: _unavailable,

@@ -35,7 +35,10 @@ def configure_logging(level: str = "info", service: str = "carelog") -> None:
     """Sets up structlog and routes the standard library's logging through it."""
     renderer: Any
     if sys.stderr.isatty():
-        renderer = structlog.dev.ConsoleRenderer()
+        # Tracebacks without local variables: those may hold a request's personal data.
+        renderer = structlog.dev.ConsoleRenderer(
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
+        )
     else:
         renderer = structlog.processors.JSONRenderer()
     shared: list[Any] = [

@@ -73,9 +73,22 @@ def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
     try:
         yield settings
     finally:
-        with psycopg.connect(base.database_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{token}" WITH (FORCE)')
+        drop_database(base.database_url, token)
         drop_topics(settings.kafka_bootstrap, settings.topic_prefix)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    """Drops a test database; retried while a server-side worker (autovacuum) is inside it,
+    which only a superuser could terminate."""
+    for attempt in range(20):
+        try:
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if attempt == 19:
+                raise
+            time.sleep(0.25)
 
 
 def drop_topics(bootstrap: str, prefix: str) -> None:
