@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import uuid
@@ -23,7 +22,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bench.common import CONCURRENCY, closed_loop, insert_floor, ms, token_headers
+from bench.common import CONCURRENCY, closed_loop, insert_floor, main_for, ms, token_headers
 from bench.loadgen import Connection
 from runtime.settings import Settings
 
@@ -190,10 +189,5 @@ async def run(settings: Settings) -> list[str]:
     ]
 
 
-def main() -> None:
-    settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
-    print("\n".join(asyncio.run(run(settings))))
-
-
 if __name__ == "__main__":
-    main()
+    main_for(run)

@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,3 +116,9 @@ async def token_headers(auth_url: str) -> dict[str, str]:
 
 def ms(value: float) -> str:
     return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
+
+
+def main_for(run: Callable[[Settings], Coroutine[Any, Any, list[str]]]) -> None:
+    """`python -m bench.<name>`: one benchmark's section on stdout, on the dev stack."""
+    settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
+    print("\n".join(asyncio.run(run(settings))))

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bench.common import ms, token_headers
+from bench.common import main_for, ms, token_headers
 from bench.loadgen import Connection, percentile
 from domain import contracts
 from notifications.intake import WELCOME, notification_id
@@ -201,10 +201,5 @@ async def run(settings: Settings) -> list[str]:
     ]
 
 
-def main() -> None:
-    settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
-    print("\n".join(asyncio.run(run(settings))))
-
-
 if __name__ == "__main__":
-    main()
+    main_for(run)

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from bench.common import closed_loop, ms, token_headers
+from bench.common import closed_loop, main_for, ms, token_headers
 from bootstrap import rebuild
 from commands.store import EventStore
 from runtime.settings import Settings
@@ -103,10 +103,5 @@ async def run(settings: Settings) -> list[str]:
     ]
 
 
-def main() -> None:
-    settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
-    print("\n".join(asyncio.run(run(settings))))
-
-
 if __name__ == "__main__":
-    main()
+    main_for(run)

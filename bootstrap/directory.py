@@ -37,7 +37,7 @@ from projections.worker import GROUP, DirectoryWorker
 from readmodels.directory import LIVE, DirectoryCache, Tables
 from runtime.consumers import EventBatchWorker, subscribe
 from runtime.db import open_pool
-from runtime.http import Check, serve_health
+from runtime.http import Check, broker_check, database_check, serve_health
 from runtime.kafka import ensure_topics, kafka_broker, wait_for_kafka
 from runtime.settings import Settings
 
@@ -132,14 +132,7 @@ async def _run(
     broker = kafka_broker(settings, group)
     subscribe(broker, topics, await build(pool, broker, dlq), group)
 
-    async def database() -> None:
-        async with pool.connection() as conn:
-            await conn.execute("SELECT 1")
-
-    async def kafka() -> None:
-        if not await broker.ping(timeout=2.0):
-            raise ConnectionError("broker does not answer")
-
+    database, kafka = database_check(pool), broker_check(broker)
     checks: dict[str, Check] = {"database": database, "kafka": kafka}
     if cache is not None:
         checks["cache"] = cache

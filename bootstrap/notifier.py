@@ -16,7 +16,7 @@ from notifications.intake import GROUP, IntakeWorker
 from notifications.sender import Sender, plan_reminders
 from runtime.consumers import subscribe
 from runtime.db import open_pool
-from runtime.http import serve_health
+from runtime.http import broker_check, database_check, serve_health
 from runtime.kafka import ensure_topics, kafka_broker, wait_for_kafka
 from runtime.settings import Settings
 
@@ -51,14 +51,7 @@ async def run(settings: Settings, config: NotifierConfig) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), REMINDER_EVERY_SECONDS)
 
-    async def database() -> None:
-        async with pool.connection() as conn:
-            await conn.execute("SELECT 1")
-
-    async def kafka() -> None:
-        if not await broker.ping(timeout=2.0):
-            raise ConnectionError("broker does not answer")
-
+    database, kafka = database_check(pool), broker_check(broker)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)

@@ -185,37 +185,24 @@ class SchedulingService:
             appointment_id, lambda a: a.cancel(reason), expected_version, None, correlation_id
         )
 
-    def check_in(
-        self,
-        appointment_id: UUID,
-        expected_version: int | None = None,
-        acting_user: UUID | None = None,
-        correlation_id: str | None = None,
-    ) -> Saved:
-        return self._transition(
-            appointment_id, Appointment.check_in, expected_version, acting_user, correlation_id
-        )
+    ATTENDING = {
+        "check-in": Appointment.check_in,
+        "complete": Appointment.complete,
+        "no-show": Appointment.mark_no_show,
+    }
+    """What a clinician does with an appointment on the day, by its route name."""
 
-    def complete(
+    def attend(
         self,
         appointment_id: UUID,
+        action: str,
         expected_version: int | None = None,
         acting_user: UUID | None = None,
         correlation_id: str | None = None,
     ) -> Saved:
+        """Checks in, completes or marks a no-show; a clinician only on their own."""
         return self._transition(
-            appointment_id, Appointment.complete, expected_version, acting_user, correlation_id
-        )
-
-    def mark_no_show(
-        self,
-        appointment_id: UUID,
-        expected_version: int | None = None,
-        acting_user: UUID | None = None,
-        correlation_id: str | None = None,
-    ) -> Saved:
-        return self._transition(
-            appointment_id, Appointment.mark_no_show, expected_version, acting_user, correlation_id
+            appointment_id, self.ATTENDING[action], expected_version, acting_user, correlation_id
         )
 
     def _transition(

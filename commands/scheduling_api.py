@@ -415,7 +415,7 @@ async def cancel_appointment(
     return Response(appointment_view(saved.aggregate, saved), headers=_headers(saved))
 
 
-def _attending(action: str, method: str, summary: str) -> Any:
+def _attending(action: str, summary: str) -> Any:
     @post(
         f"/appointments/{{appointment_id:str}}/{action}",
         summary=summary,
@@ -435,18 +435,18 @@ def _attending(action: str, method: str, summary: str) -> Any:
         expected = expected_version(request)
         claims: Claims = request.state.claims
         actor = UUID(claims.subject) if claims.role == Role.CLINICIAN else None
-        change = getattr(scheduling, method)
         saved = await _run(
-            lambda: change(aid, expected, actor, correlation_id), f"Appointment{method}"
+            lambda: scheduling.attend(aid, action, expected, actor, correlation_id),
+            f"Appointment:{action}",
         )
         return Response(appointment_view(saved.aggregate, saved), headers=_headers(saved))
 
     return attend
 
 
-check_in = _attending("check-in", "check_in", "Check a patient in")
-complete = _attending("complete", "complete", "Complete a checked-in appointment")
-no_show = _attending("no-show", "mark_no_show", "Mark a booked appointment as a no-show")
+check_in = _attending("check-in", "Check a patient in")
+complete = _attending("complete", "Complete a checked-in appointment")
+no_show = _attending("no-show", "Mark a booked appointment as a no-show")
 
 ROUTES = [
     register_clinician,

@@ -154,6 +154,15 @@ class AppointmentNoShowV1(msgspec.Struct, rename="camel", kw_only=True, frozen=T
     pass
 
 
+STATUS_AFTER: dict[type[msgspec.Struct], str] = {
+    AppointmentCancelledV1: "cancelled",
+    AppointmentCheckedInV1: "checked-in",
+    AppointmentCompletedV1: "completed",
+    AppointmentNoShowV1: "no-show",
+}
+"""The status an appointment has after each status-changing event."""
+
+
 @dataclass(frozen=True)
 class Contract:
     """How one domain event class is published."""

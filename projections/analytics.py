@@ -32,12 +32,7 @@ EVENTS = Counter(
     ["outcome"],
 )
 
-_STATUS: dict[type, str] = {
-    c.AppointmentCancelledV1: "cancelled",
-    c.AppointmentCheckedInV1: "checked-in",
-    c.AppointmentCompletedV1: "completed",
-    c.AppointmentNoShowV1: "no-show",
-}
+_STATUS = c.STATUS_AFTER
 
 
 class AnalyticsProjection:

@@ -36,12 +36,7 @@ POSITION = Gauge(
     "carelog_appointments_projection_position", "Highest global position the model has applied"
 )
 
-_STATUS: dict[type, str] = {
-    c.AppointmentCancelledV1: "cancelled",
-    c.AppointmentCheckedInV1: "checked-in",
-    c.AppointmentCompletedV1: "completed",
-    c.AppointmentNoShowV1: "no-show",
-}
+_STATUS = c.STATUS_AFTER
 
 
 class AppointmentsProjection:

@@ -330,6 +330,26 @@ def _correlation_id(request: Request[Any, Any, Any]) -> str:
     return correlation_id(request.scope)
 
 
+def database_check(pool: Any) -> Check:
+    """A readiness check: the pool hands out a connection that answers."""
+
+    async def database() -> None:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    return database
+
+
+def broker_check(broker: Any) -> Check:
+    """A readiness check: the Kafka broker answers a ping."""
+
+    async def kafka() -> None:
+        if not await broker.ping(timeout=2.0):
+            raise ConnectionError("broker does not answer")
+
+    return kafka
+
+
 def health_routes(checks: Mapping[str, Check]) -> list[BaseRouteHandler]:
     """`/health/live` and `/health/ready` (runs every check)."""
 
