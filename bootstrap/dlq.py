@@ -71,7 +71,7 @@ class Letter:
 
 
 def dlq_topic(settings: Settings, model: Model) -> str:
-    return f"{settings.topic(model.stream)}.dlq.{model.group}"
+    return model.dead_letter_topic(settings)
 
 
 async def letters(settings: Settings, only: str | None = None) -> list[Letter]:

@@ -30,7 +30,7 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import ModuleType
@@ -38,15 +38,20 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import psycopg
 from eventsourcing.utils import get_topic
 from psycopg import sql
 from redis.asyncio import Redis
 
+from billing_grpc.store import SCHEMA as BILLING_SCHEMA
 from commands.store import EventStore
 from domain import contracts
+from domain.billing import InvoiceIssuedV1
+from projections import analytics as analytics_projection
 from projections import appointments as appointments_projection
 from projections import directory as directory_projection
+from readmodels import analytics as analytics_model
 from readmodels import appointments as appointments_model
 from readmodels import directory as directory_model
 from readmodels.swaps import swapping
@@ -64,7 +69,8 @@ class Model:
     """A rebuildable read model: its tables, the events it reads, how to project a copy."""
 
     name: str
-    stream: str
+    streams: tuple[str, ...]
+    """The event-store streams it is rebuilt from."""
     tables: tuple[str, ...]
     """Every table swapped together; the positions table among them."""
     positions: str
@@ -79,6 +85,12 @@ class Model:
     code: ModuleType
     copy: Callable[[str], Any]
     """Suffix → a projection that writes into the tables with that suffix."""
+    dead_letters: str = ""
+    """Its consumer's dead-letter topic, before the topic prefix."""
+    side_tables: tuple[str, ...] = ()
+    """Tables filled from another source than the event store (swapped and compared too)."""
+    side: Callable[[psycopg.AsyncConnection[Any], str], Awaitable[None]] | None = None
+    """Refills the side tables of a copy (suffix) from their source, inside the swap."""
 
     @property
     def version(self) -> str:
@@ -87,7 +99,12 @@ class Model:
 
     @property
     def topics(self) -> list[str]:
-        return [get_topic(cls) for cls, c in contracts.CONTRACTS.items() if c.stream == self.stream]
+        return [
+            get_topic(cls) for cls, c in contracts.CONTRACTS.items() if c.stream in self.streams
+        ]
+
+    def dead_letter_topic(self, settings: Settings) -> str:
+        return f"{settings.topic(self.dead_letters)}.dlq.{self.group}"
 
 
 def _directory_copy(suffix: str) -> Any:
@@ -113,7 +130,8 @@ def _appointments_copy(suffix: str) -> Any:
 MODELS: dict[str, Model] = {
     "directory": Model(
         name="directory",
-        stream=contracts.PATIENT_STREAM,
+        streams=(contracts.PATIENT_STREAM,),
+        dead_letters=contracts.PATIENT_STREAM,
         tables=(directory_model.LIVE.patients, directory_model.LIVE.positions),
         positions=directory_model.LIVE.positions,
         aggregate_column="patient_id",
@@ -126,7 +144,8 @@ MODELS: dict[str, Model] = {
     ),
     "appointments": Model(
         name="appointments",
-        stream=contracts.APPOINTMENT_STREAM,
+        streams=(contracts.APPOINTMENT_STREAM,),
+        dead_letters=contracts.APPOINTMENT_STREAM,
         tables=(
             appointments_model.LIVE.appointments,
             appointments_model.LIVE.clinicians,
@@ -147,6 +166,82 @@ MODELS: dict[str, Model] = {
         copy=_appointments_copy,
     ),
 }
+
+
+def _analytics_copy(suffix: str) -> Any:
+    live = analytics_model.LIVE
+    tables = analytics_model.Tables(
+        patients=live.patients + suffix,
+        appointments=live.appointments + suffix,
+        money=live.money + suffix,
+        positions=live.positions + suffix,
+        tracking=live.tracking,
+    )
+    return analytics_projection.AnalyticsProjection(tables, name=f"analytics{suffix}")
+
+
+async def _money_from_billing(conn: psycopg.AsyncConnection[Any], suffix: str) -> None:
+    """The copy's money facts, from billing's outbox: every invoice and payment it has
+    published (billing's events live there, not in the event store)."""
+    table = sql.Identifier(analytics_model.LIVE.money + suffix)
+    await conn.execute(sql.SQL("DELETE FROM {}").format(table))
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT id, aggregate_id, aggregate_version, type, schema_version, payload, occurred_at"
+            " FROM {}.outbox WHERE published_at IS NOT NULL AND type IN"
+            " ('InvoiceIssued', 'PaymentRecorded') ORDER BY id"
+        ).format(sql.Identifier(BILLING_SCHEMA))
+    )
+    rows = []
+    for position, aggregate, version, kind, schema_version, payload, at in await cur.fetchall():
+        data = msgspec.json.decode(
+            bytes(payload), type=contracts.BY_TYPE[(kind, schema_version)].payload
+        )
+        invoiced = isinstance(data, InvoiceIssuedV1)
+        rows.append(
+            (
+                contracts.event_id(aggregate, version),
+                position,
+                "invoiced" if invoiced else "paid",
+                data.currency,  # type: ignore[attr-defined]
+                data.total_minor if invoiced else data.amount_minor,  # type: ignore[attr-defined]
+                at,
+            )
+        )
+    async with conn.cursor() as insert:
+        await insert.executemany(
+            sql.SQL(
+                "INSERT INTO {} (id, position, kind, currency, amount_minor, occurred_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s)"
+            ).format(table),
+            rows,
+        )
+
+
+MODELS["analytics"] = Model(
+    name="analytics",
+    streams=(contracts.PATIENT_STREAM, contracts.APPOINTMENT_STREAM),
+    dead_letters="analytics",
+    tables=(
+        analytics_model.LIVE.patients,
+        analytics_model.LIVE.appointments,
+        analytics_model.LIVE.positions,
+    ),
+    positions=analytics_model.LIVE.positions,
+    aggregate_column="aggregate_id",
+    rows=(analytics_model.LIVE.patients, analytics_model.LIVE.appointments),
+    compared={
+        analytics_model.LIVE.patients: ("id",),
+        analytics_model.LIVE.appointments: ("id",),
+        analytics_model.LIVE.money: ("id",),
+    },
+    port="analytics",
+    group="carelog-analytics",
+    code=analytics_projection,
+    copy=_analytics_copy,
+    side_tables=(analytics_model.LIVE.money,),
+    side=_money_from_billing,
+)
 
 _IGNORED_COLUMNS = ("updated_at",)
 """When a row was written, not what it says: never compared."""
@@ -233,7 +328,7 @@ async def _exists(conn: psycopg.AsyncConnection[Any], table: str) -> bool:
 async def _create_copy(conn: psycopg.AsyncConnection[Any], model: Model) -> None:
     """Empty copies of the live tables: columns, defaults, constraints and indexes."""
     async with conn.transaction():
-        for table in model.tables:
+        for table in (*model.tables, *model.side_tables):
             await conn.execute(
                 sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING ALL)").format(
                     sql.Identifier(table + NEXT), sql.Identifier(table)
@@ -274,6 +369,26 @@ async def _unlevel(conn: psycopg.AsyncConnection[Any], model: Model, suffix: str
         )
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+async def _side_unlevel(conn: psycopg.AsyncConnection[Any], model: Model, suffix: str) -> int:
+    """Rows one side of a side table has and the other lacks (the live consumer may not
+    have caught up with the other source yet)."""
+    missing = 0
+    for table in model.side_tables:
+        live, copy = sql.Identifier(table), sql.Identifier(table + suffix)
+        row = await (
+            await conn.execute(
+                sql.SQL(
+                    "SELECT (SELECT count(*) FROM {c} c WHERE NOT EXISTS"
+                    " (SELECT 1 FROM {l} l WHERE l.id = c.id))"
+                    " + (SELECT count(*) FROM {l} l WHERE NOT EXISTS"
+                    " (SELECT 1 FROM {c} c WHERE c.id = l.id))"
+                ).format(c=copy, l=live)
+            )
+        ).fetchone()
+        missing += int(row[0]) if row else 0
+    return missing
 
 
 async def _apply(
@@ -394,7 +509,7 @@ async def _swap(conn: psycopg.AsyncConnection[Any], model: Model, suffix: str) -
             sql.SQL("ALTER TABLE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
         )
 
-    for table in model.tables:
+    for table in (*model.tables, *model.side_tables):
         await rename(table, table + "__swapping")
         await rename(table + suffix, table)
         await rename(table + "__swapping", table + OLD)
@@ -423,6 +538,9 @@ async def _level_and_swap(
                     conn, log, projection, copy_at, live_at, report, progress, duty=1.0
                 )
             level = await _unlevel(conn, model, suffix, live_at) == 0
+            if level and model.side is not None:
+                await model.side(conn, suffix)
+                level = await _side_unlevel(conn, model, suffix) == 0
             if level and copy_at <= live_at:
                 await _compare(conn, model, suffix, report, allow_differences)
                 await _swap(conn, model, suffix)
@@ -557,7 +675,7 @@ async def drop_old(settings: Settings, name: str, *, rebuilding: bool = False) -
     async with await psycopg.AsyncConnection.connect(
         settings.database_url, autocommit=True
     ) as conn:
-        for table in model.tables:
+        for table in (*model.tables, *model.side_tables):
             if await _exists(conn, table + suffix):
                 await conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(table + suffix)))
                 dropped.append(table + suffix)
@@ -588,7 +706,7 @@ async def status(settings: Settings, store: EventStore) -> list[dict[str, Any]]:
                 state = "rebuilding"
             elif not await _answers(settings, model):
                 state = "stopped"
-            dlq = f"{settings.topic(model.stream)}.dlq.{model.group}"
+            dlq = model.dead_letter_topic(settings)
             try:
                 dead = sum((await end_offsets(settings.kafka_bootstrap, dlq)).values())
             except Exception:

@@ -162,8 +162,16 @@ class Sender:
         except Permanent as exc:
             await self._record(conn, item, "given-up", str(exc))
             GIVEN_UP.labels(str(exc).split(":", 1)[0]).inc()
-        except (NotYet, aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            reason = str(exc) if isinstance(exc, NotYet) else f"temporary: {type(exc).__name__}"
+        except NotYet as exc:
+            # A read model a moment behind: look again soon; only a long wait gives up.
+            if attempt >= self.config.max_attempts * 20:
+                await self._record(conn, item, "given-up", f"gave up after {attempt}: {exc}")
+                GIVEN_UP.labels("attempts").inc()
+            else:
+                delay = min(0.1 * attempt, 5.0)
+                await self._record(conn, item, "failed-retrying", str(exc), retry_in=delay)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            reason = f"temporary: {type(exc).__name__}"
             if attempt >= self.config.max_attempts:
                 await self._record(conn, item, "given-up", f"gave up after {attempt}: {reason}")
                 GIVEN_UP.labels("attempts").inc()

@@ -19,6 +19,7 @@ from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
 from domain import contracts as c
+from domain.billing import AGGREGATE_TYPE as BILLING
 from domain.billing import InvoiceIssuedV1, PaymentRecordedV1
 from readmodels.analytics import LIVE, NAME, Tables
 from readmodels.swaps import applying
@@ -130,7 +131,11 @@ class AnalyticsProjection:
                     if statement is not None:
                         await cur.execute(*statement)
                         counted += 1
-            await cur.executemany(self._applied, [(e.position, e.aggregate_id) for e, _ in batch])
+            # Only the event store's positions: billing's events are numbered by its outbox.
+            await cur.executemany(
+                self._applied,
+                [(e.position, e.aggregate_id) for e, _ in batch if e.aggregate_type != BILLING],
+            )
             await cur.execute(self._track, [self.name, position, counted])
         return counted, position
 

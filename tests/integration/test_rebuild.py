@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -298,4 +299,83 @@ async def test_a_rebuild_over_v1_and_v2_events_equals_one_over_v2_only(
         assert full_rows(settings) == only_v2
     finally:
         projection.stop()
+        relay.stop()
+
+
+async def test_analytics_rebuild_takes_money_from_billing_and_the_rest_from_the_store(
+    own_settings: Settings, own_store: EventStore, tmp_path: Path
+):
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from domain import contracts
+    from domain.billing import InvoiceIssuedV1, PaymentRecordedV1
+    from projections.analytics import AnalyticsProjection
+    from runtime.db import open_pool
+
+    settings, store = own_settings, own_store
+    write_some(PatientService(store), 60, random.Random(4))
+    relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
+    analytics = Process(["project", "analytics"], settings, "analytics", tmp_path / "a").start()
+    try:
+        movements = []
+        with psycopg.connect(settings.database_url) as conn:
+            for i in range(12):
+                account = uuid.uuid4()
+                data: Any = (
+                    InvoiceIssuedV1(
+                        invoice_id=uuid.uuid4(),
+                        patient_id=uuid.uuid4(),
+                        currency="GBP",
+                        total_minor=1000 + i,
+                        line_count=1,
+                        balance_minor=1000 + i,
+                    )
+                    if i % 3
+                    else PaymentRecordedV1(
+                        payment_id=uuid.uuid4(),
+                        patient_id=uuid.uuid4(),
+                        currency="EUR",
+                        amount_minor=500 + i,
+                        balance_minor=0,
+                    )
+                )
+                contract = contracts.BY_PAYLOAD[type(data)]
+                at = datetime.now(UTC)
+                row = conn.execute(
+                    "INSERT INTO billing.outbox (aggregate_id, aggregate_version, type,"
+                    " schema_version, payload, occurred_at, published_at)"
+                    " VALUES (%s, 2, %s, %s, %s, %s, now()) RETURNING id",
+                    [account, contract.type, contract.version, msgspec.json.encode(data), at],
+                ).fetchone()
+                assert row is not None
+                envelope = contracts.envelope(
+                    data, aggregate_id=account, aggregate_version=2, position=row[0], occurred_at=at
+                )
+                movements.append((envelope, data))
+        pool = await open_pool(settings.database_url, min_size=1, max_size=1)
+        async with pool.connection() as conn:
+            await AnalyticsProjection().apply(conn, movements)  # as the billing consumer would
+        await pool.close()
+
+        def patients_counted() -> int:
+            with psycopg.connect(settings.database_url) as conn:
+                row = conn.execute("SELECT count(*) FROM analytics_patients").fetchone()
+                return int(row[0]) if row else 0
+
+        deadline = time.monotonic() + 60
+        while patients_counted() < 60 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        done = carelog(settings, "projections", "rebuild", "analytics", "--yes", "--json")
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        assert summary["swapped"] is True
+        assert summary["rows"]["analytics_money"] == 12
+        assert summary["rows"]["analytics_patients"] == 60
+        listed = json.loads(carelog(settings, "projections", "list", "--json").stdout)
+        assert {r["name"] for r in listed} == {"directory", "appointments", "analytics"}
+        assert carelog(settings, "projections", "drop-old", "analytics").returncode == 0
+    finally:
+        analytics.stop()
         relay.stop()
