@@ -235,7 +235,7 @@ def projections(args: argparse.Namespace) -> int:
                     progress=progress,
                     dry_run=args.dry_run,
                     confirm=confirm,
-                    duty=args.duty,
+                    duty=args.duty if args.duty is not None else rebuild.DEFAULT_DUTY,
                     allow_differences=args.allow_differences,
                 )
             )
@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     proj_p.add_argument(
         "--duty",
         type=float,
-        default=0.5,
-        help="share of the time the rebuild works (the rest it pauses; default 0.5)",
+        default=None,
+        help="share of the time the rebuild works (the rest it pauses; default 0.25)",
     )
     proj_p.add_argument(
         "--allow-differences",

@@ -59,6 +59,10 @@ from runtime.consumers import UnappliableEvent
 from runtime.kafka import end_offsets
 from runtime.settings import Settings
 
+DEFAULT_DUTY = 0.25
+"""The share of the time a rebuild works by default; it pauses the rest, so the live
+model's readers and writers keep most of the machine."""
+
 NEXT = "__next"
 OLD = "__old"
 BATCH = 500
@@ -588,7 +592,7 @@ async def rebuild(
     progress: Callable[[int, int], Callable[[int], None]],
     dry_run: bool = False,
     confirm: Callable[[str], bool] = lambda _: True,
-    duty: float = 0.5,
+    duty: float = DEFAULT_DUTY,
     allow_differences: bool = False,
 ) -> Report:
     """Builds the copy (or resumes it), levels it with the live model, compares, swaps."""
