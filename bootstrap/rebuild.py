@@ -2,9 +2,11 @@
 
 A rebuild fills a copy of the model's tables (`<table>__next`) from the event
 store's global log, in order, beside the live tables, which keep serving and
-keep being projected. It pauses between batches as long as each batch took
-(`duty`), so live reads keep their latency. Its progress is the copy's own
-positions table, so after Ctrl-C or kill -9 the same command resumes there.
+keep being projected. It works only a share of the time (`duty`, 0.25 by default)
+and pauses between batches for the rest, so live reads keep their latency. Its
+progress is the copy's own positions table, so after Ctrl-C or kill -9 the same
+command resumes there. The analytics model's money facts come from billing's
+outbox instead (`side`), refilled inside the swap transaction.
 
 When the copy has caught up with the live position, one short transaction:
 1. takes the model's lock exclusively (`readmodels.swaps`): the live projection
