@@ -57,6 +57,7 @@ from readmodels import analytics as analytics_model
 from readmodels import appointments as appointments_model
 from readmodels import directory as directory_model
 from readmodels.swaps import swapping
+from readmodels.tracking import suffixed
 from runtime.consumers import UnappliableEvent
 from runtime.kafka import end_offsets
 from runtime.settings import Settings
@@ -114,22 +115,12 @@ class Model:
 
 
 def _directory_copy(suffix: str) -> Any:
-    live = directory_model.LIVE
-    tables = directory_model.Tables(
-        patients=live.patients + suffix, tracking=live.tracking, positions=live.positions + suffix
-    )
+    tables = suffixed(directory_model.LIVE, suffix)
     return directory_projection.DirectoryProjection(tables, name=f"directory{suffix}")
 
 
 def _appointments_copy(suffix: str) -> Any:
-    live = appointments_model.LIVE
-    tables = appointments_model.Tables(
-        appointments=live.appointments + suffix,
-        clinicians=live.clinicians + suffix,
-        time_off=live.time_off + suffix,
-        positions=live.positions + suffix,
-        tracking=live.tracking,
-    )
+    tables = suffixed(appointments_model.LIVE, suffix)
     return appointments_projection.AppointmentsProjection(tables, name=f"appointments{suffix}")
 
 
@@ -175,14 +166,7 @@ MODELS: dict[str, Model] = {
 
 
 def _analytics_copy(suffix: str) -> Any:
-    live = analytics_model.LIVE
-    tables = analytics_model.Tables(
-        patients=live.patients + suffix,
-        appointments=live.appointments + suffix,
-        money=live.money + suffix,
-        positions=live.positions + suffix,
-        tracking=live.tracking,
-    )
+    tables = suffixed(analytics_model.LIVE, suffix)
     return analytics_projection.AnalyticsProjection(tables, name=f"analytics{suffix}")
 
 

@@ -23,6 +23,7 @@ from domain.billing import AGGREGATE_TYPE as BILLING
 from domain.billing import InvoiceIssuedV1, PaymentRecordedV1
 from readmodels.analytics import LIVE, NAME, Tables
 from readmodels.swaps import applying
+from readmodels.tracking import applied_statement, track_statement
 from runtime.consumers import Batch, EventBatchWorker
 
 GROUP = "carelog-analytics"
@@ -69,16 +70,8 @@ class AnalyticsProjection:
             " VALUES (%(event)s, %(position)s, %(kind)s, %(currency)s, %(amount)s, %(at)s)"
             " ON CONFLICT (id) DO NOTHING"
         )
-        self._applied = (
-            f"INSERT INTO {t.positions} (position, aggregate_id) VALUES (%s, %s)"
-            " ON CONFLICT DO NOTHING"
-        )
-        self._track = (
-            f"INSERT INTO {t.tracking} (projection, position, applied) VALUES (%s, %s, %s)"
-            " ON CONFLICT (projection) DO UPDATE SET"
-            f" position = GREATEST({t.tracking}.position, EXCLUDED.position),"
-            f" applied = {t.tracking}.applied + EXCLUDED.applied, updated_at = now()"
-        )
+        self._applied = applied_statement(t.positions)
+        self._track = track_statement(t.tracking)
 
     def _statement(self, envelope: c.Envelope[Any], data: Any) -> tuple[str, dict[str, Any]] | None:
         base = {

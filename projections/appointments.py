@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from domain import contracts as c
 from readmodels.appointments import LIVE, NAME, Tables
 from readmodels.swaps import applying
+from readmodels.tracking import applied_statement, track_statement
 from runtime.consumers import Batch, EventBatchWorker, UnappliableEvent
 
 GROUP = "carelog-appointments"
@@ -84,16 +85,8 @@ class AppointmentsProjection:
             "Appointment": f"SELECT 1 FROM {t.appointments} WHERE id = %s",
             "Clinician": f"SELECT 1 FROM {t.clinicians} WHERE id = %s",
         }
-        self._applied = (
-            f"INSERT INTO {t.positions} (position, aggregate_id) VALUES (%s, %s)"
-            " ON CONFLICT DO NOTHING"
-        )
-        self._track = (
-            f"INSERT INTO {t.tracking} (projection, position, applied) VALUES (%s, %s, %s)"
-            " ON CONFLICT (projection) DO UPDATE SET"
-            f" position = GREATEST({t.tracking}.position, EXCLUDED.position),"
-            f" applied = {t.tracking}.applied + EXCLUDED.applied, updated_at = now()"
-        )
+        self._applied = applied_statement(t.positions)
+        self._track = track_statement(t.tracking)
 
     async def apply(
         self, conn: psycopg.AsyncConnection[Any], batch: Sequence[tuple[c.Envelope[Any], Any]]

@@ -26,6 +26,7 @@ from domain.contracts import (
 from domain.patients import normalise_email, split_name
 from readmodels.directory import COLUMNS, LIVE, NAME, Tables, records
 from readmodels.swaps import applying
+from readmodels.tracking import applied_statement, track_statement
 from runtime.consumers import UnappliableEvent
 
 
@@ -78,15 +79,8 @@ class DirectoryProjection:
         ).format(p=p)
         self._exists = sql.SQL("SELECT 1 FROM {p} WHERE id = %s").format(p=p)
         self._current = sql.SQL("SELECT {c} FROM {p} WHERE id = ANY(%s)").format(c=COLUMNS, p=p)
-        self._applied = sql.SQL(
-            "INSERT INTO {} (position, patient_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
-        ).format(sql.Identifier(tables.positions))
-        self._track = sql.SQL(
-            "INSERT INTO {t} (projection, position, applied) VALUES (%s, %s, %s)"
-            " ON CONFLICT (projection) DO UPDATE SET"
-            " position = GREATEST({t}.position, EXCLUDED.position),"
-            " applied = {t}.applied + EXCLUDED.applied, updated_at = now()"
-        ).format(t=sql.Identifier(tables.tracking))
+        self._applied = applied_statement(tables.positions, "patient_id")
+        self._track = track_statement(tables.tracking)
 
     async def apply(
         self, conn: psycopg.AsyncConnection[Any], batch: Sequence[tuple[Envelope[Any], Any]]

@@ -210,11 +210,3 @@ async def billing(
         }
         for row in await cur.fetchall()
     ]
-
-
-async def reached(conn: psycopg.AsyncConnection[Any], position: int, tables: Tables = LIVE) -> bool:
-    cur = await conn.execute(
-        sql.SQL("SELECT 1 FROM {} WHERE position = %s").format(sql.Identifier(tables.positions)),
-        [position],
-    )
-    return await cur.fetchone() is not None

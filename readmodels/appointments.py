@@ -239,15 +239,6 @@ async def clinician_of_user(
     return row[0] if row else None
 
 
-async def reached(conn: psycopg.AsyncConnection[Any], position: int, tables: Tables = LIVE) -> bool:
-    """Whether the appointments model has applied the event at this global position."""
-    cur = await conn.execute(
-        sql.SQL("SELECT 1 FROM {} WHERE position = %s").format(sql.Identifier(tables.positions)),
-        [position],
-    )
-    return await cur.fetchone() is not None
-
-
 async def active_after(
     conn: psycopg.AsyncConnection[Any], patient_id: UUID, moment: datetime, tables: Tables = LIVE
 ) -> list[UUID]:

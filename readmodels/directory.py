@@ -96,15 +96,6 @@ async def create_copy(conn: psycopg.AsyncConnection[Any], tables: Tables) -> Non
             )
 
 
-async def reached(conn: psycopg.AsyncConnection[Any], position: int, tables: Tables = LIVE) -> bool:
-    """Whether the directory has applied the event at this global position."""
-    cur = await conn.execute(
-        sql.SQL("SELECT 1 FROM {} WHERE position = %s").format(sql.Identifier(tables.positions)),
-        [position],
-    )
-    return await cur.fetchone() is not None
-
-
 async def get_record(
     conn: psycopg.AsyncConnection[Any], patient_id: UUID, tables: Tables = LIVE
 ) -> DirectoryRecord | None:

@@ -50,10 +50,7 @@ def _range(start: date, end: date) -> None:
 
 
 async def _wait(source: Analytics, position: int | None) -> None:
-    async def reached(conn: Any, at: int) -> bool:
-        return await model.reached(conn, at, source.tables)
-
-    await await_position(source.pool, reached, position, source.read_wait_seconds)
+    await await_position(source.pool, source.tables.positions, position, source.read_wait_seconds)
 
 
 def _answer(source: Analytics, body: dict[str, Any]) -> Response[bytes]:

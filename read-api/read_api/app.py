@@ -28,7 +28,6 @@ from readmodels.directory import (
     DirectoryCache,
     Tables,
     get_record,
-    reached,
     records,
 )
 from runtime.db import open_pool
@@ -55,11 +54,9 @@ class Directory:
 
 async def _await_position(directory: Directory, position: int | None) -> None:
     """Waits (bounded) until the directory has applied the event at `position`."""
-
-    async def applied(conn: Any, at: int) -> bool:
-        return await reached(conn, at, directory.tables)
-
-    await await_position(directory.pool, applied, position, directory.read_wait_seconds)
+    await await_position(
+        directory.pool, directory.tables.positions, position, directory.read_wait_seconds
+    )
 
 
 @get("/patients", summary="List patients", tags=["patients"], guards=[requires(PATIENT_READERS)])

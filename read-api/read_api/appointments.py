@@ -52,10 +52,7 @@ _encoder = msgspec.json.Encoder()
 
 
 async def _await_position(source: Appointments, position: int | None) -> None:
-    async def reached(conn: Any, at: int) -> bool:
-        return await model.reached(conn, at, source.tables)
-
-    await await_position(source.pool, reached, position, source.read_wait_seconds)
+    await await_position(source.pool, source.tables.positions, position, source.read_wait_seconds)
 
 
 async def _own_clinician(source: Appointments, claims: Claims) -> UUID | None:

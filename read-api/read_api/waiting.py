@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import psycopg
 import psycopg_pool
 
+from readmodels.tracking import reached
 from runtime.http import Problems, problem
-
-Reached = Callable[[psycopg.AsyncConnection[Any], int], Awaitable[bool]]
 
 
 class NotYetProjected(Exception):
@@ -21,18 +18,19 @@ class NotYetProjected(Exception):
 
 async def await_position(
     pool: psycopg_pool.AsyncConnectionPool[Any],
-    reached: Reached,
+    positions: str,
     position: int | None,
     wait_seconds: float,
 ) -> None:
-    """Returns once `reached(conn, position)`; NotYetProjected after `wait_seconds`."""
+    """Returns once the read model whose positions table this is has applied `position`;
+    NotYetProjected after `wait_seconds`."""
     if position is None:
         return
     deadline = time.monotonic() + wait_seconds
     pause = 0.005
     while True:
         async with pool.connection() as conn:
-            if await reached(conn, position):
+            if await reached(conn, positions, position):
                 return
         if time.monotonic() + pause > deadline:
             raise NotYetProjected()

@@ -1,0 +1,52 @@
+"""What every read model keeps beside its rows: the global positions it has applied
+(for read-your-writes and rebuilds) and its tracking record, written in the same
+transaction as the rows."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+
+T = TypeVar("T")
+
+
+async def reached(conn: psycopg.AsyncConnection[Any], positions: str, position: int) -> bool:
+    """Whether the read model whose positions table this is has applied that event."""
+    cur = await conn.execute(
+        sql.SQL("SELECT 1 FROM {} WHERE position = %s").format(sql.Identifier(positions)),
+        [position],
+    )
+    return await cur.fetchone() is not None
+
+
+def applied_statement(positions: str, aggregate_column: str = "aggregate_id") -> sql.Composed:
+    """Records an applied position: parameters (position, aggregate id)."""
+    return sql.SQL("INSERT INTO {} (position, {}) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(
+        sql.Identifier(positions), sql.Identifier(aggregate_column)
+    )
+
+
+def track_statement(tracking: str) -> sql.Composed:
+    """Moves a projection's tracking record on: parameters (projection, position, applied)."""
+    return sql.SQL(
+        "INSERT INTO {t} (projection, position, applied) VALUES (%s, %s, %s)"
+        " ON CONFLICT (projection) DO UPDATE SET"
+        " position = GREATEST({t}.position, EXCLUDED.position),"
+        " applied = {t}.applied + EXCLUDED.applied, updated_at = now()"
+    ).format(t=sql.Identifier(tracking))
+
+
+def suffixed(tables: T, suffix: str) -> T:
+    """The same tables named `<table><suffix>` (a copy beside the live ones); the tracking
+    table, shared by every projection, keeps its name."""
+    return dataclasses.replace(  # type: ignore[type-var]
+        tables,
+        **{
+            f.name: getattr(tables, f.name) + suffix
+            for f in dataclasses.fields(tables)  # type: ignore[arg-type]
+            if f.name != "tracking"
+        },
+    )
