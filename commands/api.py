@@ -31,7 +31,7 @@ from commands.store import EventStore
 from domain.errors import EmailTaken, InvalidData, PatientNotFound, StaleVersion
 from domain.patients import ADDRESS_MAX, EMAIL_MAX, NAME_MAX, parse_change, parse_registration
 from domain.roles import PATIENT_WRITERS
-from runtime.http import BODY_ERRORS, Problems, problem, service_app
+from runtime.http import BODY_ERRORS, Problems, every_error, problem, service_app
 from runtime.security import TokenVerifier, requires
 from runtime.settings import Settings
 
@@ -56,52 +56,19 @@ class PatientInput(msgspec.Struct, rename="camel", kw_only=True, forbid_unknown_
     ] = None
 
 
-_FIELDS = frozenset(PatientInput.__struct_encode_fields__)
 _ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
 
 
-def _decode_object(raw: bytes) -> tuple[dict[str, Any], dict[str, str]]:
-    """The body as a JSON object, and an error for each field the API does not know."""
-    if not raw.strip():
-        raise InvalidData({"body": "a JSON object is required"})
-    try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise InvalidData({"body": f"malformed JSON: {exc}"}) from None
-    if not isinstance(value, dict):
-        raise InvalidData({"body": "must be a JSON object"})
-    return value, {key: "is not a known field" for key in sorted(set(value) - _FIELDS)}
-
-
-def _parse(body: dict[str, Any], unknown: dict[str, str], parse: Callable[..., T]) -> T:
-    """Runs a domain parser over the fields, reporting its errors and unknown fields together."""
-    try:
-        parsed = parse(
-            name=body.get("name"),
-            email=body.get("email"),
-            address=body.get("address"),
-            date_of_birth=body.get("dateOfBirth"),
-            registered_date=body.get("registeredDate"),
-            today=today(),
-        )
-    except InvalidData as invalid:
-        raise InvalidData({**invalid.errors, **unknown}) from None
-    if unknown:
-        raise InvalidData(unknown)
-    return parsed
-
-
-def _every_error(parse: Callable[..., Any]) -> Callable[[bytes], dict[str, str]]:
-    """The BODY_ERRORS check of a route: every bad field of a body that failed decoding."""
-
-    def check(raw: bytes) -> dict[str, str]:
-        try:
-            _parse(*_decode_object(raw), parse)
-        except InvalidData as invalid:
-            return invalid.errors
-        return {}
-
-    return check
+def _parse(body: dict[str, Any], parse: Callable[..., T]) -> T:
+    """Runs a domain parser over a patient's fields (camelCase, as on the wire)."""
+    return parse(
+        name=body.get("name"),
+        email=body.get("email"),
+        address=body.get("address"),
+        date_of_birth=body.get("dateOfBirth"),
+        registered_date=body.get("registeredDate"),
+        today=today(),
+    )
 
 
 def _fields(data: JSONBody[PatientInput]) -> dict[str, Any]:
@@ -158,14 +125,14 @@ def _headers(written: Written) -> dict[str, str]:
     tags=["patients"],
     status_code=201,
     guards=[requires(PATIENT_WRITERS)],
-    opt={BODY_ERRORS: _every_error(parse_registration)},
+    opt={BODY_ERRORS: every_error(PatientInput, lambda b: _parse(b, parse_registration))},
 )
 async def register_patient(
     data: JSONBody[PatientInput],
     service: NamedDependency[PatientService],
     correlation_id: NamedDependency[str],
 ) -> Response[Any]:
-    details, registered = _parse(_fields(data), {}, parse_registration)
+    details, registered = _parse(_fields(data), parse_registration)
     written = await anyio.to_thread.run_sync(
         lambda: service.register(details, registered, correlation_id)
     )
@@ -182,7 +149,7 @@ async def register_patient(
     description="Send `If-Match` with the ETag you read to refuse a lost update (412).",
     tags=["patients"],
     guards=[requires(PATIENT_WRITERS)],
-    opt={BODY_ERRORS: _every_error(parse_change)},
+    opt={BODY_ERRORS: every_error(PatientInput, lambda b: _parse(b, parse_change))},
 )
 async def change_patient(
     patient_id: FromPath[str],
@@ -193,7 +160,7 @@ async def change_patient(
 ) -> Response[Any]:
     pid = _patient_id(patient_id)
     expected = expected_version(request)
-    details = _parse(_fields(data), {}, parse_change)
+    details = _parse(_fields(data), parse_change)
     written = await anyio.to_thread.run_sync(
         lambda: service.change(pid, details, expected, correlation_id)
     )
@@ -228,17 +195,10 @@ class PreferencesInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     reminders: bool
 
 
-def _preferences_errors(raw: bytes) -> dict[str, str]:
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return {"body": "malformed JSON"}
-    if not isinstance(body, dict):
-        return {"body": "must be a JSON object"}
-    errors = {key: "is not a known field" for key in sorted(set(body) - {"reminders"})}
+def _preferences(body: dict[str, Any]) -> bool:
     if not isinstance(body.get("reminders"), bool):
-        errors["reminders"] = "must be true or false"
-    return errors
+        raise InvalidData({"reminders": "must be true or false"})
+    return bool(body["reminders"])
 
 
 @put(
@@ -246,7 +206,7 @@ def _preferences_errors(raw: bytes) -> dict[str, str]:
     summary="Set a patient's mail preferences (opt out of reminders)",
     tags=["patients"],
     guards=[requires(PATIENT_WRITERS)],
-    opt={BODY_ERRORS: _preferences_errors},
+    opt={BODY_ERRORS: every_error(PreferencesInput, _preferences)},
 )
 async def set_preferences(
     patient_id: FromPath[str],

@@ -22,7 +22,6 @@ from litestar.params import FromPath, JSONBody
 
 from commands.api import COMMANDS, POSITION_HEADER, expected_version
 from commands.scheduling import NotYourAppointment, Saved, SchedulingService, TimeOffNotFound
-from domain.errors import InvalidData
 from domain.roles import APPOINTMENT_ATTENDERS, APPOINTMENT_BOOKERS, CLINICIAN_ADMINS, Role
 from domain.scheduling import (
     DURATION_MAX,
@@ -43,7 +42,7 @@ from domain.scheduling import (
     parse_user_link,
     parse_working_hours,
 )
-from runtime.http import BODY_ERRORS, Problems, problem
+from runtime.http import BODY_ERRORS, Problems, every_error, problem
 from runtime.security import Claims, requires
 
 log = structlog.get_logger(__name__)
@@ -103,29 +102,6 @@ class CancelInput(_Input):
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _checked(struct: type[msgspec.Struct], parse: Callable[[dict[str, Any]], Any]) -> Any:
-    """The BODY_ERRORS check of a route: every bad field of a body that failed decoding."""
-    known = frozenset(struct.__struct_encode_fields__)
-
-    def check(raw: bytes) -> dict[str, str]:
-        if not raw.strip():
-            return {"body": "a JSON object is required"}
-        try:
-            body = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            return {"body": f"malformed JSON: {exc}"}
-        if not isinstance(body, dict):
-            return {"body": "must be a JSON object"}
-        errors = {key: "is not a known field" for key in sorted(set(body) - known)}
-        try:
-            parse(body)
-        except InvalidData as invalid:
-            errors = {**invalid.errors, **errors}
-        return errors
-
-    return check
 
 
 def _wire(data: msgspec.Struct) -> dict[str, Any]:
@@ -215,7 +191,7 @@ async def _run(call: Callable[[], Saved], command: str) -> Saved:
     tags=["clinicians"],
     status_code=201,
     guards=[requires(CLINICIAN_ADMINS)],
-    opt={BODY_ERRORS: _checked(ClinicianInput, _clinician_of)},
+    opt={BODY_ERRORS: every_error(ClinicianInput, _clinician_of)},
 )
 async def register_clinician(
     data: JSONBody[ClinicianInput],
@@ -236,7 +212,7 @@ async def register_clinician(
     tags=["clinicians"],
     guards=[requires(CLINICIAN_ADMINS)],
     opt={
-        BODY_ERRORS: _checked(
+        BODY_ERRORS: every_error(
             WorkingHoursInput, lambda b: parse_working_hours(b.get("workingHours"))
         )
     },
@@ -265,7 +241,7 @@ async def change_working_hours(
     status_code=201,
     guards=[requires(CLINICIAN_ADMINS)],
     opt={
-        BODY_ERRORS: _checked(
+        BODY_ERRORS: every_error(
             TimeOffInput, lambda b: parse_time_off(start=b.get("start"), end=b.get("end"))
         )
     },
@@ -315,7 +291,9 @@ async def remove_time_off(
     summary="Link a clinician to the auth user who signs in as them",
     tags=["clinicians"],
     guards=[requires(CLINICIAN_ADMINS)],
-    opt={BODY_ERRORS: _checked(UserLinkInput, lambda b: parse_user_link(user_id=b.get("userId")))},
+    opt={
+        BODY_ERRORS: every_error(UserLinkInput, lambda b: parse_user_link(user_id=b.get("userId")))
+    },
 )
 async def link_user(
     clinician_id: FromPath[str],
@@ -340,7 +318,7 @@ async def link_user(
     tags=["appointments"],
     status_code=201,
     guards=[requires(APPOINTMENT_BOOKERS)],
-    opt={BODY_ERRORS: _checked(BookingInput, _booking_of)},
+    opt={BODY_ERRORS: every_error(BookingInput, _booking_of)},
 )
 async def book_appointment(
     data: JSONBody[BookingInput],
@@ -368,7 +346,7 @@ def _timing_of(body: Mapping[str, Any], current: int | None = None) -> Any:
     tags=["appointments"],
     status_code=200,
     guards=[requires(APPOINTMENT_BOOKERS)],
-    opt={BODY_ERRORS: _checked(RescheduleInput, _timing_of)},
+    opt={BODY_ERRORS: every_error(RescheduleInput, _timing_of)},
 )
 async def reschedule_appointment(
     appointment_id: FromPath[str],
@@ -397,7 +375,9 @@ async def reschedule_appointment(
     tags=["appointments"],
     status_code=200,
     guards=[requires(APPOINTMENT_BOOKERS)],
-    opt={BODY_ERRORS: _checked(CancelInput, lambda b: parse_cancellation(reason=b.get("reason")))},
+    opt={
+        BODY_ERRORS: every_error(CancelInput, lambda b: parse_cancellation(reason=b.get("reason")))
+    },
 )
 async def cancel_appointment(
     appointment_id: FromPath[str],

@@ -48,6 +48,8 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.types import Scope
 from litestar.utils.scope.state import ScopeState
 
+from domain.errors import InvalidData
+
 log = structlog.get_logger(__name__)
 
 CORRELATION_HEADER = "X-Correlation-ID"
@@ -57,6 +59,36 @@ _USABLE_ID = re.compile(r"^[\x21-\x7e]{1,100}$")
 BODY_ERRORS = "body_errors"
 """A route option: `opt={BODY_ERRORS: fn}`, fn(raw body) -> {field: message} for every
 bad field. Called when the typed body fails to decode (which stops at the first error)."""
+
+
+def every_error(
+    struct: type[msgspec.Struct], parse: Callable[[dict[str, Any]], object]
+) -> Callable[[bytes], dict[str, str]]:
+    """A route's BODY_ERRORS check: every bad field of a body that failed typed decoding.
+
+    Fields the struct does not declare are named as unknown; `parse` (the domain's
+    parser over the raw JSON object) names the rest by raising InvalidData.
+    """
+    known = frozenset(struct.__struct_encode_fields__)
+
+    def check(raw: bytes) -> dict[str, str]:
+        if not raw.strip():
+            return {"body": "a JSON object is required"}
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            return {"body": f"malformed JSON: {exc}"}
+        if not isinstance(body, dict):
+            return {"body": "must be a JSON object"}
+        errors = {key: "is not a known field" for key in sorted(set(body) - known)}
+        try:
+            parse(body)
+        except InvalidData as invalid:
+            errors = {**invalid.errors, **errors}
+        return errors
+
+    return check
+
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 

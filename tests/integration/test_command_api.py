@@ -192,3 +192,17 @@ async def test_health_and_metrics(client):
     metrics = (await client.get("/metrics")).text
     assert 'carelog_commands_total{command="RegisterPatient",outcome="ok"}' in metrics
     assert 'path="/patients"' in metrics
+
+
+async def test_preferences_opt_out_of_reminders_and_name_every_bad_field(client):
+    created = (await client.post("/patients", json=patient())).json()
+    path = f"/patients/{created['id']}/preferences"
+    answer = await client.put(path, json={"reminders": False})
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["reminders"], answer.json()["version"]) == (False, 2)
+    assert answer.headers["etag"] == '"2"'
+    same = await client.put(path, json={"reminders": False})
+    assert same.json()["version"] == 2  # setting what is set records nothing
+    bad = await client.put(path, json={"reminders": "no", "colour": "blue"})
+    assert bad.status_code == 400
+    assert set(bad.json()["errors"]) == {"reminders", "colour"}
