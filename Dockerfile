@@ -10,7 +10,12 @@ ENV PYTHONUNBUFFERED=1 \
     UV_PROJECT_ENVIRONMENT=/app/.venv \
     PATH=/app/.venv/bin:$PATH
 
-RUN pip install --no-cache-dir uv
+# HAProxy: the gateway runs from this image too (`carelog gateway-config` renders and
+# checks its configuration, and HAProxy's master runs the revocation watcher in Python).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends haproxy \
+ && rm -rf /var/lib/apt/lists/* \
+ && pip install --no-cache-dir uv
 
 WORKDIR /app
 
@@ -20,8 +25,9 @@ RUN uv sync --frozen --no-dev --no-install-project
 
 COPY . .
 RUN uv sync --frozen --no-dev \
- && useradd --system --uid 10001 --home-dir /app carelog
+ && useradd --system --uid 10001 --home-dir /app carelog \
+ && install -d -o carelog /app/.stack
 
 USER carelog
-EXPOSE 4000 4003 4010 4011 4012 4013 4014 4015 1025
+EXPOSE 4000 4001 4003 4004 4005 4010 4011 4012 4013 4014 4015 9001 1025
 CMD ["carelog", "serve", "commands"]

@@ -17,7 +17,7 @@ BENCH_ARGS ?=
 # Set (e.g. by .ci/run) to accept pytest's exit status 5, "no tests collected".
 NO_TESTS_OK ?=
 
-.PHONY: help install up infra down status logs reset test test-unit bench lint schemas proto clean
+.PHONY: help install up infra down status logs reset observe observe-down test test-unit bench lint schemas proto synth clean
 
 help: ## Show the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{ printf "  %-10s %s\n", $$1, $$2 }'
@@ -43,8 +43,15 @@ logs: ## Follow all stack logs (tail -F .stack/logs/*.log)
 reset: ## Stop everything and delete the stack's data under .stack/
 	@$(STACK) reset
 
+observe: ## Start Prometheus on :9090 scraping the stack, with the alert rules (idempotent)
+	@ops/local/observe.sh up
+
+observe-down: ## Stop the Prometheus of `make observe`
+	@ops/local/observe.sh down
+
 test: ## Start the stack, check the import contracts, run the whole pytest suite against it
 	@$(STACK) $(STACK_UP)
+	@ops/local/observe.sh install
 	@set -o pipefail; uv run --quiet lint-imports --no-cache | tail -n 3
 	@$(WITH_ENV) rc=0; uv run pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [[ $$rc == 5 && -n "$(NO_TESTS_OK)" ]]; then \
@@ -72,6 +79,9 @@ proto: ## Regenerate billing's gRPC code (betterproto2) from proto/
 	@uv run python -m grpc_tools.protoc -I proto --python_betterproto2_out=$(PROTO_OUT) \
 	  --python_betterproto2_opt=server_generation=async,client_generation=async,google_protobuf_descriptors \
 	  $$(find proto -name '*.proto' | LC_ALL=C sort)
+
+synth: ## Synthesise the AWS stack (ops/aws, AWS CDK) into ops/aws/cdk.out; no AWS account needed
+	@cd ops/aws && npx --yes aws-cdk@2 synth --quiet
 
 clean: ## Remove caches and bytecode (keeps .venv and the stack; see `make reset`)
 	@rm -rf .pytest_cache .ruff_cache .mypy_cache .hypothesis build dist

@@ -33,7 +33,7 @@ from auth.tokens import RingKeys
 from domain.roles import ALL_ROLES, USER_ADMINS, Role
 from runtime.db import open_pool
 from runtime.http import Problems, problem, service_app
-from runtime.security import Claims, TokenVerifier, requires
+from runtime.security import Claims, RevocationFeed, TokenVerifier, requires
 from runtime.settings import Settings
 
 LOGINS = Counter("carelog_logins_total", "Login attempts, by outcome", ["outcome"])
@@ -247,15 +247,20 @@ def create_app(settings: Settings, auth: AuthSettings, ring: KeyRing | None = No
     """The auth service; loads its keys (a missing one fails startup) and opens its pool."""
     keyring = ring or KeyRing(auth.keys_dir)
     opened: list[AuthService] = []
+    verifier = TokenVerifier(
+        RingKeys(keyring), auth.issuer, auth.audience, feed=RevocationFeed(settings.database_url)
+    )
 
     async def start(app: Litestar) -> None:
         keyring.ensure(development=settings.development)
         pool = await open_pool(settings.database_url, min_size=1, max_size=8)
         service = AuthService(pool, keyring, auth)
-        await service.provision_development_user(settings.development)
         opened.append(service)
+        await service.provision_development_user(settings.development)
+        await verifier.start()
 
     async def stop(app: Litestar) -> None:
+        await verifier.stop()
         for service in opened:  # none when startup failed
             await service.pool.close()
 
@@ -299,5 +304,5 @@ def create_app(settings: Settings, auth: AuthSettings, ring: KeyRing | None = No
         on_startup=[start],
         on_shutdown=[stop],
         max_body_bytes=MAX_BODY_BYTES,
-        state={"verifier": TokenVerifier(RingKeys(keyring), auth.issuer, auth.audience)},
+        state={"verifier": verifier},
     )

@@ -4,6 +4,11 @@ Storage is the `auth` schema of the shared database. Refresh tokens are opaque
 random strings stored only as SHA-256 hashes; each login starts a family, each
 refresh spends a token and issues its successor in the same family, and a spent
 token presented again revokes the whole family (someone else holds a copy).
+
+A family is a session: its access tokens carry the family as `sid`. Ending a
+session (logout, reuse) revokes its access tokens too, and disabling a user revokes
+every access token issued to them until then; both are rows of `auth.revocations`,
+which every verifier follows (runtime/security.py's RevocationFeed).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +47,7 @@ from auth.passwords import (
 )
 from auth.tokens import issue_access_token
 from domain.roles import Role
+from runtime.security import LEEWAY_SECONDS
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +56,11 @@ DEV_PASSWORD = "password123"  # noqa: S105 (the seed's development-only user; ne
 
 
 _USER_COLUMNS = "id, email, role, disabled, created_at"
+_CUTOFF = (
+    "(SELECT floor(extract(epoch FROM r.revoked_at))::bigint FROM auth.revocations r"
+    " WHERE r.kind = 'subject' AND r.key = u.id::text)"
+)
+"""The user `u`'s revocation cutoff: their tokens issued at or before it are refused."""
 
 
 @dataclass(frozen=True)
@@ -96,12 +108,24 @@ class AuthService:
             raise Busy()
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.hashing)
 
-    def _access_token(self, user_id: uuid.UUID, role: Role) -> str:
+    def _access_token(
+        self, user_id: uuid.UUID, role: Role, family: uuid.UUID, cutoff: int | None
+    ) -> str:
+        # A user enabled again within the second of their disable still gets a token the
+        # cutoff does not refuse: its iat is at most a second ahead (verifiers allow five).
+        now = time.time() if cutoff is None else max(time.time(), cutoff + 1)
         self.ring.refresh()
-        return issue_access_token(self.ring.current, str(user_id), role, self.settings)
+        return issue_access_token(
+            self.ring.current, str(user_id), role, self.settings, now=now, session=str(family)
+        )
 
     async def _new_session(
-        self, conn: psycopg.AsyncConnection[Any], user_id: uuid.UUID, role: Role, family: uuid.UUID
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        user_id: uuid.UUID,
+        role: Role,
+        family: uuid.UUID,
+        cutoff: int | None,
     ) -> Session:
         refresh_token = secrets.token_urlsafe(32)
         await conn.execute(
@@ -110,7 +134,9 @@ class AuthService:
             [_digest(refresh_token), family, user_id, self.settings.refresh_ttl_seconds],
         )
         return Session(
-            self._access_token(user_id, role), refresh_token, self.settings.access_ttl_seconds
+            self._access_token(user_id, role, family, cutoff),
+            refresh_token,
+            self.settings.access_ttl_seconds,
         )
 
     async def login(self, email: str, password: str) -> Session:
@@ -127,7 +153,7 @@ class AuthService:
         ok = await self._in_hasher(verify_password, row[1] if row else self._decoy, password)
         if row is None or not ok or row[3]:
             raise InvalidCredentials()
-        user_id, role = row[0], Role(row[2])
+        user_id = row[0]
         if needs_rehash(row[1]):
             new_hash = await self._in_hasher(hash_password, password)
             async with self.pool.connection() as conn:
@@ -135,7 +161,18 @@ class AuthService:
                     "UPDATE auth.users SET password_hash = %s WHERE id = %s", [new_hash, user_id]
                 )
         async with self.pool.connection() as conn, conn.transaction():
-            return await self._new_session(conn, user_id, role, uuid.uuid4())
+            # Again, holding the user's row: a disable that committed while the password was
+            # checked is seen here, and one that comes later takes a cutoff after this token.
+            row = await (
+                await conn.execute(
+                    f"SELECT u.role, u.disabled, {_CUTOFF} FROM auth.users u"
+                    " WHERE u.id = %s FOR SHARE OF u",
+                    [user_id],
+                )
+            ).fetchone()
+            if row is None or row[1]:
+                raise InvalidCredentials()
+            return await self._new_session(conn, user_id, Role(row[0]), uuid.uuid4(), row[2])
 
     async def refresh(self, refresh_token: str) -> Session:
         """Spends the refresh token for a new session; reuse revokes its whole family."""
@@ -144,7 +181,7 @@ class AuthService:
             row = await (
                 await conn.execute(
                     "SELECT t.family, t.user_id, t.used_at, t.revoked_at,"
-                    " t.expires_at < now(), u.role, u.disabled"
+                    f" t.expires_at < now(), u.role, u.disabled, {_CUTOFF}"
                     " FROM auth.refresh_tokens t JOIN auth.users u ON u.id = t.user_id"
                     " WHERE t.token_hash = %s FOR UPDATE OF t",
                     [_digest(refresh_token)],
@@ -152,7 +189,7 @@ class AuthService:
             ).fetchone()
             if row is None:
                 raise InvalidRefreshToken()
-            family, user_id, used_at, revoked_at, expired, role, disabled = row
+            family, user_id, used_at, revoked_at, expired, role, disabled, cutoff = row
             if used_at is not None or revoked_at is not None:
                 reused = used_at is not None and revoked_at is None
                 await self._revoke_family(conn, family)
@@ -161,16 +198,36 @@ class AuthService:
                     "UPDATE auth.refresh_tokens SET used_at = now() WHERE token_hash = %s",
                     [_digest(refresh_token)],
                 )
-                return await self._new_session(conn, user_id, Role(role), family)
+                return await self._new_session(conn, user_id, Role(role), family, cutoff)
         if reused:
             log.warning("refresh token reused; family revoked", user_id=str(user_id))
         raise InvalidRefreshToken()
 
     async def _revoke_family(self, conn: psycopg.AsyncConnection[Any], family: uuid.UUID) -> None:
-        await conn.execute(
+        """Ends a session: its refresh tokens, and (if it was live) its access tokens."""
+        ended = await conn.execute(
             "UPDATE auth.refresh_tokens SET revoked_at = now()"
             " WHERE family = %s AND revoked_at IS NULL",
             [family],
+        )
+        if ended.rowcount:
+            await self._revoke(conn, "session", str(family))
+
+    async def _revoke(self, conn: psycopg.AsyncConnection[Any], kind: str, key: str) -> None:
+        """Records a revocation (a trigger announces it at commit), kept while any token it
+        refuses may still be unexpired; drops those whose tokens have all expired.
+
+        A repeated one moves the cutoff at least a second on, past any token a login issued
+        after the previous one (whose `iat` may be that second plus one)."""
+        cutoff = int(time.time())  # the clock that stamps `iat`, not the database's
+        await conn.execute("DELETE FROM auth.revocations WHERE expires_at < now()")
+        await conn.execute(
+            "INSERT INTO auth.revocations AS r (kind, key, revoked_at, expires_at)"
+            " VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s))"
+            " ON CONFLICT (kind, key) DO UPDATE SET"
+            " revoked_at = greatest(r.revoked_at + interval '1 second', excluded.revoked_at),"
+            " expires_at = greatest(r.expires_at + interval '1 second', excluded.expires_at)",
+            [kind, key, cutoff, cutoff + self.settings.access_ttl_seconds + LEEWAY_SECONDS],
         )
 
     async def logout(self, refresh_token: str, subject: str) -> None:
@@ -237,32 +294,36 @@ class AuthService:
         """Gives the user a new role; takes effect at their next login or refresh."""
         if str(user_id) == actor and role is not Role.ADMIN:
             raise SelfLockout()
-        return await self._update(user_id, "role = %s", role.value)
+        async with self.pool.connection() as conn:
+            return await self._update(conn, user_id, "role = %s", role.value)
 
     async def set_disabled(self, user_id: uuid.UUID, disabled: bool, actor: str) -> User:
-        """Disables (or enables) a user; disabling ends every session they have."""
+        """Disables (or enables) a user; disabling ends every session they have and revokes
+        every access token issued to them so far (enabling does not bring those back)."""
         if str(user_id) == actor and disabled:
             raise SelfLockout()
-        user = await self._update(user_id, "disabled = %s", disabled)
-        if disabled:
-            async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
+            user = await self._update(conn, user_id, "disabled = %s", disabled)
+            if disabled:
                 await conn.execute(
                     "UPDATE auth.refresh_tokens SET revoked_at = now()"
                     " WHERE user_id = %s AND revoked_at IS NULL",
                     [user_id],
                 )
+                await self._revoke(conn, "subject", str(user_id))
         log.info("user disabled" if disabled else "user enabled", user_id=str(user_id))
         return user
 
-    async def _update(self, user_id: uuid.UUID, assignment: str, value: Any) -> User:
-        async with self.pool.connection() as conn:
-            row = await (
-                await conn.execute(
-                    f"UPDATE auth.users SET {assignment}, updated_at = now()"
-                    f" WHERE id = %s RETURNING {_USER_COLUMNS}",
-                    [value, user_id],
-                )
-            ).fetchone()
+    async def _update(
+        self, conn: psycopg.AsyncConnection[Any], user_id: uuid.UUID, assignment: str, value: Any
+    ) -> User:
+        row = await (
+            await conn.execute(
+                f"UPDATE auth.users SET {assignment}, updated_at = now()"
+                f" WHERE id = %s RETURNING {_USER_COLUMNS}",
+                [value, user_id],
+            )
+        ).fetchone()
         if row is None:
             raise UserNotFound()
         return _user(row)

@@ -15,10 +15,16 @@ from runtime.security import ALGORITHM
 
 
 def issue_access_token(
-    key: SigningKey, subject: str, role: Role, settings: AuthSettings, now: float | None = None
+    key: SigningKey,
+    subject: str,
+    role: Role,
+    settings: AuthSettings,
+    now: float | None = None,
+    session: str | None = None,
 ) -> str:
+    """A signed access token; `session` (the `sid` claim) is what a logout revokes."""
     issued = int(time.time() if now is None else now)
-    claims = {
+    claims: dict[str, str | int] = {
         "iss": settings.issuer,
         "aud": settings.audience,
         "sub": subject,
@@ -27,6 +33,8 @@ def issue_access_token(
         "exp": issued + settings.access_ttl_seconds,
         "jti": uuid.uuid4().hex,
     }
+    if session is not None:
+        claims["sid"] = session
     return jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid})
 
 

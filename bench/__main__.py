@@ -76,8 +76,8 @@ async def event_lag(settings: Settings, commands: str, headers: dict[str, str]) 
 async def kafka_floor(settings: Settings) -> float:
     """Messages/s from one producer with the relay's settings, envelope-sized."""
     topic = settings.topic(f"bench.floor.{uuid.uuid4().hex[:6]}")
-    await ensure_topics(settings.kafka_bootstrap, [topic])
-    producer = reliable_producer(settings.kafka_bootstrap)
+    await ensure_topics(settings, [topic])
+    producer = reliable_producer(settings)
     await producer.start()
     value = os.urandom(420)
     try:
@@ -92,7 +92,7 @@ async def kafka_floor(settings: Settings) -> float:
         return KAFKA_MESSAGES / (time.perf_counter() - start)
     finally:
         await producer.stop()
-        await delete_topics(settings.kafka_bootstrap, topic)
+        await delete_topics(settings, topic)
 
 
 async def relay_rate(settings: Settings) -> tuple[float, int]:
@@ -103,7 +103,7 @@ async def relay_rate(settings: Settings) -> tuple[float, int]:
 
     store = await asyncio.to_thread(EventStore, settings.database_url, 2)
     run = uuid.uuid4().hex[:6]
-    producer = reliable_producer(settings.kafka_bootstrap)
+    producer = reliable_producer(settings)
     await producer.start()
     source = EventStoreLog(
         store,
@@ -113,7 +113,7 @@ async def relay_rate(settings: Settings) -> tuple[float, int]:
     )
     relay = Publisher(source, producer)
     try:
-        await ensure_topics(settings.kafka_bootstrap, source.topics)
+        await ensure_topics(settings, source.topics)
         last = await asyncio.to_thread(store.recorder.max_notification_id) or 0
         published = 0
         await source.open()
@@ -129,7 +129,7 @@ async def relay_rate(settings: Settings) -> tuple[float, int]:
         await source.close()
         await producer.stop()
         store.close()
-        await delete_topics(settings.kafka_bootstrap, source.topic_prefix)
+        await delete_topics(settings, source.topic_prefix)
     return published / seconds, published
 
 
@@ -241,6 +241,7 @@ async def run_all() -> str:
     settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
     sections = [await patients(settings)]
     for name in (
+        "bench.writes",
         "bench.appointments",
         "bench.notifications",
         "bench.rebuild",

@@ -4,7 +4,10 @@
 
 It starts its own billing process (`python -m bootstrap serve billing`) on free ports,
 with a scratch topic prefix and a scratch PostgreSQL database (migrated), so it neither
-reads nor writes the live stack's billing; both are deleted afterwards.
+reads nor writes the live stack's billing; both are deleted afterwards. Its calls carry
+the development admin's access token, so the stack's auth service must be running
+(CARELOG_AUTH_URL, default http://127.0.0.1:4005); the billing process verifies tokens
+with that service's JWKS.
 
 - Lag: PatientRegistered envelopes are published to the scratch patient topic at
   a steady rate, as the relay would publish them; the lag of each is the time
@@ -41,10 +44,11 @@ from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest
 
 import billing_grpc.generated.carelog.billing.v1 as pb
+from bench.common import main_for, token_headers
 from bench.loadgen import percentile
 from bootstrap.database import migrate
 from domain import contracts
-from runtime.kafka import ensure_topics, reliable_producer
+from runtime.kafka import client_options, ensure_topics, reliable_producer
 from runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,12 +88,13 @@ def _registered(patient_id: uuid.UUID) -> bytes:
 class _Billing:
     """The billing process under test, on scratch topics, database and ports."""
 
-    def __init__(self, settings: Settings, token: str):
+    def __init__(self, settings: Settings, token: str, auth_url: str):
         self.admin_url = settings.database_url
         self.database = token
         self.settings = settings.with_(
             topic_prefix=f"{settings.topic_prefix}{token}.",
             database_url=urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{token}")),
+            jwks_url=f"{auth_url}/auth/.well-known/jwks.json",
         )
         self.grpc_port = _free_port()
         self.http_port = _free_port()
@@ -104,6 +109,7 @@ class _Billing:
             "CARELOG_REDIS_URL": s.redis_url,
             "CARELOG_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
             "CARELOG_TOPIC_PREFIX": s.topic_prefix,
+            "CARELOG_JWKS_URL": s.jwks_url,
             "CARELOG_LOG_LEVEL": "warning",
             "CARELOG_BILLING_GRPC_PORT": str(self.grpc_port),
             "CARELOG_BILLING_HTTP_PORT": str(self.http_port),
@@ -145,7 +151,7 @@ class _Billing:
     async def clean_up(self) -> None:
         async with await psycopg.AsyncConnection.connect(self.admin_url, autocommit=True) as db:
             await db.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(**client_options(self.settings))
         await admin.start()
         try:
             topics = set(await admin.list_topics())
@@ -160,8 +166,8 @@ async def _lag(billing: _Billing) -> tuple[list[float], list[uuid.UUID]]:
     """Publishes PATIENTS registrations at EVENTS_PER_SECOND; returns each one's lag (s)."""
     settings = billing.settings
     topic = settings.topic(contracts.PATIENT_STREAM)
-    await ensure_topics(settings.kafka_bootstrap, [topic])
-    producer = reliable_producer(settings.kafka_bootstrap)
+    await ensure_topics(settings, [topic])
+    producer = reliable_producer(settings)
     await producer.start()
     patients = [uuid.uuid4() for _ in range(PATIENTS)]
     try:
@@ -209,11 +215,14 @@ async def _load(call: Callable[[int], Awaitable[Any]], calls: int) -> tuple[floa
     return calls / (time.perf_counter() - started), latencies
 
 
-async def _reads(billing: _Billing, patients: list[uuid.UUID]) -> dict[str, tuple[float, float]]:
-    """(calls/s, p99 ms) of GetBillingAccount and of the Health/Check floor."""
+async def _reads(
+    billing: _Billing, patients: list[uuid.UUID], metadata: dict[str, str]
+) -> dict[str, tuple[float, float]]:
+    """(calls/s, p99 ms) of GetBillingAccount (with `metadata`'s token) and of the
+    Health/Check floor (open, no token)."""
     channels = [Channel("127.0.0.1", billing.grpc_port) for _ in range(CHANNELS)]
     try:
-        stubs = [pb.BillingServiceStub(c, timeout=10) for c in channels]
+        stubs = [pb.BillingServiceStub(c, timeout=10, metadata=metadata) for c in channels]
         health = [HealthStub(c) for c in channels]
         requests = [pb.GetBillingAccountRequest(patient_id=str(p)) for p in patients]
 
@@ -236,11 +245,16 @@ async def _reads(billing: _Billing, patients: list[uuid.UUID]) -> dict[str, tupl
 
 async def run(settings: Settings) -> list[str]:
     """Runs the billing benchmark; returns its results as markdown lines."""
-    billing = _Billing(settings, f"bench_billing_{uuid.uuid4().hex[:8]}")
+    auth_url = os.environ.get("CARELOG_AUTH_URL", "http://127.0.0.1:4005")
+    headers = await token_headers(auth_url)
+    if not headers:
+        raise RuntimeError(f"no auth service answers at {auth_url}: is `make up` running?")
+    metadata = {name.lower(): value for name, value in headers.items()}
+    billing = _Billing(settings, f"bench_billing_{uuid.uuid4().hex[:8]}", auth_url)
     try:
         await billing.start()
         lags, patients = await _lag(billing)
-        reads = await _reads(billing, patients)
+        reads = await _reads(billing, patients, metadata)
     finally:
         await billing.stop()
         await billing.clean_up()
@@ -252,7 +266,8 @@ async def run(settings: Settings) -> list[str]:
         "",
         "Command: `uv run python -m bench.billing` (part of `make bench`). One billing",
         "process (grpclib server, consumer, outbox relay); the load comes from one Python",
-        f"grpclib client process on the same machine ({os.cpu_count()} CPUs).",
+        f"grpclib client process on the same machine ({os.cpu_count()} CPUs). Every",
+        "GetBillingAccount carries a bearer token (checked, then cached until it expires).",
         "",
         "| measurement | result |",
         "| --- | --- |",
@@ -267,11 +282,5 @@ async def run(settings: Settings) -> list[str]:
     ]
 
 
-def main() -> None:
-    settings = Settings.from_env()
-    for line in asyncio.run(run(settings)):
-        print(line)
-
-
 if __name__ == "__main__":
-    main()
+    main_for(run)

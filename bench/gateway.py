@@ -34,8 +34,10 @@ LIST = "/patients?limit=20"
 LOGIN_LIMIT_ATTEMPTS = 15
 
 
-async def _bench_users(gateway: str, auth_url: str, count: int) -> list[dict[str, str]]:
-    """Authorization headers of `count` analyst users (created once, reused by later runs).
+async def bench_users(
+    gateway: str, auth_url: str, count: int, role: str = "analyst"
+) -> list[dict[str, str]]:
+    """Authorization headers of `count` users of `role` (created once, reused by later runs).
 
     They log in at the auth service itself: the gateway's per-address login limit is
     for people, and the benchmark measures reads.
@@ -53,11 +55,13 @@ async def _bench_users(gateway: str, auth_url: str, count: int) -> list[dict[str
     headers = []
     for i in range(count):
         email = f"bench-{i:02d}@bench.carelog.invalid"
+        if role != "analyst":
+            email = f"bench-{role}-{i:02d}@bench.carelog.invalid"
         created = await conn.request(
             "POST",
             "/auth/users",
             admin_headers,
-            {"email": email, "password": PASSWORD, "role": "analyst"},
+            {"email": email, "password": PASSWORD, "role": role},
         )
         if created.status not in (201, 409):
             raise RuntimeError(f"creating a bench user failed: {created.status} {created.body!r}")
@@ -190,7 +194,7 @@ async def run(settings: Settings) -> list[str]:
     gateway = f"http://127.0.0.1:{settings.gateway_port}"
     direct = f"http://127.0.0.1:{settings.ports['read-api']}"
     auth_url = f"http://127.0.0.1:{auth.port}"
-    headers = await _bench_users(gateway, auth_url, CONCURRENCY)
+    headers = await bench_users(gateway, auth_url, CONCURRENCY)
 
     paired = await _paired(gateway, direct, headers, REQUESTS_PER_CONNECTION * ROUNDS)
     throughput = {"direct": 0.0, "gateway": 0.0}

@@ -2,7 +2,8 @@
 
 One process runs the gRPC server (BillingService, grpc.health.v1.Health and
 server reflection), the consumer group on `patient.events`, and the publisher of
-its outbox to `billing.events`.
+its outbox to `billing.events`. BillingService calls need a bearer token; health
+and reflection stay open.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from grpclib.events import RecvRequest, listen
 from grpclib.health.check import ServiceCheck
 from grpclib.server import Server
 
+from billing_grpc.access import Gate
 from billing_grpc.api import BillingApi, on_request
 from billing_grpc.config import BillingConfig
 from billing_grpc.consumer import PatientEventsWorker
@@ -33,6 +35,7 @@ from runtime.db import open_pool
 from runtime.http import HealthServer, serve_health
 from runtime.kafka import ensure_topics, kafka_broker, reliable_producer, wait_for_kafka
 from runtime.publisher import Publisher
+from runtime.security import TokenVerifier
 from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -49,10 +52,12 @@ class Running:
     http: HealthServer
     producer: Any
     pool: Any
+    verifier: TokenVerifier
 
     async def stop(self) -> None:
         self.server.close()
         await self.server.wait_closed()
+        await self.verifier.stop()
         await self.broker.stop()
         self.relay.stop()
         await self.relay_task
@@ -61,21 +66,27 @@ class Running:
         await self.pool.close()
 
 
-async def start(settings: Settings, config: BillingConfig) -> Running:
-    """Wires and starts every part of billing; returns once it serves."""
+async def start(
+    settings: Settings, config: BillingConfig, verifier: TokenVerifier | None = None
+) -> Running:
+    """Wires and starts every part of billing; returns once it serves.
+
+    Tokens are checked with `verifier` (tests pass their own); by default with the auth
+    service's keys, issuer and audience from the settings, like the HTTP services.
+    """
     patient_topic = settings.topic(contracts.PATIENT_STREAM)
     billing_topic = settings.topic(BILLING_STREAM)
     # The topic prefix keeps test runs out of the live stack's consumer group.
     group = f"{settings.topic_prefix}{config.consumer_group}"
     dlq = f"{patient_topic}.dlq.{config.consumer_group}"
-    await wait_for_kafka(settings.kafka_bootstrap)
-    await ensure_topics(settings.kafka_bootstrap, [patient_topic, billing_topic])
-    await ensure_topics(settings.kafka_bootstrap, [dlq], partitions=1)
+    await wait_for_kafka(settings)
+    await ensure_topics(settings, [patient_topic, billing_topic])
+    await ensure_topics(settings, [dlq], partitions=1)
 
     pool = await open_pool(settings.database_url, min_size=2, max_size=config.pool_size)
     billing = Billing(pool, SCHEMA, config.currency)
 
-    producer = reliable_producer(settings.kafka_bootstrap)
+    producer = reliable_producer(settings)
     await producer.start()
     source = BillingOutbox(settings.database_url, SCHEMA, billing_topic)
     relay = Publisher(source, producer)
@@ -99,8 +110,11 @@ async def start(settings: Settings, config: BillingConfig) -> Running:
         if source.leader and time.monotonic() - relay.last_cycle > 10:
             raise TimeoutError("no outbox relay cycle completed in the last 10 s")
 
+    verifier = verifier or TokenVerifier.from_settings(settings)
+    await verifier.start()  # the revocations in force, before the first call is admitted
     api = BillingApi(billing)
     server = Server(services_of(api, ServiceCheck(database_ok, check_ttl=5, check_timeout=2)))
+    listen(server, RecvRequest, Gate(verifier))
     listen(server, RecvRequest, on_request)
     await server.start(settings.http_host, config.grpc_port)
     await broker.start()
@@ -118,7 +132,7 @@ async def start(settings: Settings, config: BillingConfig) -> Running:
         publishes=billing_topic,
         schema=SCHEMA,
     )
-    return Running(server, broker, relay, relay_task, http, producer, pool)
+    return Running(server, broker, relay, relay_task, http, producer, pool, verifier)
 
 
 async def run(settings: Settings, config: BillingConfig) -> None:

@@ -4,6 +4,7 @@ carelog serve commands     the command API (port 4000)
 carelog serve read-api     the query API (port 4003)
 carelog serve auth         the auth service (port 4005)
 carelog gateway-config     renders the HAProxy gateway's files (--reload: reload HAProxy)
+carelog gateway-watch      keeps the gateway's revocation maps current (HAProxy runs it)
 carelog keys list|rotate|prune  the token signing keys
 carelog serve billing      billing over gRPC (port 9001; health on 4001)
 carelog relay              event store → Kafka (health on 4010)
@@ -24,9 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +67,16 @@ def _settings(service: str) -> Settings:
         sys.exit(f"carelog {service}: {exc}")
     configure_logging(settings.log_level, service)
     return settings
+
+
+def worker_settings(service: str) -> Settings:
+    """A served app's settings, in each of its worker processes (logging set up too)."""
+    return _settings(service)
+
+
+def auth_settings(service: str) -> AuthSettings:
+    """The auth service's own settings, in each of its worker processes."""
+    return _auth_settings(service)
 
 
 def _auth_settings(service: str) -> AuthSettings:
@@ -114,9 +128,28 @@ def keys(action: str) -> int:
     return gateway_config(reload=True, jwks_url=None) if removed else 0
 
 
+_WORKERS = {"commands": "commands_workers", "read-api": "read_api_workers", "auth": "auth_workers"}
+
+
+def _share_metrics(settings: Settings, which: str) -> None:
+    """With several worker processes, every metric lives in files they share
+    (prometheus_client's multiprocess mode), so a scrape answered by any worker counts
+    them all. It must be set before anything imports prometheus_client."""
+    workers: int = getattr(settings, _WORKERS.get(which, ""), 1)
+    if workers < 2 or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    directory = tempfile.mkdtemp(prefix=f"carelog-{which}-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+
+
 def serve(which: str) -> None:
     settings = _settings(which)
     _require_migrated(settings, which)
+    # The HTTP services' worker processes read their settings from the environment
+    # they inherit: hand them what this process read (the stack's defaults included).
+    os.environ.update(_environ())
+    _share_metrics(settings, which)
     if which == "billing":
         from billing_grpc.config import BillingConfig
         from bootstrap import billing
@@ -332,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     gateway_p = sub.add_parser("gateway-config", help="render the HAProxy gateway's files")
     gateway_p.add_argument("--reload", action="store_true", help="then reload HAProxy")
     gateway_p.add_argument("--jwks-url", help="trust these keys (default: the key directory)")
+    watch_p = sub.add_parser("gateway-watch", help="keep the gateway's revocation maps current")
+    watch_p.add_argument("--dir", help="the gateway's directory (default: CARELOG_GATEWAY_DIR)")
     keys_p = sub.add_parser("keys", help="list, rotate or prune the token signing keys")
     keys_p.add_argument("action", choices=["list", "rotate", "prune"])
     sub.add_parser("relay", help="publish the event store to Kafka")
@@ -416,10 +451,14 @@ def main(argv: list[str] | None = None) -> None:
 
         settings = _settings("topics")
         names = sorted({settings.topic(c.stream) for c in CONTRACTS.values()})
-        asyncio.run(ensure_topics(settings.kafka_bootstrap, names))
+        asyncio.run(ensure_topics(settings, names))
         print("topics:", ", ".join(names))
     elif args.command == "gateway-config":
         sys.exit(gateway_config(args.reload, args.jwks_url))
+    elif args.command == "gateway-watch":
+        from bootstrap import gateway
+
+        asyncio.run(gateway.watch(_settings("gateway-watch"), args.dir))
     elif args.command == "keys":
         sys.exit(keys(args.action))
     elif args.command == "schemas":

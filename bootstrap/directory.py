@@ -20,7 +20,6 @@ import anyio
 import structlog
 from faststream.kafka import KafkaBroker
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 
 from commands.reactions import GROUP as REMOVALS_GROUP
 from commands.reactions import PatientRemovals
@@ -35,6 +34,7 @@ from projections.appointments import AppointmentsWorker
 from projections.directory import DirectoryProjection
 from projections.worker import GROUP, DirectoryWorker
 from readmodels.directory import LIVE, DirectoryCache, Tables
+from runtime.cache import redis_for
 from runtime.consumers import EventBatchWorker, subscribe
 from runtime.db import open_pool
 from runtime.http import Check, broker_check, database_check, serve_health
@@ -48,7 +48,7 @@ Build = Callable[[AsyncConnectionPool[Any], KafkaBroker, str], Awaitable[EventBa
 
 async def run(settings: Settings, tables: Tables = LIVE) -> None:
     """Runs the directory projection until SIGTERM or SIGINT."""
-    redis_client = Redis.from_url(settings.redis_url)
+    redis_client = redis_for(settings)
     cache = DirectoryCache(
         redis_client, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds
     )
@@ -125,9 +125,9 @@ async def _run(
     # The topic prefix keeps test runs out of the live stack's consumer group.
     group = f"{settings.topic_prefix}{group_name}"
     dlq = dead_letter_topic(settings, streams, group_name)
-    await wait_for_kafka(settings.kafka_bootstrap)
-    await ensure_topics(settings.kafka_bootstrap, topics)
-    await ensure_topics(settings.kafka_bootstrap, [dlq], partitions=1)
+    await wait_for_kafka(settings)
+    await ensure_topics(settings, topics)
+    await ensure_topics(settings, [dlq], partitions=1)
     pool = await open_pool(settings.database_url, min_size=1, max_size=4)
     broker = kafka_broker(settings, group)
     subscribe(broker, topics, await build(pool, broker, dlq), group)

@@ -20,13 +20,13 @@ import msgspec
 import psycopg
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from redis.asyncio import Redis
 
 from bootstrap.rebuild import MODELS, Model
 from domain import contracts
 from readmodels.directory import DirectoryCache
+from runtime.cache import redis_for
 from runtime.consumers import UnappliableEvent
-from runtime.kafka import partitions_of
+from runtime.kafka import client_options, partitions_of
 from runtime.settings import Settings
 
 audit = structlog.get_logger("carelog.audit")
@@ -82,12 +82,10 @@ async def letters(settings: Settings, only: str | None = None) -> list[Letter]:
         for model in MODELS.values()
         if only is None or only in (dlq_topic(settings, model), model.name)
     }
-    known = await partitions_of(settings.kafka_bootstrap, wanted)
+    known = await partitions_of(settings, wanted)
     if not known:
         return found
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
-    )
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False)
     await consumer.start()
     try:
         for topic, numbers in known.items():
@@ -144,7 +142,7 @@ def _is_json(body: bytes) -> bool:
 async def replay(settings: Settings, chosen: list[Letter]) -> dict[str, str]:
     """Applies each letter through its model's projection; letter id → outcome."""
     outcomes: dict[str, str] = {}
-    redis = Redis.from_url(settings.redis_url)
+    redis = redis_for(settings)
     try:
         async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
             for letter in chosen:

@@ -1,21 +1,30 @@
-"""The gateway's files, composed from every service: OpenAPI documents and public keys.
+"""The gateway's files, composed from every service: OpenAPI documents and public keys;
+and the watcher that keeps its revocation maps current.
 
 `carelog gateway-config` and `carelog keys rotate|prune` call this; the rendering
-itself is ops/gateway/generate.py's.
+itself is ops/gateway/generate.py's. `carelog gateway-watch` is the watcher: the
+HAProxy master runs it (a `program` of its configuration), so it lives and restarts
+with the gateway.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import time
 from pathlib import Path
 from typing import Any
 
+import structlog
 from cryptography.hazmat.primitives import serialization
 
 from auth.config import AuthSettings
 from auth.keys import KeyRing
-from ops.gateway.generate import GatewayConfigError, annotated
+from ops.gateway import generate
+from ops.gateway.generate import DEFAULT_LIMITS, GatewayConfigError, Limits, annotated
 from ops.gateway.generate import write_config as write_files
-from runtime.security import fetch_jwks, keys_from_jwks
+from runtime.security import RevocationFeed, fetch_jwks, keys_from_jwks
 from runtime.settings import Settings
 
 
@@ -59,6 +68,55 @@ def api_documents(settings: Settings, auth: AuthSettings) -> dict[str, dict[str,
     return {"patients": patients, "auth": annotated(auth_app(settings, auth))}
 
 
-def write_config(settings: Settings, auth: AuthSettings, jwks_url: str | None = None) -> Path:
+def write_config(
+    settings: Settings,
+    auth: AuthSettings,
+    jwks_url: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Path:
     """Writes the gateway's files from the current keys and documents; the path of haproxy.cfg."""
-    return write_files(settings, public_keys(auth, jwks_url), api_documents(settings, auth))
+    return write_files(settings, public_keys(auth, jwks_url), api_documents(settings, auth), limits)
+
+
+RESYNC_SECONDS = 30.0
+"""How often the watcher pushes the whole maps even without a change (a repair)."""
+
+log = structlog.get_logger(__name__)
+
+
+async def watch(settings: Settings, directory: str | None = None) -> None:
+    """Follows the revocations (the same feed as the services) and, after each change,
+    rewrites the gateway's map files and replaces the maps in the running HAProxy; until
+    the process that started it (the HAProxy master) is gone."""
+    out = Path(directory or settings.gateway_dir)
+    changed = asyncio.Event()
+    feed = RevocationFeed(settings.database_url, on_change=changed.set)
+    follower = asyncio.create_task(feed.run(), name="revocation-feed")
+    master = os.getppid()
+    pushed_at = -RESYNC_SECONDS
+    failing = False
+    try:
+        while os.getppid() == master:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), 1.0)
+            due = changed.is_set() or time.monotonic() - pushed_at >= RESYNC_SECONDS
+            if not feed.loaded.is_set() or not due:
+                continue  # never push an empty list over the one HAProxy read from the files
+            changed.clear()
+            maps = generate.revocation_maps(feed.revocations.entries())
+            try:
+                generate.write_maps(out, maps)
+                await generate.push_maps(out, maps)
+            except OSError as exc:
+                if not failing:
+                    log.warning("revocation maps not pushed", error=str(exc))
+                failing = True
+                changed.set()
+                await asyncio.sleep(0.5)
+                continue
+            if failing:
+                log.info("revocation maps pushed again")
+            failing = False
+            pushed_at = time.monotonic()
+    finally:
+        follower.cancel()

@@ -32,9 +32,9 @@ async def run(settings: Settings, config: NotifierConfig) -> None:
     ]
     group = f"{settings.topic_prefix}{GROUP}"
     dlq = f"{settings.topic('notifications')}.dlq.{GROUP}"
-    await wait_for_kafka(settings.kafka_bootstrap)
-    await ensure_topics(settings.kafka_bootstrap, topics)
-    await ensure_topics(settings.kafka_bootstrap, [dlq], partitions=1)
+    await wait_for_kafka(settings)
+    await ensure_topics(settings, topics)
+    await ensure_topics(settings, [dlq], partitions=1)
     pool = await open_pool(settings.database_url, min_size=1, max_size=4)
     broker = kafka_broker(settings, group)
     intake = IntakeWorker(pool, broker, dlq, timedelta(hours=config.max_age_hours))

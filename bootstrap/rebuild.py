@@ -44,7 +44,6 @@ import msgspec
 import psycopg
 from eventsourcing.utils import get_topic
 from psycopg import sql
-from redis.asyncio import Redis
 
 from billing_grpc.store import SCHEMA as BILLING_SCHEMA
 from commands.store import EventStore
@@ -58,6 +57,7 @@ from readmodels import appointments as appointments_model
 from readmodels import directory as directory_model
 from readmodels.swaps import swapping
 from readmodels.tracking import suffixed
+from runtime.cache import redis_for
 from runtime.consumers import UnappliableEvent
 from runtime.kafka import end_offsets
 from runtime.settings import Settings
@@ -551,7 +551,7 @@ async def _level_and_swap(
 async def _forget_cache(settings: Settings, model: Model) -> None:
     if model.name != "directory":
         return
-    redis = Redis.from_url(settings.redis_url)
+    redis = redis_for(settings)
     try:
         await directory_model.forget_cached(
             directory_model.DirectoryCache(redis, prefix=settings.cache_prefix)
@@ -698,7 +698,7 @@ async def status(settings: Settings, store: EventStore) -> list[dict[str, Any]]:
                 state = "stopped"
             dlq = model.dead_letter_topic(settings)
             try:
-                dead = sum((await end_offsets(settings.kafka_bootstrap, dlq)).values())
+                dead = sum((await end_offsets(settings, dlq)).values())
             except Exception:
                 dead = 0
             rows.append(

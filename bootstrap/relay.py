@@ -19,11 +19,11 @@ from runtime.settings import Settings
 async def run(settings: Settings) -> None:
     """Runs the relay until SIGTERM or SIGINT."""
     store = await anyio.to_thread.run_sync(lambda: EventStore(settings.database_url, pool_size=2))
-    await wait_for_kafka(settings.kafka_bootstrap)
-    producer = reliable_producer(settings.kafka_bootstrap)
+    await wait_for_kafka(settings)
+    producer = reliable_producer(settings)
     await producer.start()
     source = EventStoreLog(store, settings.database_url, topic_prefix=settings.topic_prefix)
-    await ensure_topics(settings.kafka_bootstrap, source.topics)
+    await ensure_topics(settings, source.topics)
     publisher = Publisher(source, producer)
 
     async def database() -> None:

@@ -27,11 +27,12 @@ from prometheus_client import Counter
 
 from commands.scheduling import SchedulingService
 from commands.service import PatientService, Written, today
-from commands.store import EventStore
+from commands.store import CACHE_SIZE, EventStore
 from domain.errors import EmailTaken, InvalidData, PatientNotFound, StaleVersion
 from domain.patients import ADDRESS_MAX, EMAIL_MAX, NAME_MAX, parse_change, parse_registration
 from domain.roles import PATIENT_WRITERS
 from runtime.http import BODY_ERRORS, Problems, every_error, problem, service_app
+from runtime.http import correlation_id as correlation_of
 from runtime.security import TokenVerifier, requires
 from runtime.settings import Settings
 
@@ -130,8 +131,9 @@ def _headers(written: Written) -> dict[str, str]:
 async def register_patient(
     data: JSONBody[PatientInput],
     service: NamedDependency[PatientService],
-    correlation_id: NamedDependency[str],
+    request: Request[Any, Any, Any],
 ) -> Response[Any]:
+    correlation_id = correlation_of(request.scope)
     details, registered = _parse(_fields(data), parse_registration)
     written = await anyio.to_thread.run_sync(
         lambda: service.register(details, registered, correlation_id)
@@ -156,8 +158,8 @@ async def change_patient(
     data: JSONBody[PatientInput],
     request: Request[Any, Any, Any],
     service: NamedDependency[PatientService],
-    correlation_id: NamedDependency[str],
 ) -> Response[Any]:
+    correlation_id = correlation_of(request.scope)
     pid = _patient_id(patient_id)
     expected = expected_version(request)
     details = _parse(_fields(data), parse_change)
@@ -179,8 +181,8 @@ async def remove_patient(
     patient_id: FromPath[str],
     request: Request[Any, Any, Any],
     service: NamedDependency[PatientService],
-    correlation_id: NamedDependency[str],
 ) -> Response[None]:
+    correlation_id = correlation_of(request.scope)
     pid = _patient_id(patient_id)
     expected = expected_version(request)
     written = await anyio.to_thread.run_sync(lambda: service.remove(pid, expected, correlation_id))
@@ -213,8 +215,8 @@ async def set_preferences(
     data: JSONBody[PreferencesInput],
     request: Request[Any, Any, Any],
     service: NamedDependency[PatientService],
-    correlation_id: NamedDependency[str],
 ) -> Response[Any]:
+    correlation_id = correlation_of(request.scope)
     pid = _patient_id(patient_id)
     expected = expected_version(request)
     written = await anyio.to_thread.run_sync(
@@ -276,7 +278,9 @@ def create_app(
     async def start(app: Litestar) -> None:
         event_store = store
         if event_store is None:
-            event_store = await anyio.to_thread.run_sync(EventStore, settings.database_url)
+            event_store = await anyio.to_thread.run_sync(
+                lambda: EventStore(settings.database_url, cache_size=CACHE_SIZE)
+            )
         patients = PatientService(event_store)
         # One group-commit queue for every write, so concurrent commands share commits.
         built.append((patients, SchedulingService(event_store, patients.writer)))

@@ -17,8 +17,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from eventsourcing.application import Application
 from eventsourcing.persistence import Recording
+
+from commands.store import EventStore
 
 
 @dataclass(eq=False)
@@ -26,6 +27,8 @@ class _Save:
     events: list[Any]
     """Collected once: a failed save has already drained the aggregates' pending events."""
     ids: frozenset[Any]
+    saved: list[tuple[Any, int]]
+    """Each aggregate with how many events it adds, for the store to remember once saved."""
     ready: threading.Event = field(default_factory=threading.Event)
     lead: bool = False
     recordings: list[Recording[Any]] | None = None
@@ -35,7 +38,7 @@ class _Save:
 class GroupCommit:
     """Saves aggregates through `store.save`, batching saves made at the same time."""
 
-    def __init__(self, store: Application[Any], max_batch: int = 64):
+    def __init__(self, store: EventStore, max_batch: int = 64):
         self.store = store
         self.max_batch = max_batch
         self._lock = threading.Lock()
@@ -47,8 +50,13 @@ class GroupCommit:
     def save(self, *objects: Any) -> list[Recording[Any]]:
         """Like `store.save`: returns this save's recordings or raises its error."""
         present = [o for o in objects if o is not None]
-        events = [event for o in present for event in o.collect_events()]
-        item = _Save(events, frozenset(o.id for o in present))
+        collected = [(o, o.collect_events()) for o in present]
+        events = [event for _, pending in collected for event in pending]
+        item = _Save(
+            events,
+            frozenset(o.id for o in present),
+            [(o, len(pending)) for o, pending in collected],
+        )
         with self._lock:
             self._queue.append(item)
             if not self._leading:
@@ -61,6 +69,7 @@ class GroupCommit:
         if item.error is not None:
             raise item.error
         assert item.recordings is not None
+        self.store.remember(item.saved)
         return item.recordings
 
     def _lead(self) -> None:

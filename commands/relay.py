@@ -5,6 +5,10 @@ notifications after the relay's recorded position, publishes each public event,
 awaits every acknowledgement and only then records the new position here. A
 crash anywhere resends from the last recorded position; consumers drop what
 they have already applied.
+
+With nothing to publish, the relay waits on the store's own announcement: every
+insert into the store notifies the `carelog_events` channel (see the store's
+migration), which the relay LISTENs to. It looks again at least every WAIT_SECONDS.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import psycopg
 from commands.store import EventStore
 from domain.contracts import CONTRACTS, envelope_for
 from runtime.publisher import Batch, Outgoing
+
+WAIT_SECONDS = 1.0
+"""Longest the relay waits for an announcement before reading the store anyway."""
 
 
 class EventStoreLog:
@@ -31,12 +38,15 @@ class EventStoreLog:
         self.name = name
         self.position = 0
         self._db: psycopg.AsyncConnection[Any] | None = None
+        self._listening: psycopg.AsyncConnection[Any] | None = None
 
     @property
     def topics(self) -> list[str]:
         return sorted({self.topic_prefix + c.stream for c in CONTRACTS.values()})
 
     async def open(self) -> None:
+        self._listening = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
+        await self._listening.execute(f'LISTEN "{self.store.events_table}"')
         self._db = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
         row = await (
             await self._db.execute(
@@ -46,9 +56,16 @@ class EventStoreLog:
         self.position = row[0] if row else 0
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        for conn in (self._db, self._listening):
+            if conn is not None:
+                await conn.close()
+        self._db = self._listening = None
+
+    async def wait(self) -> None:
+        """Returns at the store's next insert (or one already announced), or after a while."""
+        assert self._listening is not None
+        async for _ in self._listening.notifies(timeout=WAIT_SECONDS, stop_after=1):
+            break
 
     async def read(self, limit: int) -> Batch:
         start = self.position + 1

@@ -72,7 +72,9 @@ class SchedulingService:
     def register_clinician(
         self, details: ClinicianDetails, correlation_id: str | None = None
     ) -> Saved:
-        return retrying(lambda: self._save(Clinician.register(details)), correlation_id)
+        return retrying(
+            lambda: self._save(Clinician.register(details)), correlation_id, self.store.caches
+        )
 
     def change_working_hours(
         self,
@@ -86,7 +88,7 @@ class SchedulingService:
             clinician.change_working_hours(hours)
             return self._save(clinician)
 
-        return retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id, self.store.caches)
 
     def add_time_off(
         self,
@@ -103,7 +105,7 @@ class SchedulingService:
             clinician.add_time_off(chosen, start, end)
             return self._save(clinician)
 
-        return chosen, retrying(attempt, correlation_id)
+        return chosen, retrying(attempt, correlation_id, self.store.caches)
 
     def remove_time_off(
         self, clinician_id: UUID, time_off_id: UUID, correlation_id: str | None = None
@@ -115,7 +117,7 @@ class SchedulingService:
             clinician.remove_time_off(time_off_id)
             return self._save(clinician)
 
-        return retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id, self.store.caches)
 
     def link_user(
         self, clinician_id: UUID, user_id: UUID, correlation_id: str | None = None
@@ -125,7 +127,7 @@ class SchedulingService:
             clinician.link_user(user_id)
             return self._save(clinician)
 
-        return retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id, self.store.caches)
 
     # --- appointments -------------------------------------------------------------------
 
@@ -149,7 +151,7 @@ class SchedulingService:
             schedules = self._reserve(appointment)
             return self._save(appointment, *schedules)
 
-        return retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id, self.store.caches)
 
     def reschedule(
         self,
@@ -163,7 +165,7 @@ class SchedulingService:
             before = self._schedules_of(appointment)
             appointment.reschedule(timing)
             self._require_patient(appointment.patient_id)
-            clinician = self.clinician(appointment.clinician_id)
+            clinician = self.clinician(appointment.clinician_id, current=True)
             clinician.require_available(appointment.start, appointment.end)
             kept = self._reserve(appointment)
             kept_ids = {s.id for s in kept}
@@ -172,7 +174,7 @@ class SchedulingService:
                 schedule.release(appointment.id)
             return self._save(appointment, *kept, *released)
 
-        return retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id, self.store.caches)
 
     def cancel(
         self,
@@ -218,7 +220,7 @@ class SchedulingService:
         def attempt() -> Saved:
             appointment = self.appointment(appointment_id, expected_version)
             if acting_user is not None:
-                clinician = self.clinician(appointment.clinician_id)
+                clinician = self.clinician(appointment.clinician_id, current=True)
                 if getattr(clinician, "user_id", None) != acting_user:
                     raise NotYourAppointment(str(appointment_id))
             change(appointment)
@@ -229,12 +231,15 @@ class SchedulingService:
                     schedule.release(appointment.id)
             return self._save(appointment, *released)
 
-        return retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id, self.store.caches)
 
     # --- reading aggregates -------------------------------------------------------------
 
-    def clinician(self, clinician_id: UUID, expected_version: int | None = None) -> Clinician:
-        clinician = self._get(clinician_id, Clinician, ClinicianNotFound)
+    def clinician(
+        self, clinician_id: UUID, expected_version: int | None = None, *, current: bool = False
+    ) -> Clinician:
+        """The clinician; `current=True` when the command reads it but does not save it."""
+        clinician = self._get(clinician_id, Clinician, ClinicianNotFound, current=current)
         _expect(clinician, expected_version)
         return clinician
 
@@ -245,21 +250,23 @@ class SchedulingService:
 
     def _known_clinician(self, clinician_id: UUID) -> Clinician:
         try:
-            return self.clinician(clinician_id)
+            return self.clinician(clinician_id, current=True)
         except ClinicianNotFound:
             raise InvalidData({"clinicianId": "no such clinician"}) from None
 
     def _require_patient(self, patient_id: UUID) -> None:
         try:
-            patient = self._get(patient_id, Patient, PatientNotFound)
+            patient = self._get(patient_id, Patient, PatientNotFound, current=True)
         except PatientNotFound:
             raise InvalidData({"patientId": "no such patient"}) from None
         if patient.removed:
             raise PatientRemoved(str(patient_id))
 
-    def _get(self, aggregate_id: UUID, kind: type[A], missing: type[Exception]) -> A:
+    def _get(
+        self, aggregate_id: UUID, kind: type[A], missing: type[Exception], current: bool = False
+    ) -> A:
         try:
-            found: object = self.store.repository.get(aggregate_id)
+            found: object = self.store.load(aggregate_id, current=current)
         except AggregateNotFoundError:
             raise missing(str(aggregate_id)) from None
         if not isinstance(found, kind):
@@ -268,7 +275,7 @@ class SchedulingService:
 
     def _schedule(self, kind: ScheduleKind, owner_id: UUID, day: Any) -> Schedule:
         try:
-            found: object = self.store.repository.get(schedule_id(kind, owner_id, day))
+            found: object = self.store.load(schedule_id(kind, owner_id, day))
         except AggregateNotFoundError:
             return Schedule.open(kind, owner_id, day)
         assert isinstance(found, Schedule)

@@ -43,6 +43,7 @@ from domain.scheduling import (
     parse_working_hours,
 )
 from runtime.http import BODY_ERRORS, Problems, every_error, problem
+from runtime.http import correlation_id as correlation_of
 from runtime.security import Claims, requires
 
 log = structlog.get_logger(__name__)
@@ -196,8 +197,9 @@ async def _run(call: Callable[[], Saved], command: str) -> Saved:
 async def register_clinician(
     data: JSONBody[ClinicianInput],
     scheduling: NamedDependency[SchedulingService],
-    correlation_id: NamedDependency[str],
+    request: Request[Any, Any, Any],
 ) -> Response[Any]:
+    correlation_id = correlation_of(request.scope)
     details = _clinician_of(_wire(data))
     saved = await _run(
         lambda: scheduling.register_clinician(details, correlation_id), "RegisterClinician"
@@ -222,8 +224,8 @@ async def change_working_hours(
     data: JSONBody[WorkingHoursInput],
     request: Request[Any, Any, Any],
     scheduling: NamedDependency[SchedulingService],
-    correlation_id: NamedDependency[str],
 ) -> Response[Any]:
+    correlation_id = correlation_of(request.scope)
     cid = _id(clinician_id, ClinicianNotFound)
     expected = expected_version(request)
     hours = parse_working_hours(_wire(data)["workingHours"])
@@ -250,8 +252,9 @@ async def add_time_off(
     clinician_id: FromPath[str],
     data: JSONBody[TimeOffInput],
     scheduling: NamedDependency[SchedulingService],
-    correlation_id: NamedDependency[str],
+    request: Request[Any, Any, Any],
 ) -> Response[Any]:
+    correlation_id = correlation_of(request.scope)
     cid = _id(clinician_id, ClinicianNotFound)
     start, end = parse_time_off(start=data.start, end=data.end)
     chosen: list[UUID] = []
@@ -276,8 +279,9 @@ async def remove_time_off(
     clinician_id: FromPath[str],
     time_off_id: FromPath[str],
     scheduling: NamedDependency[SchedulingService],
-    correlation_id: NamedDependency[str],
+    request: Request[Any, Any, Any],
 ) -> Response[None]:
+    correlation_id = correlation_of(request.scope)
     cid = _id(clinician_id, ClinicianNotFound)
     tid = _id(time_off_id, TimeOffNotFound)
     saved = await _run(
@@ -299,8 +303,9 @@ async def link_user(
     clinician_id: FromPath[str],
     data: JSONBody[UserLinkInput],
     scheduling: NamedDependency[SchedulingService],
-    correlation_id: NamedDependency[str],
+    request: Request[Any, Any, Any],
 ) -> Response[Any]:
+    correlation_id = correlation_of(request.scope)
     cid = _id(clinician_id, ClinicianNotFound)
     user = parse_user_link(user_id=data.user_id)
     saved = await _run(lambda: scheduling.link_user(cid, user, correlation_id), "LinkUser")
@@ -323,8 +328,9 @@ async def link_user(
 async def book_appointment(
     data: JSONBody[BookingInput],
     scheduling: NamedDependency[SchedulingService],
-    correlation_id: NamedDependency[str],
+    request: Request[Any, Any, Any],
 ) -> Response[Any]:
+    correlation_id = correlation_of(request.scope)
     booking = _booking_of(_wire(data))
     saved = await _run(lambda: scheduling.book(booking, correlation_id), "BookAppointment")
     headers = {**_headers(saved), "Location": f"/appointments/{saved.id}"}
@@ -353,8 +359,8 @@ async def reschedule_appointment(
     data: JSONBody[RescheduleInput],
     request: Request[Any, Any, Any],
     scheduling: NamedDependency[SchedulingService],
-    correlation_id: NamedDependency[str],
 ) -> Response[Any]:
+    correlation_id = correlation_of(request.scope)
     aid = _id(appointment_id, AppointmentNotFound)
     expected = expected_version(request)
 
@@ -384,8 +390,8 @@ async def cancel_appointment(
     data: JSONBody[CancelInput],
     request: Request[Any, Any, Any],
     scheduling: NamedDependency[SchedulingService],
-    correlation_id: NamedDependency[str],
 ) -> Response[Any]:
+    correlation_id = correlation_of(request.scope)
     aid = _id(appointment_id, AppointmentNotFound)
     expected = expected_version(request)
     reason = parse_cancellation(reason=data.reason)
@@ -409,8 +415,8 @@ def _attending(action: str, summary: str) -> Any:
         appointment_id: FromPath[str],
         request: Request[Any, Any, Any],
         scheduling: NamedDependency[SchedulingService],
-        correlation_id: NamedDependency[str],
     ) -> Response[Any]:
+        correlation_id = correlation_of(request.scope)
         aid = _id(appointment_id, AppointmentNotFound)
         expected = expected_version(request)
         claims: Claims = request.state.claims

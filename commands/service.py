@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, PersistenceError
 
 from commands.group_commit import GroupCommit
-from commands.store import EventStore
+from commands.store import EventStore, fresh
 from domain.errors import EmailTaken, PatientNotFound, StaleVersion
 from domain.events import correlated
 from domain.patients import EmailClaim, Patient, PatientDetails, email_claim_id
@@ -50,12 +51,27 @@ class PatientService:
     ) -> Written:
         """Registers a new patient; EmailTaken if a current patient has the email."""
 
+        tries = 0
+        attempted: set[UUID] = set()
+
         def attempt() -> Written:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                landed = self._landed(details.email, attempted)
+                if landed is not None:
+                    return landed
             patient = Patient.register(details, registered_date)
-            claim = self._claim(details.email, patient.id)
+            attempted.add(patient.id)
+            if tries == 1 and not self.store.knows(email_claim_id(details.email)):
+                # Most emails are new: take the claim without reading it first. If it
+                # exists after all, the save conflicts and the retry reads it.
+                claim = EmailClaim.take(details.email, patient.id)
+            else:
+                claim = self._claim(details.email, patient.id)
             return self._save(patient, claim)
 
-        return retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id, self.store.caches)
 
     def change(
         self,
@@ -78,7 +94,7 @@ class PatientService:
             patient.change_details(details)
             return self._save(*changed)
 
-        return retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id, self.store.caches)
 
     def remove(
         self,
@@ -96,7 +112,7 @@ class PatientService:
                 claim.release(patient.id)
             return self._save(patient, claim)
 
-        return retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id, self.store.caches)
 
     def set_preferences(
         self,
@@ -112,7 +128,20 @@ class PatientService:
             patient.set_preferences(reminders)
             return self._save(patient)
 
-        return retrying(attempt, correlation_id)
+        return retrying(attempt, correlation_id, self.store.caches)
+
+    def _landed(self, email: str, attempted: set[UUID]) -> Written | None:
+        """The patient an earlier attempt of this registration stored, if one did.
+
+        When the connection breaks while a commit is under way, the commit may land
+        though its answer is lost; the store's retry then conflicts with it. The
+        email's claim, held by one of this registration's own patients, says so.
+        """
+        claim = self._existing_claim(email)
+        if claim is None or claim.holder not in attempted:
+            return None
+        stored = self.get(claim.holder)
+        return Written(stored.id, stored.version, None, stored)
 
     def _current(self, patient_id: UUID, expected_version: int | None) -> Patient:
         patient = self.get(patient_id)
@@ -123,7 +152,7 @@ class PatientService:
     def get(self, patient_id: UUID) -> Patient:
         """The current patient; PatientNotFound if unknown or removed."""
         try:
-            patient: object = self.store.repository.get(patient_id)
+            patient: object = self.store.load(patient_id)
         except AggregateNotFoundError:
             raise PatientNotFound(str(patient_id)) from None
         if not isinstance(patient, Patient) or patient.removed:
@@ -132,7 +161,7 @@ class PatientService:
 
     def _existing_claim(self, email: str) -> EmailClaim | None:
         try:
-            claim: object = self.store.repository.get(email_claim_id(email))
+            claim: object = self.store.load(email_claim_id(email))
         except AggregateNotFoundError:
             return None
         assert isinstance(claim, EmailClaim)
@@ -154,20 +183,35 @@ class PatientService:
         return Written(patient.id, patient.version, position, patient)
 
 
-def retrying(attempt: Callable[[], R], correlation_id: str | None) -> R:
+def retrying(attempt: Callable[[], R], correlation_id: str | None, recheck: bool = False) -> R:
     """Runs `attempt` until it saves; its events record `correlation_id`.
 
     A save loses to a concurrent writer only on an aggregate's version; the retry
-    decides again on fresh state (and so answers 409 or 412 where that is right).
+    decides again on fresh state, read from the store (and so answers 409 or 412
+    where that is right). With `recheck` (the store caches aggregates, which may be
+    stale), a refusal decided on cached state is decided once more on fresh state.
     """
+    reread = False
     for remaining in range(_SAVE_ATTEMPTS - 1, -1, -1):
         try:
-            with correlated(correlation_id):
+            with correlated(correlation_id), fresh() if reread else _as_is():
                 return attempt()
         except IntegrityError:
             if remaining == 0:
                 raise
+            reread = True
+        except PersistenceError:
+            raise
+        except Exception:
+            if reread or not recheck:
+                raise
+            reread = True
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _as_is() -> Iterator[None]:
+    yield
 
 
 def is_conflict(error: BaseException) -> bool:

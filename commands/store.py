@@ -2,16 +2,58 @@
 
 It is also the outbox. The relay reads its global log (notification ids are the
 events' positions) and publishes what it finds.
+
+The command process keeps the aggregates it wrote last in memory (`cache_size`), so
+a command on a known aggregate costs no read at all: `load` hands out a copy of the
+cached state. That copy may be stale when another process wrote since, and the save
+says so: the store's version check refuses it (IntegrityError). The retry then runs
+`fresh()`, reading every aggregate from the store again. A command that refuses
+(a 404, 409 or 412) refuses on fresh state too: its first answer is retried fresh
+(see `commands.service.retrying`). An aggregate a command only reads, and does not
+save, is loaded `current=True`: brought up to date from the store with the events
+after its cached version (one indexed query that usually returns nothing).
+
+Reading an aggregate that is not cached replays its events after its newest
+snapshot: one is taken every SNAPSHOT_INTERVAL versions, so the cost of a read does
+not grow with history.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator
+from copy import deepcopy
 from datetime import date
 from typing import Any
 from urllib.parse import unquote, urlsplit
+from uuid import UUID
 
-from eventsourcing.application import Application
+import structlog
+from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
+from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import JSONTranscoder, Transcoding
+
+log = structlog.get_logger(__name__)
+
+SNAPSHOT_INTERVAL = 50
+"""Versions between two snapshots of an aggregate."""
+
+CACHE_SIZE = 20_000
+"""Aggregates the command process keeps in memory (a patient's state is ~1 KB)."""
+
+_fresh = threading.local()
+
+
+@contextlib.contextmanager
+def fresh() -> Iterator[None]:
+    """Within it, this thread's `load`s read from the store, not from the cache."""
+    before = getattr(_fresh, "on", False)
+    _fresh.on = True
+    try:
+        yield
+    finally:
+        _fresh.on = before
 
 
 class DateAsISO(Transcoding):
@@ -25,7 +67,7 @@ class DateAsISO(Transcoding):
         return date.fromisoformat(data)
 
 
-def postgres_env(database_url: str, pool_size: int = 10) -> dict[str, str]:
+def postgres_env(database_url: str, pool_size: int = 10, cache_size: int = 0) -> dict[str, str]:
     """The `eventsourcing` settings for a PostgreSQL URL."""
     url = urlsplit(database_url)
     return {
@@ -39,12 +81,20 @@ def postgres_env(database_url: str, pool_size: int = 10) -> dict[str, str]:
         "POSTGRES_MAX_OVERFLOW": str(pool_size),
         "POSTGRES_CONNECT_TIMEOUT": "5",
         "POSTGRES_LOCK_TIMEOUT": "5",
-        "POSTGRES_PRE_PING": "y",
+        # No ping per checkout (a round trip per statement): a connection broken by a
+        # restart fails its statement, which the recorder retries on a new connection.
+        "POSTGRES_PRE_PING": "n",
         "CREATE_TABLE": "n",  # the migrations create the store
+        "IS_SNAPSHOTTING_ENABLED": "y",
+        **(
+            {"AGGREGATE_CACHE_MAXSIZE": str(cache_size), "AGGREGATE_CACHE_FASTFORWARD": "n"}
+            if cache_size
+            else {}
+        ),
     }
 
 
-MEMORY_ENV = {"PERSISTENCE_MODULE": "eventsourcing.popo"}
+MEMORY_ENV = {"PERSISTENCE_MODULE": "eventsourcing.popo", "IS_SNAPSHOTTING_ENABLED": "y"}
 """The `eventsourcing` settings of a store held in this process's memory (for tests)."""
 
 
@@ -53,8 +103,8 @@ class EventStore(Application[Any]):
 
     name = "carelog"
 
-    def __init__(self, database_url: str, pool_size: int = 10):
-        super().__init__(env=postgres_env(database_url, pool_size))
+    def __init__(self, database_url: str, pool_size: int = 10, cache_size: int = 0):
+        super().__init__(env=postgres_env(database_url, pool_size, cache_size))
 
     @classmethod
     def in_memory(cls) -> EventStore:
@@ -70,6 +120,66 @@ class EventStore(Application[Any]):
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
         transcoder.register(DateAsISO())
+
+    @property
+    def caches(self) -> bool:
+        """Whether `load` may answer from memory (and so may be stale)."""
+        return self.repository.cache is not None
+
+    def knows(self, aggregate_id: UUID) -> bool:
+        """Whether the aggregate is in the cache (so it exists)."""
+        cache = self.repository.cache
+        return cache is not None and aggregate_id in cache.cache
+
+    def load(self, aggregate_id: UUID, *, current: bool = False) -> Any:
+        """The aggregate, to decide on: cached when known, read from the store when not.
+
+        `current=True` for an aggregate the command reads but will not save (so no
+        version check would notice a stale copy): brought up to date first.
+        Raises AggregateNotFoundError.
+        """
+        cache = self.repository.cache
+        if cache is None:
+            return self.repository.get(aggregate_id)
+        if getattr(_fresh, "on", False):
+            with contextlib.suppress(KeyError):
+                cache.get(aggregate_id, evict=True)
+            return self.repository.get(aggregate_id)
+        if not current:
+            return self.repository.get(aggregate_id)
+        try:
+            cached = cache.get(aggregate_id)
+        except KeyError:
+            return self.repository.get(aggregate_id)
+        newer = self.events.get(originator_id=aggregate_id, gt=cached.version)
+        aggregate = project_aggregate(deepcopy(cached), newer)
+        if aggregate is None:
+            raise AggregateNotFoundError(aggregate_id)
+        return aggregate
+
+    def remember(self, saved: Iterable[tuple[Aggregate, int]]) -> None:
+        """After a save of (aggregate, events it added) pairs: caches the saved states,
+        and snapshots each aggregate that passed a multiple of SNAPSHOT_INTERVAL.
+
+        The cached object is the one saved; `load` hands out copies of it.
+        """
+        cache = self.repository.cache
+        for aggregate, added in saved:
+            if cache is not None:
+                try:
+                    known = cache.get(aggregate.id).version
+                except KeyError:
+                    known = 0
+                if aggregate.version > known:
+                    cache.put(aggregate.id, aggregate)
+            before = aggregate.version - added
+            if self.snapshots is not None and (
+                aggregate.version // SNAPSHOT_INTERVAL > before // SNAPSHOT_INTERVAL
+            ):
+                try:
+                    self.snapshots.put([type(aggregate).Snapshot.take(aggregate)])
+                except Exception as exc:  # the save stands; the next interval snapshots
+                    log.warning("snapshot not taken", error=type(exc).__name__)
 
     @property
     def events_table(self) -> str:

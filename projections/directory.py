@@ -28,6 +28,7 @@ from readmodels.directory import COLUMNS, LIVE, NAME, Tables, records
 from readmodels.swaps import applying
 from readmodels.tracking import applied_statement, track_statement
 from runtime.consumers import UnappliableEvent
+from runtime.db import rendered
 
 
 @dataclass(frozen=True)
@@ -46,39 +47,50 @@ class DirectoryProjection:
         self.tables = tables
         self.name = name
         p = sql.Identifier(tables.patients)
-        self._register = sql.SQL(
-            "INSERT INTO {p} (id, version, position, name, name_key, email, email_key, address,"
-            " date_of_birth, registered_date, removed, given_name, family_name)"
-            " VALUES (%(id)s, %(version)s, %(position)s, %(name)s, lower(%(name)s), %(email)s,"
-            " %(email_key)s, %(address)s, %(date_of_birth)s, %(registered_date)s, false,"
-            " %(given_name)s, %(family_name)s)"
-            " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,"
-            " position = EXCLUDED.position, name = EXCLUDED.name, name_key = EXCLUDED.name_key,"
-            " given_name = EXCLUDED.given_name, family_name = EXCLUDED.family_name,"
-            " email = EXCLUDED.email, email_key = EXCLUDED.email_key, address = EXCLUDED.address,"
-            " date_of_birth = EXCLUDED.date_of_birth, registered_date = EXCLUDED.registered_date,"
-            " removed = false, updated_at = now()"
-            " WHERE {p}.version < EXCLUDED.version"
-            " RETURNING id"
-        ).format(p=p)
-        self._change = sql.SQL(
-            "UPDATE {p} SET version = %(version)s, position = %(position)s, name = %(name)s,"
-            " name_key = lower(%(name)s), given_name = %(given_name)s,"
-            " family_name = %(family_name)s, email = %(email)s, email_key = %(email_key)s,"
-            " address = %(address)s, date_of_birth = %(date_of_birth)s, updated_at = now()"
-            " WHERE id = %(id)s AND version < %(version)s"
-            " RETURNING id"
-        ).format(p=p)
-        self._remove = sql.SQL(
-            "UPDATE {p} SET version = %(version)s, position = %(position)s, removed = true,"
-            " updated_at = now() WHERE id = %(id)s AND version < %(version)s RETURNING id"
-        ).format(p=p)
-        self._touch = sql.SQL(
-            "UPDATE {p} SET version = %(version)s, position = %(position)s, updated_at = now()"
-            " WHERE id = %(id)s AND version < %(version)s RETURNING id"
-        ).format(p=p)
-        self._exists = sql.SQL("SELECT 1 FROM {p} WHERE id = %s").format(p=p)
-        self._current = sql.SQL("SELECT {c} FROM {p} WHERE id = ANY(%s)").format(c=COLUMNS, p=p)
+        self._register = rendered(
+            sql.SQL(
+                "INSERT INTO {p} (id, version, position, name, name_key, email, email_key, address,"
+                " date_of_birth, registered_date, removed, given_name, family_name)"
+                " VALUES (%(id)s, %(version)s, %(position)s, %(name)s, lower(%(name)s), %(email)s,"
+                " %(email_key)s, %(address)s, %(date_of_birth)s, %(registered_date)s, false,"
+                " %(given_name)s, %(family_name)s)"
+                " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,"
+                " position = EXCLUDED.position, name = EXCLUDED.name, name_key = EXCLUDED.name_key,"
+                " given_name = EXCLUDED.given_name, family_name = EXCLUDED.family_name,"
+                " email = EXCLUDED.email, email_key = EXCLUDED.email_key,"
+                " address = EXCLUDED.address, date_of_birth = EXCLUDED.date_of_birth,"
+                " registered_date = EXCLUDED.registered_date,"
+                " removed = false, updated_at = now()"
+                " WHERE {p}.version < EXCLUDED.version"
+                " RETURNING id"
+            ).format(p=p)
+        )
+        self._change = rendered(
+            sql.SQL(
+                "UPDATE {p} SET version = %(version)s, position = %(position)s, name = %(name)s,"
+                " name_key = lower(%(name)s), given_name = %(given_name)s,"
+                " family_name = %(family_name)s, email = %(email)s, email_key = %(email_key)s,"
+                " address = %(address)s, date_of_birth = %(date_of_birth)s, updated_at = now()"
+                " WHERE id = %(id)s AND version < %(version)s"
+                " RETURNING id"
+            ).format(p=p)
+        )
+        self._remove = rendered(
+            sql.SQL(
+                "UPDATE {p} SET version = %(version)s, position = %(position)s, removed = true,"
+                " updated_at = now() WHERE id = %(id)s AND version < %(version)s RETURNING id"
+            ).format(p=p)
+        )
+        self._touch = rendered(
+            sql.SQL(
+                "UPDATE {p} SET version = %(version)s, position = %(position)s, updated_at = now()"
+                " WHERE id = %(id)s AND version < %(version)s RETURNING id"
+            ).format(p=p)
+        )
+        self._exists = rendered(sql.SQL("SELECT 1 FROM {p} WHERE id = %s").format(p=p))
+        self._current = rendered(
+            sql.SQL("SELECT {c} FROM {p} WHERE id = ANY(%s)").format(c=COLUMNS, p=p)
+        )
         self._applied = applied_statement(tables.positions, "patient_id")
         self._track = track_statement(tables.tracking)
 
@@ -121,7 +133,7 @@ class DirectoryProjection:
                 changed = await self._rows(rows, touched)
         return Outcome(applied, duplicates, changed, position)
 
-    def _statement(self, envelope: Envelope[Any], data: Any) -> tuple[sql.Composed, dict[str, Any]]:
+    def _statement(self, envelope: Envelope[Any], data: Any) -> tuple[bytes, dict[str, Any]]:
         params = {
             "id": envelope.aggregate_id,
             "version": envelope.aggregate_version,

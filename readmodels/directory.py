@@ -11,6 +11,8 @@ tombstone for a removed patient), only ever replaced by a newer version, so a
 reader that fills the cache from an older database read can never overwrite the
 projection's newer write. Pages are cached under the directory's generation,
 which the projection bumps after every change: an old page is never looked up again.
+A cache that was out of reach may have missed write-throughs, so whoever finds it
+back forgets it (`forget_cached`) before reading from it again.
 """
 
 from __future__ import annotations
@@ -187,10 +189,18 @@ class DirectoryCache:
         await self.redis.set(self.page_key(generation, query), body, ex=min(self.ttl, 30))
 
 
-async def forget_cached(cache: DirectoryCache) -> int:
-    """Drops every cached patient and retires every cached page (after a swap of tables)."""
+async def forget_cached(cache: DirectoryCache, batch: int = 500) -> int:
+    """Drops every cached patient and retires every cached page: after a swap of tables,
+    or before trusting again a cache that was out of reach while the directory moved on
+    (the projection's write-through of those changes may never have arrived)."""
     removed = 0
-    async for key in cache.redis.scan_iter(match=cache.patient_key("*"), count=500):
-        removed += int(await cache.redis.delete(key))
+    keys: list[Any] = []
+    async for key in cache.redis.scan_iter(match=cache.patient_key("*"), count=batch):
+        keys.append(key)
+        if len(keys) >= batch:
+            removed += int(await cache.redis.delete(*keys))
+            keys = []
+    if keys:
+        removed += int(await cache.redis.delete(*keys))
     await cache.redis.incr(cache.generation_key)
     return removed

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
+from runtime.db import rendered
+
 T = TypeVar("T")
 
 
@@ -22,21 +24,25 @@ async def reached(conn: psycopg.AsyncConnection[Any], positions: str, position: 
     return await cur.fetchone() is not None
 
 
-def applied_statement(positions: str, aggregate_column: str = "aggregate_id") -> sql.Composed:
+def applied_statement(positions: str, aggregate_column: str = "aggregate_id") -> bytes:
     """Records an applied position: parameters (position, aggregate id)."""
-    return sql.SQL("INSERT INTO {} (position, {}) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(
-        sql.Identifier(positions), sql.Identifier(aggregate_column)
+    return rendered(
+        sql.SQL("INSERT INTO {} (position, {}) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(
+            sql.Identifier(positions), sql.Identifier(aggregate_column)
+        )
     )
 
 
-def track_statement(tracking: str) -> sql.Composed:
+def track_statement(tracking: str) -> bytes:
     """Moves a projection's tracking record on: parameters (projection, position, applied)."""
-    return sql.SQL(
-        "INSERT INTO {t} (projection, position, applied) VALUES (%s, %s, %s)"
-        " ON CONFLICT (projection) DO UPDATE SET"
-        " position = GREATEST({t}.position, EXCLUDED.position),"
-        " applied = {t}.applied + EXCLUDED.applied, updated_at = now()"
-    ).format(t=sql.Identifier(tracking))
+    return rendered(
+        sql.SQL(
+            "INSERT INTO {t} (projection, position, applied) VALUES (%s, %s, %s)"
+            " ON CONFLICT (projection) DO UPDATE SET"
+            " position = GREATEST({t}.position, EXCLUDED.position),"
+            " applied = {t}.applied + EXCLUDED.applied, updated_at = now()"
+        ).format(t=sql.Identifier(tracking))
+    )
 
 
 def suffixed(tables: T, suffix: str) -> T:

@@ -2,22 +2,65 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import structlog
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
+
+log = structlog.get_logger(__name__)
 
 
 async def open_pool(
     database_url: str, min_size: int = 1, max_size: int = 8
 ) -> AsyncConnectionPool[Any]:
-    """An open pool. A connection broken by a server restart fails one request (503) and is
-    then discarded; checking each one on checkout would cost a round trip per request."""
+    """An open pool whose connections are checked as they are handed out.
+
+    A server restart (or a terminated backend) leaves the pool holding connections
+    that are already closed; the check (one empty query) finds one before a request
+    does, and the pool hands out another. The first broken one also has every idle
+    connection checked at once, so the rest are replaced together rather than
+    discovered one request at a time.
+    """
+    sweeping: set[asyncio.Task[None]] = set()
+
+    async def check(conn: Any) -> None:
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except Exception:
+            if not sweeping:
+                log.warning("pooled database connection broken; checking the others")
+                task = asyncio.get_running_loop().create_task(pool.check())
+                sweeping.add(task)
+                task.add_done_callback(sweeping.discard)
+            raise
+
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         database_url,
         min_size=min_size,
         max_size=max_size,
         open=False,
         timeout=10,
+        check=check,
     )
     await pool.open(wait=True, timeout=30)
     return pool
+
+
+def rendered(statement: sql.Composable) -> bytes:
+    """A composed statement as the bytes sent to the server, rendered once.
+
+    psycopg renders a `sql.Composed` again at every execute (quoting each identifier
+    through libpq): a hot statement built from identifiers is rendered once at start
+    instead, and psycopg's own statement cache keys on the bytes.
+    """
+    return statement.as_bytes(None)
+
+
+def render_statements(holder: object) -> None:
+    """Replaces each composed statement among `holder`'s attributes by its rendering (see
+    `rendered`): for stores that build their SQL from identifiers once, at start."""
+    for name, value in list(vars(holder).items()):
+        if isinstance(value, sql.Composable):
+            setattr(holder, name, rendered(value))

@@ -1,10 +1,16 @@
-"""Kafka helpers shared by the relay, the projections and the tests."""
+"""Kafka helpers shared by the relay, the projections and the tests.
+
+Every Kafka client is made from the settings through `client_options` (aiokafka's
+producers, consumers and admin clients) or `broker_security` (FastStream's broker), which
+say how it authenticates (SASL) and whether it speaks TLS: no client is made another way.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -14,7 +20,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from faststream.kafka import KafkaBroker
+from faststream.kafka.security import parse_security
 from faststream.message import StreamMessage
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
 from runtime.settings import Settings
 
@@ -24,17 +32,43 @@ log = structlog.get_logger(__name__)
 # because the key is the aggregate id.
 EVENT_PARTITIONS = 6
 
+_SASL = {"SCRAM-SHA-512": SASLScram512, "SCRAM-SHA-256": SASLScram256, "PLAIN": SASLPlaintext}
+
+
+def broker_security(settings: Settings) -> BaseSecurity | None:
+    """How a client authenticates and encrypts, as the settings say (None: plaintext)."""
+    protocol = settings.kafka_security_protocol
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.kafka_ca_file or None)
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        sasl = _SASL[settings.kafka_sasl_mechanism]
+        return sasl(settings.kafka_username, settings.kafka_password, ssl_context=context)
+    return None if context is None else BaseSecurity(ssl_context=context)
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """The address and security options every aiokafka client is made with."""
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        **parse_security(broker_security(settings)),
+    }
+
 
 async def ensure_topics(
-    bootstrap: str, names: Iterable[str], partitions: int = EVENT_PARTITIONS
+    settings: Settings, names: Iterable[str], partitions: int = EVENT_PARTITIONS
 ) -> None:
     """Creates the topics that do not exist yet; existing ones are left as they are."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10_000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(name=name, num_partitions=partitions, replication_factor=1)
+            NewTopic(
+                name=name,
+                num_partitions=partitions,
+                replication_factor=settings.kafka_replication_factor,
+            )
             for name in names
             if name not in existing
         ]
@@ -45,11 +79,11 @@ async def ensure_topics(
         await admin.close()
 
 
-async def delete_topics(bootstrap: str, prefix: str) -> list[str]:
+async def delete_topics(settings: Settings, prefix: str) -> list[str]:
     """Deletes every topic whose name starts with `prefix` (benchmarks' and tests' own)."""
     if not prefix:
         raise ValueError("an empty prefix would delete every topic")
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10_000)
     await admin.start()
     try:
         doomed = [t for t in await admin.list_topics() if t.startswith(prefix)]
@@ -60,12 +94,13 @@ async def delete_topics(bootstrap: str, prefix: str) -> list[str]:
         await admin.close()
 
 
-async def wait_for_kafka(bootstrap: str, timeout: float = 120.0) -> None:
+async def wait_for_kafka(settings: Settings, timeout: float = 120.0) -> None:
     """Returns once the broker answers; raises KafkaConnectionError after `timeout`."""
+    bootstrap = settings.kafka_bootstrap
     deadline = time.monotonic() + timeout
     pause = 0.5
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
+        admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=5_000)
         try:
             await admin.start()
             await admin.list_topics()
@@ -82,10 +117,10 @@ async def wait_for_kafka(bootstrap: str, timeout: float = 120.0) -> None:
             await admin.close()
 
 
-def reliable_producer(bootstrap: str) -> AIOKafkaProducer:
+def reliable_producer(settings: Settings) -> AIOKafkaProducer:
     """A producer that neither loses nor reorders what it was given (idempotent, acks=all)."""
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        **client_options(settings),
         enable_idempotence=True,
         acks="all",
         linger_ms=2,
@@ -103,15 +138,16 @@ def kafka_broker(settings: Settings, client_id: str) -> KafkaBroker:
     """A broker whose per-message logs are debug level and whose errors are logged."""
     return KafkaBroker(
         settings.kafka_bootstrap,
+        security=broker_security(settings),
         client_id=client_id,
         logger=logging.getLogger("carelog.kafka"),
         log_level=logging.DEBUG,
     )
 
 
-async def partitions_of(bootstrap: str, topics: Iterable[str]) -> dict[str, list[int]]:
+async def partitions_of(settings: Settings, topics: Iterable[str]) -> dict[str, list[int]]:
     """Topic → its partition numbers, for the topics that exist."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -124,12 +160,12 @@ async def partitions_of(bootstrap: str, topics: Iterable[str]) -> dict[str, list
     return {d["topic"]: sorted(p["partition"] for p in d["partitions"]) for d in described}
 
 
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """Partition → the offset after its last message (nothing for a missing topic)."""
-    partitions = (await partitions_of(bootstrap, [topic])).get(topic, [])
+    partitions = (await partitions_of(settings, [topic])).get(topic, [])
     if not partitions:
         return {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False)
     await consumer.start()
     try:
         offsets = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])

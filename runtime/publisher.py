@@ -89,6 +89,9 @@ class Source(Protocol):
     async def backlog(self) -> int:
         """Entries not yet published (for the lag gauge)."""
 
+    async def wait(self) -> None:
+        """Returns when there may be more to read (or after a while: the caller reads again)."""
+
     async def close(self) -> None: ...
 
 
@@ -100,14 +103,13 @@ class Publisher:
         source: Source,
         producer: AIOKafkaProducer,
         batch_size: int = 500,
-        idle_sleep: float = 0.02,
     ):
         self.source = source
         self.producer = producer
         self.batch_size = batch_size
-        self.idle_sleep = idle_sleep
         self.last_cycle = time.monotonic()
         self._stopping = asyncio.Event()
+        self._gauged = 0.0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -122,8 +124,10 @@ class Publisher:
                     moved = await self.cycle()
                     self.last_cycle = time.monotonic()
                     if moved == 0:
-                        LAG.labels(name).set(await self.source.backlog())
-                        await self._idle(self.idle_sleep)
+                        if self.last_cycle - self._gauged >= 1.0:
+                            LAG.labels(name).set(await self.source.backlog())
+                            self._gauged = self.last_cycle
+                        await self._until_more()
             except (KafkaError, psycopg.OperationalError, OSError) as exc:
                 # Nothing past the last record counts as sent: the next cycle resends it.
                 log.warning("publish cycle failed; retrying", publisher=name, error=repr(exc))
@@ -172,6 +176,19 @@ class Publisher:
         if isinstance(batch.mark, int):
             POSITION.labels(self.source.name).set(batch.mark)
         return batch.size
+
+    async def _until_more(self) -> None:
+        """Waits for the source to say there may be more, or for `stop()`."""
+        more = asyncio.ensure_future(self.source.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({more, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (more, stopping):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if more.done() and not more.cancelled():
+            more.result()  # raises what the source's wait raised: the run loop reconnects
 
     async def _idle(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

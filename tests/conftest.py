@@ -8,6 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from commands.store import EventStore
+from runtime.cache import redis_for
 from runtime.settings import Settings
 from tests.support.stack import isolated_settings
 from tests.support.tokens import TestTokens
@@ -35,7 +36,7 @@ def store(settings: Settings) -> Iterator[EventStore]:
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url)
+    client = redis_for(settings)
     yield client
     await client.aclose()
 

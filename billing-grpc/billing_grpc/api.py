@@ -5,7 +5,8 @@ Each method decodes its request into checked values, calls one use case of
 (`status_of`): what a client got wrong is INVALID_ARGUMENT (naming each field),
 NOT_FOUND, ALREADY_EXISTS or FAILED_PRECONDITION, never UNKNOWN or INTERNAL.
 A request's deadline is honoured by grpclib, which cancels the handler; the
-cancelled transaction rolls back.
+cancelled transaction rolls back. Who may call a method is decided before it runs
+(`billing_grpc.access`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from domain.billing import (
     parse_request_id,
     parse_uuid,
 )
-from domain.errors import InvalidData
+from domain.errors import InvalidData, PatientNotFound
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +72,7 @@ STATUSES: list[tuple[type[Exception], Status]] = [
     (psycopg.errors.QueryCanceled, Status.DEADLINE_EXCEEDED),  # the statement timeout
     (InvalidData, Status.INVALID_ARGUMENT),
     (AccountNotFound, Status.NOT_FOUND),
+    (PatientNotFound, Status.NOT_FOUND),  # a patient billing never saw registered
     (RequestReused, Status.ALREADY_EXISTS),
     (AccountClosed, Status.FAILED_PRECONDITION),
     (CurrencyMismatch, Status.FAILED_PRECONDITION),
@@ -223,16 +225,17 @@ class BillingApi(pb.BillingServiceBase):
     async def create_billing_account(
         self, message: pb.CreateBillingAccountRequest
     ) -> pb.CreateBillingAccountResponse:
+        # Accounts open when billing sees the patient registered; this answers that one.
+        # The contact and currency are checked as the contract asks, and the
+        # registered details win.
         errors: dict[str, str] = {}
         patient_id = parse_uuid(errors, "patient_id", message.patient_id)
-        contact = parse_contact(errors, message.name, message.email)
-        currency = None
+        parse_contact(errors, message.name, message.email)
         if message.currency_code:
-            currency = parse_currency(errors, "currency_code", message.currency_code)
+            parse_currency(errors, "currency_code", message.currency_code)
         check(errors)
         assert patient_id is not None
-        opened = await self.billing.open_account(patient_id, contact, currency)
-        account = opened.account
+        account = await self.billing.account_of_registered(patient_id)
         return pb.CreateBillingAccountResponse(
             account_id=str(account.id),
             status=SEED_STATUS[account.status],

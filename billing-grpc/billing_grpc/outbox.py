@@ -64,6 +64,10 @@ class BillingOutbox:
                 return
             await asyncio.sleep(1.0)
 
+    async def wait(self) -> None:
+        """Billing's writes do not announce themselves: look again shortly."""
+        await asyncio.sleep(0.02)
+
     async def close(self) -> None:
         self.leader = False
         if self._db is not None:

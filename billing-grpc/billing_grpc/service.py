@@ -36,6 +36,7 @@ from domain.contracts import (
     PatientRegisteredV2,
     PatientRemovedV1,
 )
+from domain.errors import PatientNotFound
 from runtime.consumers import UnappliableEvent
 
 CORRELATION_ID: ContextVar[str | None] = ContextVar("billing_correlation_id", default=None)
@@ -44,7 +45,6 @@ FINISH_BY: ContextVar[float | None] = ContextVar("billing_finish_by", default=No
 """When the current request's deadline passes (time.monotonic()), if it has one."""
 
 OPENED_BY_EVENT = "PatientRegistered"
-OPENED_BY_CALL = "CreateBillingAccount"
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,21 @@ class Billing:
         self.store = BillingStore(schema)
         self.default_currency = default_currency
 
-    async def open_account(
-        self, patient_id: UUID, contact: Contact, currency: str | None = None
-    ) -> Opened:
-        """Opens the patient's account, or answers the one it has (whatever its state)."""
-        async with self._writing() as cur:
-            return await self._open(
-                cur, patient_id, contact, currency or self.default_currency, OPENED_BY_CALL
+    async def account_of_registered(self, patient_id: UUID) -> Account:
+        """The account billing opened when it saw the patient registered.
+
+        Accounts open only from PatientRegistered, so an id billing has never seen
+        registered (mistyped, invented, or not yet delivered) is PatientNotFound, and
+        asking writes nothing.
+        """
+        async with self.pool.connection() as conn, conn.cursor() as cur:
+            account = await self.store.of_patient(cur, patient_id)
+        if account is None:
+            raise PatientNotFound(
+                f"billing has not seen patient {patient_id} registered;"
+                " its account opens when the patient is registered"
             )
+        return account
 
     async def _open(
         self,
@@ -235,7 +242,8 @@ class Billing:
                     if result.created:
                         opened += 1
                     else:
-                        # Opened by a call that raced the event: keep the registered details.
+                        # A replay, or an account opened by a call when calls still could:
+                        # keep the registered details.
                         await self.store.update_contact(cur, patient_id, contact, version)
                         unchanged += 1
                 elif isinstance(data, PatientDetailsChangedV1):

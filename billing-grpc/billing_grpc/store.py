@@ -25,6 +25,7 @@ from domain.billing import (
     InvoiceLine,
     Money,
 )
+from runtime.db import render_statements
 
 _ACCOUNT_COLUMNS = (
     "id, patient_id, currency, status, invoiced_minor, paid_minor, version, opened_at, closed_at"
@@ -142,6 +143,7 @@ class BillingStore:
             "INSERT INTO {}.outbox (aggregate_id, aggregate_version, type, schema_version,"
             " payload, occurred_at, correlation_id) VALUES (%s, %s, %s, %s, %s, %s, %s)"
         ).format(s)
+        render_statements(self)
 
     # --- accounts
 

@@ -6,6 +6,7 @@
     keys/<kid>.pem       the public key of each published signing key
     docs/<service>.json  each service's OpenAPI, with gateway paths and the roles per operation
     docs/index.html      a page that browses them
+    revoked-*.map        revoked sessions and subjects (created empty; the watcher fills them)
 
 then checks the result with `haproxy -c` before it replaces the live file, and
 (`--reload`) asks the running HAProxy master to reload it gracefully (SIGUSR2):
@@ -14,31 +15,49 @@ connections in flight finish on the old workers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from litestar import Litestar
 
-from runtime.security import KID, role_matrix
+from runtime.security import KID, Revocation, role_matrix
 from runtime.settings import Settings
 
 TEMPLATES = Path(__file__).resolve().parent
 
 SUBJECT_RATE_PER_SECOND = 200
-"""Requests per second one token subject may send (429 with Retry-After: 1 beyond)."""
+"""Requests per second answered for one token subject (429 with Retry-After: 1 beyond)."""
 ADDRESS_RATE_PER_10S = 300
-"""Requests per 10 s from one address without a valid token."""
+"""Requests per 10 s answered for one address without a valid token."""
 LOGIN_ACCOUNT_PER_MINUTE = 10
 """Login attempts per minute for one (address, email)."""
 LOGIN_ADDRESS_PER_MINUTE = 100
 """Login attempts per minute from one address, whatever the email."""
 MAX_BODY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The gateway's rates. The subject and address limits count only the requests they let
+    through (a client above them is throttled to them); the login limits count every attempt."""
+
+    subject_per_second: int = SUBJECT_RATE_PER_SECOND
+    address_per_10s: int = ADDRESS_RATE_PER_10S
+    login_account_per_minute: int = LOGIN_ACCOUNT_PER_MINUTE
+    login_address_per_minute: int = LOGIN_ADDRESS_PER_MINUTE
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class GatewayConfigError(Exception):
@@ -78,15 +97,27 @@ def annotated(app: Litestar, prefix: str = "") -> dict[str, Any]:
     return schema
 
 
-def _cors_acl(origins: tuple[str, ...]) -> str:
-    if "*" in origins:
-        return "    acl cors_origin req.hdr(origin) -m found"
+def _cors_acl(settings: Settings) -> str:
+    """The `cors_origin` ACL: the listed origins (settings checked their form), never `null`."""
+    origins = settings.cors_origins
+    if not origins and not settings.development:
+        raise GatewayConfigError(
+            "CARELOG_GATEWAY_CORS_ORIGINS is required in production: list each origin whose"
+            " pages may call the API, like https://app.example.org"
+        )
+    if "*" in origins:  # development only: any http(s) origin, which `null` is not
+        return "    acl cors_origin req.fhdr(origin) -m reg -i ^https?://[^/]+$"
     if not origins:
         return "    acl cors_origin always_false"
-    return "    acl cors_origin req.hdr(origin) -m str " + " ".join(origins)
+    return "    acl cors_origin req.fhdr(origin) -m str -i " + " ".join(origins)
 
 
-def render(settings: Settings, keys: dict[str, bytes], documents: dict[str, Any]) -> str:
+def render(
+    settings: Settings,
+    keys: dict[str, bytes],
+    documents: dict[str, Any],
+    limits: Limits = DEFAULT_LIMITS,
+) -> str:
     """haproxy.cfg for these settings, public keys (PEM by kid) and OpenAPI documents."""
     out = Path(settings.gateway_dir)
     jwt_rules = "\n".join(
@@ -111,7 +142,9 @@ def render(settings: Settings, keys: dict[str, bytes], documents: dict[str, Any]
         "BUFSIZE": str(bufsize),
         "DIR": str(out),
         "HOST": settings.http_host,
-        "UPSTREAM": settings.http_host,
+        "COMMANDS_HOST": settings.upstream("commands"),
+        "QUERIES_HOST": settings.upstream("read-api"),
+        "AUTH_HOST": settings.upstream("auth"),
         "PORT": str(settings.gateway_port),
         "METRICS_PORT": str(settings.gateway_port + 20),
         "COMMANDS_PORT": str(settings.ports["commands"]),
@@ -120,13 +153,14 @@ def render(settings: Settings, keys: dict[str, bytes], documents: dict[str, Any]
         "ISSUER": settings.jwt_issuer,
         "AUDIENCE": settings.jwt_audience,
         "MAX_BODY": str(MAX_BODY_BYTES),
-        "SUBJECT_RATE": str(SUBJECT_RATE_PER_SECOND),
-        "ADDRESS_RATE": str(ADDRESS_RATE_PER_10S),
-        "LOGIN_ACCOUNT_RATE": str(LOGIN_ACCOUNT_PER_MINUTE),
-        "LOGIN_ADDRESS_RATE": str(LOGIN_ADDRESS_PER_MINUTE),
-        "CORS_ACL": _cors_acl(settings.cors_origins),
+        "SUBJECT_RATE": str(limits.subject_per_second),
+        "ADDRESS_RATE": str(limits.address_per_10s),
+        "LOGIN_ACCOUNT_RATE": str(limits.login_account_per_minute),
+        "LOGIN_ADDRESS_RATE": str(limits.login_address_per_minute),
+        "CORS_ACL": _cors_acl(settings),
         "JWT_RULES": jwt_rules,
         "DOCS_RULES": "\n".join(docs_rules),
+        "WATCHER": f'"{sys.executable}" -m bootstrap gateway-watch --dir "{out}"',
     }
     text = (TEMPLATES / "haproxy.cfg").read_text()
     for key, value in values.items():
@@ -141,7 +175,12 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def write_config(settings: Settings, keys: dict[str, bytes], documents: dict[str, Any]) -> Path:
+def write_config(
+    settings: Settings,
+    keys: dict[str, bytes],
+    documents: dict[str, Any],
+    limits: Limits = DEFAULT_LIMITS,
+) -> Path:
     """Writes the gateway's files (keys: PEM by kid); returns the path of haproxy.cfg."""
     if not keys:
         raise GatewayConfigError("no public keys to trust")
@@ -157,8 +196,10 @@ def write_config(settings: Settings, keys: dict[str, bytes], documents: dict[str
         _write(out / "docs" / f"{name}.json", json.dumps(document, separators=(",", ":")).encode())
     page = (TEMPLATES / "docs.html").read_text().replace("@SERVICES@", json.dumps(list(documents)))
     _write(out / "docs" / "index.html", page.encode())
+    for name in REVOCATION_MAPS:
+        (out / name).touch()  # HAProxy needs the file; the watcher owns its content
     candidate = out / "haproxy.cfg.new"
-    candidate.write_text(render(settings, keys, documents))
+    candidate.write_text(render(settings, keys, documents, limits))
     check = subprocess.run(  # noqa: S603 (fixed program, our own file)
         [haproxy_binary(), "-c", "-q", "-f", str(candidate)],
         capture_output=True,
@@ -193,3 +234,63 @@ def reload(settings: Settings) -> bool:
     except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
         return False
     return True
+
+
+REVOKED_SESSIONS = "revoked-sessions.map"
+"""`<sid> 1` per revoked session."""
+REVOKED_SUBJECTS = "revoked-subjects.map"
+"""`<sub> <cutoff>` per revoked subject: its tokens with `iat` <= cutoff are refused."""
+REVOCATION_MAPS = (REVOKED_SESSIONS, REVOKED_SUBJECTS)
+_MAP_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+"""A key safe in a map file and an admin-socket command (ids are UUIDs)."""
+_BATCH = 500
+
+
+def revocation_maps(revocations: Iterable[Revocation]) -> dict[str, list[str]]:
+    """The lines of each revocation map; a key that could not be a token's is left out."""
+    maps: dict[str, list[str]] = {name: [] for name in REVOCATION_MAPS}
+    for r in revocations:
+        if not _MAP_KEY.match(r.key):
+            continue
+        if r.kind == "session":
+            maps[REVOKED_SESSIONS].append(f"{r.key} 1")
+        else:
+            maps[REVOKED_SUBJECTS].append(f"{r.key} {r.cutoff}")
+    return maps
+
+
+def write_maps(directory: Path, maps: dict[str, list[str]]) -> None:
+    """Rewrites the map files, which HAProxy reads when it starts or reloads."""
+    for name, lines in maps.items():
+        _write(directory / name, "".join(f"{line}\n" for line in lines).encode())
+
+
+async def push_maps(directory: Path, maps: dict[str, list[str]]) -> None:
+    """Replaces each map's entries in the running HAProxy, each map at once (a new version
+    filled, then committed), over its admin socket; OSError when HAProxy does not take it."""
+    socket = directory / "admin.sock"
+    for name, lines in maps.items():
+        path = directory / name
+        prepared = await _admin(socket, f"prepare map {path}")
+        version = prepared.rpartition(":")[2].strip()
+        if not prepared.startswith("New version created") or not version.isdigit():
+            raise OSError(f"haproxy refused to prepare {name}: {prepared.strip()}")
+        for start in range(0, len(lines), _BATCH):
+            payload = "\n".join(lines[start : start + _BATCH])
+            added = await _admin(socket, f"add map @{version} {path} <<\n{payload}\n")
+            if added.strip():
+                raise OSError(f"haproxy refused entries of {name}: {added.strip()}")
+        committed = await _admin(socket, f"commit map @{version} {path}")
+        if committed.strip():
+            raise OSError(f"haproxy refused to commit {name}: {committed.strip()}")
+
+
+async def _admin(socket: Path, command: str) -> str:
+    """One command on HAProxy's admin socket, and its whole answer."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(socket), 2.0)
+    try:
+        writer.write(command.encode() + b"\n")
+        await writer.drain()
+        return (await asyncio.wait_for(reader.read(), 5.0)).decode()
+    finally:
+        writer.close()

@@ -6,6 +6,7 @@
 #   uv               `pip install uv` when missing
 #   Python deps      `uv sync --frozen` (plain `uv sync` when there is no uv.lock)
 #   Kafka 3.9.1      broker + tools + logging backend from Maven Central into .stack/kafka/libs
+#   kustomize        renders ops/k8s (tests/deploy): `go install` into .stack/bin, when Go is here
 #
 # Usage: ops/local/install.sh [--no-python]
 set -euo pipefail
@@ -43,6 +44,7 @@ install_debian_packages() {
   command -v java >/dev/null 2>&1 || want+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null 2>&1 || want+=(maven)
   command -v curl >/dev/null 2>&1 || want+=(curl)
+  command -v wrk >/dev/null 2>&1 || want+=(wrk)  # the load tool of `make bench`
   command -v runuser >/dev/null 2>&1 || want+=(util-linux)
   ((${#want[@]})) || { log "debian packages: ok"; return 0; }
 
@@ -115,7 +117,26 @@ install_kafka() {
   log "kafka libs: $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars in $KAFKA_LIBS"
 }
 
+# --- kustomize from the Go module proxy -------------------------------------------
+# Renders ops/k8s for tests/deploy/test_k8s.py. Pinned: later releases need a newer Go.
+KUSTOMIZE_VERSION=v5.7.1
+install_kustomize() {
+  local bin="$STACK/bin/kustomize"
+  if [[ -x $bin ]] && "$bin" version 2>/dev/null | grep -qF "$KUSTOMIZE_VERSION"; then
+    log "kustomize: ok ($bin)"
+    return 0
+  fi
+  if ! command -v go >/dev/null 2>&1; then
+    log "kustomize: skipped (no Go toolchain; tests/deploy then uses kubectl kustomize if present)"
+    return 0
+  fi
+  log "kustomize: go install $KUSTOMIZE_VERSION into $STACK/bin"
+  GOBIN="$STACK/bin" go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION" ||
+    die "go install of kustomize $KUSTOMIZE_VERSION failed"
+}
+
 mkdir -p "$STACK"
 install_debian_packages
+install_kustomize
 ((WITH_PYTHON)) && install_python
 install_kafka

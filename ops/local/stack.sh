@@ -10,28 +10,21 @@
 #   ops/local/stack.sh reset    down, then delete all data under .stack (keeps the Kafka jars)
 #   ops/local/stack.sh env      print `export` lines: eval "$(ops/local/stack.sh env)"
 #   ops/local/stack.sh kafka-run CLASS ARGS...   run a Kafka tool on the broker's classpath, e.g.
-#       kafka-run org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:9092 --list
+#       kafka-run org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:9092 \
+#         --command-config .stack/secrets/kafka-client.properties --list
 #   source ops/local/stack.sh   export the same variables into the current bash shell
 #
 # Layout: .stack/logs/<name>.log, .stack/run/<name>.pid, .stack/pg/data,
-# .stack/redis, .stack/kafka/{libs,data}. Settings come from ops/local/dev.env.
+# .stack/redis, .stack/kafka/{libs,data}, .stack/secrets. Settings come from
+# ops/local/dev.env; the credentials of Redis and Kafka are generated once, at random,
+# into .stack/secrets (mode 600) and added to what `env` prints and the services get.
 # Knobs (environment): CARELOG_SKIP_INSTALL=1 skips ops/local/install.sh;
 # CARELOG_STACK_SERVICES replaces the service table below (same format).
 
-# Sourced (`source ops/local/stack.sh`): export dev.env into the caller's shell and
-# stop here, leaving no other variable or function behind.
+# Sourced (`source ops/local/stack.sh`): export what `env` prints (dev.env and the
+# stack's credentials) into the caller's shell and stop here, leaving nothing else behind.
 if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
-  __carelog_dev_env() {
-    local line
-    while IFS= read -r line || [[ -n $line ]]; do
-      if [[ ! $line =~ ^[[:space:]]*(#|$) && ${line%%=*} =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
-        export "${line%%=*}=${line#*=}"
-      fi
-    done <"$1"
-    return 0
-  }
-  __carelog_dev_env "$(dirname "${BASH_SOURCE[0]}")/dev.env"
-  unset -f __carelog_dev_env
+  eval "$(bash "${BASH_SOURCE[0]}" env)" || return 1
   return 0
 fi
 
@@ -69,14 +62,19 @@ _stack_load_env() {
   done <"$DEV_ENV"
 }
 
+# dev.env, then the stack's credentials (once generated): what the services get.
 _stack_print_env() {
   local line key
   while IFS= read -r line || [[ -n $line ]]; do
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
     key="${line%%=*}"
     [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue
+    [[ -n ${CREDENTIAL_ENV[$key]+set} ]] && continue
     printf 'export %s=%q\n' "$key" "${line#*=}"
   done <"$DEV_ENV"
+  for key in $(printf '%s\n' "${!CREDENTIAL_ENV[@]}" | sort); do
+    printf 'export %s=%q\n' "$key" "${CREDENTIAL_ENV[$key]}"
+  done
 }
 
 _stack_load_env
@@ -91,6 +89,9 @@ REDIS_DIR="$STACK/redis"
 KAFKA_LIBS="$STACK/kafka/libs"
 KAFKA_DATA="$STACK/kafka/data"
 KAFKA_CONF="$STACK/kafka/server.properties"
+SECRETS="$STACK/secrets"
+# The broker's own SCRAM user (its inter-broker connections); the services use kafka.user.
+KAFKA_BROKER_USER=broker
 # Fixed cluster id: the data dir is formatted once with it (kafka.tools.StorageTool).
 KAFKA_CLUSTER_ID="otP6v5_iTqitOmevcItv7g"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
@@ -115,6 +116,67 @@ REDIS_HOST="${BASH_REMATCH[1]}" REDIS_PORT="${BASH_REMATCH[2]}"
 [[ $CARELOG_KAFKA_BOOTSTRAP =~ ^([^:,]+):([0-9]+)$ ]] || { echo "stack: cannot parse CARELOG_KAFKA_BOOTSTRAP" >&2; exit 1; }
 KAFKA_HOST="${BASH_REMATCH[1]}" KAFKA_PORT="${BASH_REMATCH[2]}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
+REDIS_ADDRESS_URL="$CARELOG_REDIS_URL"  # as dev.env says it, without the password
+
+# --- Credentials -------------------------------------------------------------------------
+# Generated once by `up`/`infra` into .stack/secrets (directory 700, files 600), never
+# committed anywhere: redis.password, kafka.user, kafka.password (the services' SCRAM user),
+# kafka-broker.password, and kafka-client.properties for the Kafka command-line tools.
+# A missing file is generated afresh on the next `up` (that is how to rotate one: see
+# docs/deploy.md). Until they exist (a stack started before it authenticated clients),
+# `env` prints dev.env alone.
+random_secret() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }  # 128 bits, hex
+read_secret() {
+  local value
+  value="$(head -n 1 "$SECRETS/$1" 2>/dev/null)" || return 1
+  [[ -n $value ]] && printf '%s' "$value"
+}
+
+ensure_secret() {
+  local file="$SECRETS/$1"
+  [[ -s $file ]] && return 0
+  (umask 077 && printf '%s\n' "${2:-$(random_secret)}" >"$file.new" && mv "$file.new" "$file")
+  say "credentials: generated $(rel "$file")"
+}
+
+# Fills REDIS_PASSWORD, KAFKA_USER, KAFKA_PASSWORD, KAFKA_BROKER_PASSWORD and
+# CREDENTIAL_ENV (the settings that carry them) from .stack/secrets, if it is complete.
+declare -A CREDENTIAL_ENV=()
+load_credentials() {
+  REDIS_PASSWORD="$(read_secret redis.password)" &&
+    KAFKA_USER="$(read_secret kafka.user)" &&
+    KAFKA_PASSWORD="$(read_secret kafka.password)" &&
+    KAFKA_BROKER_PASSWORD="$(read_secret kafka-broker.password)" || return 0
+  CREDENTIAL_ENV=(
+    [CARELOG_REDIS_URL]="${REDIS_ADDRESS_URL/#redis:\/\//redis://:$REDIS_PASSWORD@}"
+    [CARELOG_KAFKA_SECURITY_PROTOCOL]=SASL_PLAINTEXT
+    [CARELOG_KAFKA_SASL_MECHANISM]=SCRAM-SHA-512
+    [CARELOG_KAFKA_USERNAME]="$KAFKA_USER"
+    [CARELOG_KAFKA_PASSWORD]="$KAFKA_PASSWORD"
+  )
+  local key
+  for key in "${!CREDENTIAL_ENV[@]}"; do export "$key=${CREDENTIAL_ENV[$key]}"; done
+}
+
+make_credentials() {
+  (umask 077 && mkdir -p "$SECRETS")
+  chmod 700 "$SECRETS"
+  ensure_secret redis.password
+  ensure_secret kafka.user carelog
+  ensure_secret kafka.password
+  ensure_secret kafka-broker.password
+  load_credentials
+  (umask 077 && cat >"$SECRETS/kafka-client.properties.new" <<EOF && mv "$SECRETS/kafka-client.properties.new" "$SECRETS/kafka-client.properties")
+# generated by ops/local/stack.sh: --command-config for the Kafka tools (stack.sh kafka-run)
+security.protocol=SASL_PLAINTEXT
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$KAFKA_USER" password="$KAFKA_PASSWORD";
+EOF
+  chmod 600 "$SECRETS"/*
+}
+
+REDIS_PASSWORD="" KAFKA_USER="" KAFKA_PASSWORD="" KAFKA_BROKER_PASSWORD=""
+load_credentials
 
 INFRA=(postgres redis kafka)
 
@@ -305,9 +367,14 @@ pg_init() {
       --auth-local=peer --auth-host=scram-sha-256 --no-instructions \
       >>"$LOGS/postgres.log" 2>&1 || die_log "postgres: initdb failed" "$LOGS/postgres.log"
   fi
+  pg_conf
+}
+
+# .stack/pg/data/carelog.conf from ops/local/postgres/postgresql.conf. Rendered on every
+# `up` (a running cluster then reloads it), so edits to that file apply to existing clusters.
+pg_conf() {
   grep -q "^include_if_exists = 'carelog.conf'" "$PG_DATA/postgresql.conf" ||
     echo "include_if_exists = 'carelog.conf'" | as_pg tee -a "$PG_DATA/postgresql.conf" >/dev/null
-  # Rendered on every start, so edits to ops/local/postgres/postgresql.conf apply.
   {
     echo "# generated by ops/local/stack.sh from ops/local/postgres/postgresql.conf; edit that file"
     cat "$ROOT/ops/local/postgres/postgresql.conf"
@@ -345,6 +412,10 @@ pg_up() {
   local log="$LOGS/postgres.log"
   if pg_running; then
     say "postgres: already running (pid $(head -1 "$PG_DATA/postmaster.pid"))"
+    # Settings that a reload applies (logging among them) take effect now; the few that
+    # need a restart (ports, memory) wait for the next start.
+    pg_conf
+    pg_ctl_ reload -D "$PG_DATA" -s || die_log "postgres: reloading its settings failed" "$log"
   else
     require_free_port postgres "$PG_HOST" "$PG_PORT"
     if [[ -f $PG_DATA/postmaster.pid ]]; then
@@ -379,27 +450,47 @@ pg_down() {
 }
 
 # --- Redis ---------------------------------------------------------------------------------
-redis_ping() { [[ "$(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]; }
+# redis-cli with the stack's password (from the environment, not the command line).
+redis_cli() { REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" "$@"; }
+redis_ping() { [[ "$(redis_cli ping 2>/dev/null)" == PONG ]]; }
+
+# .stack/redis/redis.conf (mode 600: it holds the password) from ops/local/redis/redis.conf.
+redis_conf() {
+  mkdir -p "$REDIS_DIR"
+  (
+    umask 077
+    {
+      sed -e "s|@STACK@|$STACK|g" -e "s|@PORT@|$REDIS_PORT|g" -e "s|^bind .*|bind $REDIS_HOST|" \
+        "$ROOT/ops/local/redis/redis.conf"
+      echo "requirepass $REDIS_PASSWORD"
+    } >"$REDIS_DIR/redis.conf.new"
+  )
+  mv "$REDIS_DIR/redis.conf.new" "$REDIS_DIR/redis.conf"
+}
 
 redis_up() {
   local log="$LOGS/redis.log" pid
+  redis_conf
   if pid="$(live_pid redis)"; then
     say "redis: already running (pid $pid)"
+    # Started before the stack set a password: set it now (the file has it for the next start).
+    if [[ "$(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]; then
+      say "redis: it accepts clients without a password; setting the one in $(rel "$SECRETS/redis.password")"
+      printf 'CONFIG SET requirepass %s\n' "$REDIS_PASSWORD" |
+        redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" >/dev/null || die_log "redis: setting its password failed" "$log"
+    fi
   else
     rm -f "$RUN/redis.pid"
     require_free_port redis "$REDIS_HOST" "$REDIS_PORT"
     command -v redis-server >/dev/null || die "redis-server not installed (run ops/local/install.sh)"
-    mkdir -p "$REDIS_DIR"
-    sed -e "s|@STACK@|$STACK|g" -e "s|@PORT@|$REDIS_PORT|g" -e "s|^bind .*|bind $REDIS_HOST|" \
-      "$ROOT/ops/local/redis/redis.conf" >"$REDIS_DIR/redis.conf"
-    say "redis: starting on $REDIS_HOST:$REDIS_PORT"
+    say "redis: starting on $REDIS_HOST:$REDIS_PORT (password in $(rel "$SECRETS/redis.password"))"
     # daemonize yes: redis forks, writes .stack/run/redis.pid and detaches itself.
     (export "$(tag_of redis)"; cd "$REDIS_DIR" && redis-server "$REDIS_DIR/redis.conf" </dev/null >>"$log" 2>&1 9>&-) ||
       die_log "redis-server failed to start" "$log"
   fi
   local deadline=$((SECONDS + REDIS_TIMEOUT))
   until redis_ping; do
-    ((SECONDS < deadline)) || die_log "redis not ready after ${REDIS_TIMEOUT}s" "$log"
+    ((SECONDS < deadline)) || die_log "redis not ready after ${REDIS_TIMEOUT}s (or it refuses the password in $(rel "$SECRETS/redis.password"))" "$log"
     sleep 0.1
   done
   pid="$(live_pid redis)" || die_log "redis answers on $REDIS_PORT but $(rel "$RUN/redis.pid") does not point at it" "$log"
@@ -421,15 +512,67 @@ kafka_java_cmd() {
 # Where in kafka.log the current start begins (readiness only looks after it).
 KAFKA_LOG_OFFSET=0
 
+# Clients authenticate with SCRAM-SHA-512; its users live in the cluster's metadata and
+# are created when the storage is formatted (`--add-scram`), so no step ever runs without
+# authentication. This file in the data dir records which credentials those were (a hash).
+# A storage without it was formatted before the stack authenticated clients (or with
+# credentials since deleted from .stack/secrets): Kafka 3.9 cannot add a SCRAM user over
+# its controller listener, and its client listener admits no one without one, so such a
+# storage is moved aside (.stack/kafka/data.before-scram-*) and formatted afresh. The
+# services recreate their topics; the event store (PostgreSQL) keeps every event.
+KAFKA_SCRAM_MARK="$KAFKA_DATA/carelog-scram.sha256"
+kafka_scram_mark() {
+  printf '%s\n' "$KAFKA_USER:$KAFKA_PASSWORD" "$KAFKA_BROKER_USER:$KAFKA_BROKER_PASSWORD" |
+    sha256sum | cut -d ' ' -f 1
+}
+kafka_storage_current() {
+  [[ -f $KAFKA_DATA/meta.properties && "$(cat "$KAFKA_SCRAM_MARK" 2>/dev/null)" == "$(kafka_scram_mark)" ]]
+}
+
+# .stack/kafka/server.properties (mode 600: it holds the broker's password).
+kafka_conf() {
+  (
+    umask 077
+    sed -e "s|@DATA@|$KAFKA_DATA|g" -e "s|@PORT@|$KAFKA_PORT|g" \
+      -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" -e "s|127\.0\.0\.1|$KAFKA_HOST|g" \
+      -e "s|@BROKER_USER@|$KAFKA_BROKER_USER|g" -e "s|@BROKER_PASSWORD@|$KAFKA_BROKER_PASSWORD|g" \
+      "$ROOT/ops/local/kafka/server.properties" >"$KAFKA_CONF.new"
+  )
+  mv "$KAFKA_CONF.new" "$KAFKA_CONF"
+}
+
+kafka_format() {
+  local log="$LOGS/kafka.log" aside
+  if [[ -f $KAFKA_DATA/meta.properties ]] && ! kafka_storage_current; then
+    aside="$STACK/kafka/data.before-scram-$(date +%Y%m%dT%H%M%S)"
+    say "kafka: $(rel "$KAFKA_DATA") has no SCRAM users for the credentials in $(rel "$SECRETS")" \
+      "(formatted before the stack authenticated clients): moving it to $(rel "$aside")" \
+      "and formatting afresh (delete $(rel "$aside") once you do not need it)"
+    mv "$KAFKA_DATA" "$aside"
+    mkdir -p "$KAFKA_DATA"
+  fi
+  [[ -f $KAFKA_DATA/meta.properties ]] && return 0
+  say "kafka: formatting storage $(rel "$KAFKA_DATA") (cluster id $KAFKA_CLUSTER_ID, SCRAM users $KAFKA_USER, $KAFKA_BROKER_USER)"
+  "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format -t "$KAFKA_CLUSTER_ID" -c "$KAFKA_CONF" \
+    --add-scram "SCRAM-SHA-512=[name=$KAFKA_USER,password=$KAFKA_PASSWORD]" \
+    --add-scram "SCRAM-SHA-512=[name=$KAFKA_BROKER_USER,password=$KAFKA_BROKER_PASSWORD]" \
+    >>"$log" 2>&1 9>&- || die_log "kafka: storage format failed" "$log"
+  (umask 077 && kafka_scram_mark >"$KAFKA_SCRAM_MARK")
+}
+
 # Start the broker without waiting (PostgreSQL and Redis start meanwhile).
 kafka_launch() {
   local log="$LOGS/kafka.log" pid
   if pid="$(live_pid kafka)"; then
-    say "kafka: already running (pid $pid)"
-    local size
-    size="$(stat -c %s "$log" 2>/dev/null || echo 0)"
-    KAFKA_LOG_OFFSET=$((size > 20000000 ? size - 20000000 : 0))
-    return 0
+    if kafka_storage_current; then
+      say "kafka: already running (pid $pid)"
+      local size
+      size="$(stat -c %s "$log" 2>/dev/null || echo 0)"
+      KAFKA_LOG_OFFSET=$((size > 20000000 ? size - 20000000 : 0))
+      return 0
+    fi
+    say "kafka: running without the SCRAM users of $(rel "$SECRETS"); restarting it"
+    stop_named kafka "$STOP_TIMEOUT"
   fi
   rm -f "$RUN/kafka.pid"
   require_free_port kafka "$KAFKA_HOST" "$KAFKA_PORT"
@@ -437,18 +580,12 @@ kafka_launch() {
   compgen -G "$KAFKA_LIBS/kafka_2.13-*.jar" >/dev/null || die "no Kafka jars in $(rel "$KAFKA_LIBS") (run ops/local/install.sh)"
   command -v java >/dev/null || die "java not installed (run ops/local/install.sh)"
   mkdir -p "$KAFKA_DATA"
-  sed -e "s|@DATA@|$KAFKA_DATA|g" -e "s|@PORT@|$KAFKA_PORT|g" \
-    -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" -e "s|127\.0\.0\.1|$KAFKA_HOST|g" \
-    "$ROOT/ops/local/kafka/server.properties" >"$KAFKA_CONF"
+  kafka_conf
   touch "$log"
   kafka_java_cmd
-  if [[ ! -f $KAFKA_DATA/meta.properties ]]; then
-    say "kafka: formatting storage $(rel "$KAFKA_DATA") (cluster id $KAFKA_CLUSTER_ID)"
-    "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format -t "$KAFKA_CLUSTER_ID" -c "$KAFKA_CONF" \
-      --ignore-formatted >>"$log" 2>&1 9>&- || die_log "kafka: storage format failed" "$log"
-  fi
+  kafka_format
   KAFKA_LOG_OFFSET="$(stat -c %s "$log")"
-  say "kafka: starting on $KAFKA_HOST:$KAFKA_PORT (controller $KAFKA_CONTROLLER_PORT)"
+  say "kafka: starting on $KAFKA_HOST:$KAFKA_PORT (SASL_PLAINTEXT, SCRAM-SHA-512; controller $KAFKA_CONTROLLER_PORT)"
   launch kafka "${KAFKA_JAVA[@]}" kafka.Kafka "$KAFKA_CONF"
 }
 
@@ -563,9 +700,9 @@ print_table() {
   if pg_running; then state="up $(head -1 "$PG_DATA/postmaster.pid")"; else state=down; fi
   row postgres "$state" "$CARELOG_DATABASE_URL" "$(rel "$LOGS/postgres.log")"
   if pid="$(live_pid redis)"; then state="up $pid"; else state=down; fi
-  row redis "$state" "$CARELOG_REDIS_URL" "$(rel "$LOGS/redis.log")"
+  row redis "$state" "$REDIS_ADDRESS_URL (password)" "$(rel "$LOGS/redis.log")"
   if pid="$(live_pid kafka)"; then state="up $pid"; else state=down; fi
-  row kafka "$state" "$CARELOG_KAFKA_BOOTSTRAP (PLAINTEXT)" "$(rel "$LOGS/kafka.log")"
+  row kafka "$state" "$CARELOG_KAFKA_BOOTSTRAP (SASL SCRAM-SHA-512)" "$(rel "$LOGS/kafka.log")"
   [[ ${1:-} == infra ]] && return 0
   load_services
   local i host port
@@ -607,6 +744,7 @@ cmd_infra() {
   lock_stack
   preflight "${1:-}"
   run_install
+  make_credentials
   local t0=$SECONDS
   kafka_launch
   pg_up
@@ -634,7 +772,7 @@ cmd_down() {
 cmd_reset() {
   cmd_down
   say "deleting stack data under $(rel "$STACK") (keeping the Kafka jars in $(rel "$KAFKA_LIBS"))"
-  rm -rf "$STACK/pg" "$REDIS_DIR" "$KAFKA_DATA" "$KAFKA_CONF" "$LOGS"
+  rm -rf "$STACK/pg" "$REDIS_DIR" "$KAFKA_DATA" "$STACK"/kafka/data.before-scram-* "$KAFKA_CONF" "$LOGS"
   find "$RUN" -name '*.pid' -delete 2>/dev/null || true
 }
 

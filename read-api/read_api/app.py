@@ -1,4 +1,8 @@
-"""The query API (port 4003): patients, paged by cursor, filtered, cached in Redis."""
+"""The query API (port 4003): patients, paged by cursor, filtered, cached in Redis.
+
+PostgreSQL is the one hard dependency: without Redis every read is answered from the
+database (see `read_api.cache`), and readiness names the cache `degraded`.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from redis.asyncio import Redis
 from domain.errors import InvalidData, PatientNotFound
 from domain.roles import PATIENT_READERS
 from read_api import analytics, appointments, notifications, waiting
+from read_api.cache import GuardedCache, redis_client
 from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
 from read_api.waiting import await_position
 from readmodels.directory import (
@@ -31,7 +36,7 @@ from readmodels.directory import (
     records,
 )
 from runtime.db import open_pool
-from runtime.http import Problems, problem, service_app
+from runtime.http import Problems, Soft, problem, service_app
 from runtime.security import TokenVerifier, requires
 from runtime.settings import Settings, SettingsError
 
@@ -47,7 +52,7 @@ class Directory:
     """What the patient queries read: the directory's tables, its cache, how long to wait."""
 
     pool: psycopg_pool.AsyncConnectionPool[Any]
-    cache: DirectoryCache
+    cache: GuardedCache
     tables: Tables
     read_wait_seconds: float
 
@@ -101,7 +106,7 @@ async def list_patients(
     cache = directory.cache
     use_cache = minPosition is None
     key = hashlib.sha1(repr(query).encode(), usedforsecurity=False).hexdigest()
-    generation = 0
+    generation: int | None = None
     if use_cache:
         generation, cached = await cache.get_page(key)
         if cached is not None:
@@ -113,7 +118,7 @@ async def list_patients(
         await cur.execute(statement, params)
         rows = await cur.fetchall()
     body = _page_encoder.encode(page_from_rows(query, rows))
-    if use_cache:
+    if generation is not None:
         await cache.put_page(generation, key, body)
     return Response(body, media_type="application/json")
 
@@ -178,9 +183,13 @@ def create_app(
 
     async def start(app: Litestar) -> None:
         pool = await open_pool(settings.database_url, min_size=2, max_size=16)
-        redis = Redis.from_url(settings.redis_url)
-        cache = DirectoryCache(
-            redis, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds
+        redis = redis_client(settings)
+        cache = GuardedCache(
+            DirectoryCache(
+                redis, prefix=settings.cache_prefix, ttl_seconds=settings.cache_ttl_seconds
+            ),
+            failures=settings.cache_breaker_failures,
+            reset_seconds=settings.cache_breaker_reset_seconds,
         )
         opened.append(
             (
@@ -212,9 +221,6 @@ def create_app(
         async with opened[0][0].pool.connection() as conn:
             await conn.execute("SELECT 1")
 
-    async def cache() -> None:
-        await opened[0][1].ping()
-
     return service_app(
         "read-api",
         [
@@ -227,7 +233,7 @@ def create_app(
         title="queries",
         description="Reads: paged, filtered, cached views of the read models.",
         problems={**PROBLEMS, **waiting.PROBLEMS, **appointments.PROBLEMS},
-        checks={"database": database, "cache": cache},
+        checks={"database": database, "cache": Soft(lambda: opened[0][0].cache.check())},
         dependencies={
             "directory": Provide(directory, sync_to_thread=False),
             "source": Provide(schedule, sync_to_thread=False),

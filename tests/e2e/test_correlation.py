@@ -3,7 +3,6 @@ and the log lines written for it, on the running stack."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Any
 
@@ -14,16 +13,14 @@ from domain import contracts
 from domain.roles import Role
 from tests.e2e.conftest import new_user
 from tests.support.patients import body
-from tests.support.stack import ROOT, eventually, read_topic
+from tests.support.stack import ROOT, base_settings, eventually, read_topic
 
 pytestmark = pytest.mark.e2e
 
-BOOTSTRAP = os.environ.get("CARELOG_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
-PREFIX = os.environ.get("CARELOG_TOPIC_PREFIX", "")
-
 
 async def _records_about(topic: str, marker: str) -> list[Any]:
-    records = await read_topic(BOOTSTRAP, PREFIX + topic, expected=10**9, timeout=3)
+    settings = base_settings()
+    records = await read_topic(settings, settings.topic(topic), expected=10**9, timeout=3)
     return [r for r in records if marker.encode() in r.value]
 
 

@@ -52,7 +52,7 @@ async def test_a_killed_billing_process_keeps_one_account_per_patient(tmp_path: 
         topic = settings.topic(PATIENT_STREAM)
         billing = Process(["serve", "billing"], settings, "billing-http", tmp_path / "billing")
         await asyncio.to_thread(billing.start)
-        producer = reliable_producer(settings.kafka_bootstrap)
+        producer = reliable_producer(settings)
         await producer.start()
         patients = [registered() for _ in range(ROUNDS * PER_ROUND)]
         try:
@@ -91,9 +91,7 @@ async def test_a_killed_billing_process_keeps_one_account_per_patient(tmp_path: 
         assert accounts == len(patients)
         assert events == len(patients)  # one BillingAccountOpened each, never two
 
-        records = await read_topic(
-            settings.kafka_bootstrap, settings.topic(BILLING_STREAM), events, timeout=60
-        )
+        records = await read_topic(settings, settings.topic(BILLING_STREAM), events, timeout=60)
         published = Counter()
         for record in records:
             envelope, data = decode_billing_event(record.value)

@@ -1,11 +1,15 @@
 """Billing's gRPC API against the real PostgreSQL and Kafka: accounts, invoices, payments,
-errors and deadlines, as a grpclib client sees them."""
+errors and deadlines, as a grpclib client with a billing-role token sees them.
+
+Accounts open when billing sees a patient registered, so each test registers its
+patients on the patient topic first (who may call what: test_billing_access.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -19,23 +23,31 @@ from hypothesis import strategies as st
 from billing_grpc.generated.carelog.billing import v1 as pb
 from domain.billing import account_id_for
 from runtime.settings import Settings
-from tests.support.billing import accounts_of, billing, outbox_types, stub
+from tests.support.billing import (
+    accounts_of,
+    billing,
+    outbox_types,
+    producer,
+    register,
+    stub,
+)
 from tests.support.stack import eventually
 
 pytestmark = pytest.mark.integration
 
-__all__ = ["billing", "stub"]  # fixtures
+__all__ = ["billing", "producer", "stub"]  # fixtures
+
+Opener = Callable[[], Awaitable[pb.BillingAccount]]
 
 
-async def open_account(stub: pb.BillingServiceStub, **fields: Any) -> pb.BillingAccount:
-    request = pb.CreateBillingAccountRequest(
-        patient_id=str(uuid.uuid4()), name="Ada Lovelace", email="ada@example.org"
-    )
-    for key, value in fields.items():
-        setattr(request, key, value)
-    response = await stub.create_billing_account(request)
-    assert response.account is not None
-    return response.account
+@pytest.fixture(scope="module")
+def open_account(stub, producer, settings: Settings) -> Opener:
+    """Registers a new patient and returns the account billing opened for them."""
+
+    async def opened() -> pb.BillingAccount:
+        return await register(stub, producer, settings)
+
+    return opened
 
 
 def lines(*amounts: int) -> list[pb.InvoiceLine]:
@@ -76,8 +88,9 @@ async def refused(call: Any) -> GRPCError:
 # --- Accounts -------------------------------------------------------------------------
 
 
-async def test_create_answers_the_seeds_shape_and_get_finds_it(stub):
+async def test_create_answers_the_seeds_shape_and_get_finds_it(stub, producer, settings):
     patient_id = uuid.uuid4()
+    await register(stub, producer, settings, patient_id)
     response = await stub.create_billing_account(
         pb.CreateBillingAccountRequest(
             patient_id=str(patient_id), name="Ada Lovelace", email="ada@example.org"
@@ -94,22 +107,30 @@ async def test_create_answers_the_seeds_shape_and_get_finds_it(stub):
     assert got.closed_at is None
 
 
-async def test_a_repeated_create_answers_the_existing_account(stub, settings):
-    first = await open_account(stub)
-    again = await stub.create_billing_account(
-        pb.CreateBillingAccountRequest(
-            patient_id=first.patient_id, name="Another Name", email="other@example.org"
+async def test_a_repeated_create_answers_the_existing_account(stub, open_account, settings):
+    first = await open_account()
+    for name, currency in (("Another Name", ""), ("Yet Another", "EUR")):
+        again = await stub.create_billing_account(
+            pb.CreateBillingAccountRequest(
+                patient_id=first.patient_id,
+                name=name,
+                email="other@example.org",
+                currency_code=currency,
+            )
         )
-    )
-    assert again.account_id == first.account_id
+        assert again.account_id == first.account_id
+        assert again.account.currency_code == "GBP"  # as opened at registration
     assert len(await accounts_of(settings.database_url, uuid.UUID(first.patient_id))) == 1
     assert await outbox_types(settings.database_url, uuid.UUID(first.account_id)) == [
         "BillingAccountOpened"
     ]
 
 
-async def test_twenty_racing_creates_make_one_account_and_one_event(stub, settings):
-    patient_id = uuid.uuid4()
+async def test_twenty_racing_creates_answer_one_account_and_add_no_event(
+    stub, open_account, settings
+):
+    account = await open_account()
+    patient_id = uuid.UUID(account.patient_id)
     request = pb.CreateBillingAccountRequest(
         patient_id=str(patient_id), name="Grace Hopper", email="grace@example.org"
     )
@@ -121,14 +142,25 @@ async def test_twenty_racing_creates_make_one_account_and_one_event(stub, settin
     ]
 
 
-async def test_an_account_can_be_opened_in_another_currency(stub):
-    account = await open_account(stub, currency_code="EUR")
-    assert account.currency_code == "EUR"
-    assert account.balance == pb.Money(currency_code="EUR", amount_minor=0)
+async def test_no_account_opens_for_a_patient_billing_never_saw_registered(stub, settings):
+    stranger = uuid.uuid4()
+    request = pb.CreateBillingAccountRequest(
+        patient_id=str(stranger), name="Ada Lovelace", email="ada@example.org"
+    )
+    for _ in range(2):
+        error = await refused(stub.create_billing_account(request))
+        assert error.status is Status.NOT_FOUND
+        assert "registered" in (error.message or "")
+    assert await accounts_of(settings.database_url, stranger) == []
+    assert await outbox_types(settings.database_url, account_id_for(stranger)) == []
+    error = await refused(
+        stub.get_billing_account(pb.GetBillingAccountRequest(patient_id=str(stranger)))
+    )
+    assert error.status is Status.NOT_FOUND
 
 
-async def test_list_pages_through_every_account_once_in_order(stub):
-    mine = {(await open_account(stub)).account_id for _ in range(5)}
+async def test_list_pages_through_every_account_once_in_order(stub, open_account):
+    mine = {(await open_account()).account_id for _ in range(5)}
     seen: list[str] = []
     token = ""
     while True:
@@ -148,8 +180,8 @@ async def test_list_pages_through_every_account_once_in_order(stub):
 # --- Money -----------------------------------------------------------------------------
 
 
-async def test_invoices_and_payments_move_the_balance(stub):
-    account = await open_account(stub)
+async def test_invoices_and_payments_move_the_balance(stub, open_account):
+    account = await open_account()
     issued = await stub.create_invoice(
         pb.CreateInvoiceRequest(
             account_id=account.account_id,
@@ -175,8 +207,8 @@ async def test_invoices_and_payments_move_the_balance(stub):
     assert exact.account.balance.amount_minor == 0
 
 
-async def test_overpaying_is_refused_and_changes_nothing(stub):
-    account = await open_account(stub)
+async def test_overpaying_is_refused_and_changes_nothing(stub, open_account):
+    account = await open_account()
     await invoice(stub, account.account_id, 1000)
     error = await refused(pay(stub, account.account_id, 1001))
     assert error.status is Status.FAILED_PRECONDITION
@@ -186,15 +218,15 @@ async def test_overpaying_is_refused_and_changes_nothing(stub):
     assert got.paid.amount_minor == 0
 
 
-async def test_an_amount_in_another_currency_is_refused(stub):
-    account = await open_account(stub)
+async def test_an_amount_in_another_currency_is_refused(stub, open_account):
+    account = await open_account()
     error = await refused(invoice(stub, account.account_id, 500, currency="EUR"))
     assert error.status is Status.FAILED_PRECONDITION
     assert "GBP" in (error.message or "")
 
 
-async def test_a_retried_invoice_or_payment_counts_once(stub):
-    account = await open_account(stub)
+async def test_a_retried_invoice_or_payment_counts_once(stub, open_account):
+    account = await open_account()
     first = await invoice(stub, account.account_id, 700, request_id="inv-1")
     again = await invoice(stub, account.account_id, 700, request_id="inv-1")
     assert again.invoice.invoice_id == first.invoice.invoice_id
@@ -205,8 +237,8 @@ async def test_a_retried_invoice_or_payment_counts_once(stub):
     assert repaid.account.balance.amount_minor == 500
 
 
-async def test_reusing_a_request_id_for_something_else_is_already_exists(stub):
-    account = await open_account(stub)
+async def test_reusing_a_request_id_for_something_else_is_already_exists(stub, open_account):
+    account = await open_account()
     await invoice(stub, account.account_id, 700, request_id="inv-1")
     error = await refused(invoice(stub, account.account_id, 701, request_id="inv-1"))
     assert error.status is Status.ALREADY_EXISTS
@@ -215,8 +247,8 @@ async def test_reusing_a_request_id_for_something_else_is_already_exists(stub):
     assert error.status is Status.ALREADY_EXISTS
 
 
-async def test_list_invoices_pages_oldest_first(stub):
-    account = await open_account(stub)
+async def test_list_invoices_pages_oldest_first(stub, open_account):
+    account = await open_account()
     for amount in (100, 200, 300, 400, 500):
         await invoice(stub, account.account_id, amount)
     totals: list[int] = []
@@ -251,9 +283,9 @@ operations = st.lists(
 )
 @given(steps=operations)
 async def test_any_sequence_of_invoices_and_payments_keeps_the_balance(
-    stub, settings: Settings, steps: list[tuple[str, int]]
+    stub, open_account, settings: Settings, steps: list[tuple[str, int]]
 ):
-    account = await open_account(stub)
+    account = await open_account()
     invoiced = paid = 0
     for kind, amount in steps:
         if kind == "invoice":
@@ -296,8 +328,8 @@ async def test_a_bad_create_is_invalid_argument_naming_each_field(stub, fields, 
         assert f"{field}:" in (error.message or "")
 
 
-async def test_a_bad_invoice_names_each_wrong_line_field(stub):
-    account = await open_account(stub)
+async def test_a_bad_invoice_names_each_wrong_line_field(stub, open_account):
+    account = await open_account()
     error = await refused(
         stub.create_invoice(
             pb.CreateInvoiceRequest(
@@ -320,8 +352,8 @@ async def test_a_bad_invoice_names_each_wrong_line_field(stub):
     assert "lines:" in (empty.message or "")
 
 
-async def test_a_payment_without_an_amount_or_with_a_negative_one_is_invalid(stub):
-    account = await open_account(stub)
+async def test_a_payment_without_an_amount_or_with_a_negative_one_is_invalid(stub, open_account):
+    account = await open_account()
     missing = await refused(
         stub.record_payment(pb.RecordPaymentRequest(account_id=account.account_id))
     )
@@ -335,6 +367,9 @@ async def test_a_payment_without_an_amount_or_with_a_negative_one_is_invalid(stu
 async def test_unknown_things_are_not_found(stub):
     nobody = str(uuid.uuid4())
     for call in (
+        stub.create_billing_account(
+            pb.CreateBillingAccountRequest(patient_id=nobody, name="Ada", email="ada@example.org")
+        ),
         stub.get_billing_account(pb.GetBillingAccountRequest(patient_id=nobody)),
         invoice(stub, nobody, 100),
         pay(stub, nobody, 100),
@@ -354,8 +389,8 @@ async def test_a_forged_page_token_is_invalid_argument(stub):
     assert "page_size" in (error.message or "")
 
 
-async def test_a_deadline_is_honoured_and_the_work_is_undone(stub, settings):
-    account = await open_account(stub)
+async def test_a_deadline_is_honoured_and_the_work_is_undone(stub, open_account, settings):
+    account = await open_account()
     await invoice(stub, account.account_id, 1000)
     async with (
         await psycopg.AsyncConnection.connect(settings.database_url) as blocker,
@@ -398,8 +433,8 @@ WHERE datname = current_database() AND pid <> pg_backend_pid() AND wait_event_ty
 """
 
 
-async def test_a_closed_account_refuses_invoices_and_payments(stub, settings):
-    account = await open_account(stub)
+async def test_a_closed_account_refuses_invoices_and_payments(stub, open_account, settings):
+    account = await open_account()
     await invoice(stub, account.account_id, 1000)
     async with await psycopg.AsyncConnection.connect(settings.database_url) as db:
         await db.execute(

@@ -23,6 +23,7 @@ from domain.contracts import PATIENT_STREAM, PatientRegisteredV1
 from projections.directory import DirectoryProjection
 from readmodels.directory import Tables, create_copy
 from runtime.db import open_pool
+from runtime.kafka import client_options
 from tests.support.patients import details, published
 from tests.support.stack import Process, eventually, read_topic
 
@@ -223,7 +224,7 @@ async def test_a_killed_projection_restarts_and_applies_everything_once(
     assert position == max(e.position for e, _ in published(store))
     # The dead-letter topic stayed empty: nothing was set aside.
     dlq = settings.topic(PATIENT_STREAM) + ".dlq.carelog-directory"
-    assert await read_topic(settings.kafka_bootstrap, dlq, 1, timeout=2) == []
+    assert await read_topic(settings, dlq, 1, timeout=2) == []
     assert projection.starts == 4
 
 
@@ -251,7 +252,7 @@ async def test_poison_messages_are_dead_lettered_and_the_projection_carries_on(
     relay = Process(["relay"], settings, "relay", tmp_path / "relay2").start()
     projection = Process(["project", "directory"], settings, "projection", tmp_path / "p2").start()
     try:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+        producer = AIOKafkaProducer(**client_options(settings))
         await producer.start()
         try:
             topic = settings.topic(PATIENT_STREAM)
@@ -275,7 +276,7 @@ async def test_poison_messages_are_dead_lettered_and_the_projection_carries_on(
         projection.stop()
         relay.stop()
     dlq = settings.topic(PATIENT_STREAM) + ".dlq.carelog-directory"
-    dead = await read_topic(settings.kafka_bootstrap, dlq, 2, timeout=30)
+    dead = await read_topic(settings, dlq, 2, timeout=30)
     reasons = sorted(dict(r.headers)["error"].decode() for r in dead)
     assert len(dead) == 2
     assert reasons[0] == "the database refused it: DataError"

@@ -36,8 +36,8 @@ async def publish(
     settings: Settings, data: msgspec.Struct, patient: uuid.UUID, version: int
 ) -> None:
     topic = settings.topic(contracts.PATIENT_STREAM)
-    await ensure_topics(settings.kafka_bootstrap, [topic])
-    producer = reliable_producer(settings.kafka_bootstrap)
+    await ensure_topics(settings, [topic])
+    producer = reliable_producer(settings)
     await producer.start()
     try:
         envelope = contracts.envelope(

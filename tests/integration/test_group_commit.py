@@ -49,6 +49,9 @@ class GatedStore:
             assert self.gate.wait(WAIT), "the test never opened the gate"
         return self.store.save(*events)
 
+    def remember(self, saved: Any) -> None:
+        self.store.remember(saved)
+
 
 def queued(writer: GroupCommit) -> int:
     """How many saves wait for a leader (GroupCommit has no public view of its queue)."""

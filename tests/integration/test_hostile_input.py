@@ -116,3 +116,15 @@ async def test_undecodable_bodies_at_the_auth_service_are_400(auth, tokens, path
         headers={"content-type": "application/json", **tokens.headers(Role.ADMIN)},
     )
     problem_of(answer, 400)
+
+
+async def test_an_options_request_names_the_allowed_methods(commands, auth):
+    """Litestar answers OPTIONS with a handler of its own, which the query check must take."""
+    for client, path, method in (
+        (commands, "/patients", "POST"),
+        (commands, "/patients/7a1c2b1e-0000-4000-8000-000000000001", "PUT"),
+        (auth, "/auth/users", "POST"),
+    ):
+        answer = await client.options(path)
+        assert answer.status_code == 204, answer.text
+        assert method in answer.headers["allow"]

@@ -22,6 +22,7 @@ from readmodels.directory import DirectoryCache
 from runtime.db import open_pool
 from runtime.settings import Settings
 from tests.support.patients import details, published
+from tests.support.stack import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -209,3 +210,26 @@ async def test_min_position_waits_for_the_projection_then_answers(client, direct
 async def test_health_reports_its_dependencies(client):
     ready = await client.get("/health/ready")
     assert ready.json() == {"status": "ready", "checks": {"database": "ok", "cache": "ok"}}
+
+
+async def test_without_redis_reads_come_from_the_database_and_the_cache_is_degraded(
+    settings, tokens, directory
+):
+    written = directory.service.register(details("No Cache"), date(2024, 3, 1))
+    await directory.catch_up()
+    nowhere = settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    app = create_app(nowhere, verifier=tokens.verifier)
+    async with AsyncTestClient(app=app) as test_client:
+        test_client.headers.update(tokens.headers(Role.ANALYST))
+        for _ in range(10):  # past the breaker's threshold: then Redis is not even tried
+            one = await test_client.get(f"/patients/{written.patient_id}")
+            assert one.status_code == 200
+            assert one.json()["name"] == "No Cache"
+        page = await test_client.get("/patients", params={"name": "No Cache"})
+        assert page.status_code == 200
+        assert str(written.patient_id) in {p["id"] for p in page.json()["patients"]}
+        ready = await test_client.get("/health/ready")
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "degraded"
+        assert ready.json()["checks"]["database"] == "ok"
+        assert ready.json()["checks"]["cache"].startswith("degraded")

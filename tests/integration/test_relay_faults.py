@@ -62,9 +62,7 @@ async def test_a_killed_relay_resumes_and_loses_nothing(
         relay.stop()
 
     expected = published(store, start)
-    records = await read_topic(
-        settings.kafka_bootstrap, settings.topic(PATIENT_STREAM), len(expected), timeout=60
-    )
+    records = await read_topic(settings, settings.topic(PATIENT_STREAM), len(expected), timeout=60)
     decoder = msgspec.json.Decoder(Envelope[msgspec.Raw])
     seen: dict[str, list[int]] = defaultdict(list)
     for record in records:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bootstrap.database import migrate
-from runtime.kafka import delete_topics
+from runtime.kafka import client_options, delete_topics
 from runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +75,7 @@ def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
         yield settings
     finally:
         drop_database(base.database_url, token)
-        drop_topics(settings.kafka_bootstrap, settings.topic_prefix)
+        drop_topics(settings, settings.topic_prefix)
 
 
 def drop_database(admin_url: str, name: str) -> None:
@@ -91,9 +92,9 @@ def drop_database(admin_url: str, name: str) -> None:
             time.sleep(0.25)
 
 
-def drop_topics(bootstrap: str, prefix: str) -> None:
+def drop_topics(settings: Settings, prefix: str) -> None:
     """Deletes the topics a test run created (its own thread: a loop may be running here)."""
-    worker = threading.Thread(target=asyncio.run, args=(delete_topics(bootstrap, prefix),))
+    worker = threading.Thread(target=asyncio.run, args=(delete_topics(settings, prefix),))
     worker.start()
     worker.join(30)
 
@@ -105,6 +106,11 @@ def env_for(settings: Settings) -> dict[str, str]:
         "CARELOG_DATABASE_URL": settings.database_url,
         "CARELOG_REDIS_URL": settings.redis_url,
         "CARELOG_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "CARELOG_KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
+        "CARELOG_KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
+        "CARELOG_KAFKA_USERNAME": settings.kafka_username,
+        "CARELOG_KAFKA_PASSWORD": settings.kafka_password,
+        "CARELOG_KAFKA_CA_FILE": settings.kafka_ca_file,
         "CARELOG_TOPIC_PREFIX": settings.topic_prefix,
         "CARELOG_COMMANDS_PORT": str(settings.ports["commands"]),
         "CARELOG_READ_API_PORT": str(settings.ports["read-api"]),
@@ -147,6 +153,8 @@ class Process:
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            # Its own process group: an HTTP service's worker processes go down with it.
+            start_new_session=True,
         )
         self.wait_ready(timeout)
         return self
@@ -167,30 +175,37 @@ class Process:
         raise TimeoutError(f"{self.args} not ready in {timeout}s: {self.tail()}")
 
     def kill(self) -> None:
-        if self.popen and self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL)
+        """SIGKILL to the process and every worker process it started."""
+        if self.popen:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(10)
 
     def stop(self) -> None:
         if self.popen and self.popen.poll() is None:
-            self.popen.terminate()
+            os.killpg(self.popen.pid, signal.SIGTERM)
             try:
                 self.popen.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)  # a worker that lingers
 
     def tail(self) -> str:
         return self.logs[-1].read_text()[-3000:] if self.logs else ""
 
 
-async def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list[Any]:
+async def read_topic(
+    settings: Settings, topic: str, expected: int, timeout: float = 60.0
+) -> list[Any]:
     """Every record of a topic from the start, once at least `expected` have arrived."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+        **client_options(settings), enable_auto_commit=False, auto_offset_reset="earliest"
     )
     await consumer.start()
     try:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        admin = AIOKafkaAdminClient(**client_options(settings))
         await admin.start()
         try:
             (described,) = await admin.describe_topics([topic])

@@ -6,9 +6,12 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +138,29 @@ def _hs256(claims: dict[str, Any], secret: bytes, header: dict[str, str]) -> str
     body = _b64(json.dumps(claims).encode())
     signature = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
     return f"{head}.{body}.{_b64(signature)}"
+
+
+@contextmanager
+def served_jwks(tokens: TestTokens) -> Iterator[str]:
+    """The session key's JWKS over HTTP (its URL), as the auth service publishes its keys,
+    for a service process the test starts to fetch."""
+    document = json.dumps(tokens.ring.jwks()).encode()
+
+    class Jwks(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(document)))
+            self.end_headers()
+            self.wfile.write(document)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/auth/.well-known/jwks.json"
+    finally:
+        server.shutdown()
+        server.server_close()

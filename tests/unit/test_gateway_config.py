@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from auth.keys import KeyRing, add_key
 from bootstrap import gateway
 from ops.gateway import generate as gateway_config
-from runtime.settings import Settings
+from runtime.settings import Settings, SettingsError
 from tests.support.tokens import auth_settings
 
 SETTINGS = Settings(
@@ -37,8 +38,9 @@ def auth(tmp_path: Path):
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is installed by make install")
-def test_the_config_has_a_rule_per_key_and_haproxy_accepts_it(auth, settings):
-    path = gateway.write_config(settings, auth)
+@pytest.mark.parametrize("origins", [("http://a.example",), ("http://a.example", "*")])
+def test_the_config_has_a_rule_per_key_and_haproxy_accepts_it(auth, settings, origins):
+    path = gateway.write_config(settings.with_(cors_origins=origins), auth)
     out = Path(settings.gateway_dir)
     text = path.read_text()
     kids = sorted(p.stem for p in auth.keys_dir.glob("*.pem"))
@@ -47,7 +49,7 @@ def test_the_config_has_a_rule_per_key_and_haproxy_accepts_it(auth, settings):
         assert f'/keys/{kid}.pem") if needs_token' in text
         assert (out / "keys" / f"{kid}.pem").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
     assert "PRIVATE" not in "".join(p.read_text() for p in (out / "keys").glob("*.pem"))
-    assert "-m str http://a.example" in text
+    assert "-m str -i http://a.example" in text or "-m reg -i ^https?://" in text
     assert "@" not in text.replace("@bench", "")  # no placeholder left behind
     check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
@@ -79,3 +81,80 @@ def test_the_docs_use_gateway_paths_and_name_roles(auth):
     login = documents["auth"]["paths"]["/auth/login"]["post"]
     assert "x-roles" not in login
     assert "security" not in login
+
+
+def test_the_rate_limits_count_only_the_requests_they_let_through():
+    template = (gateway_config.TEMPLATES / "haproxy.cfg").read_text()
+    rules = template.splitlines()
+    (throttled,) = [i for i, line in enumerate(rules) if "sc-inc-gpc(0,0)" in line]
+    refusals = [i for i, line in enumerate(rules) if "sc_gpc_rate(0,0) ge" in line]
+    assert len(refusals) == 2
+    assert all(i < throttled for i in refusals), "checked before the passing request is counted"
+    assert "sc_http_req_rate(0)" not in template
+    assert "http_req_rate(1s)" not in template
+
+
+def test_the_cors_acl_lists_the_origins_and_never_null(auth, settings):
+    listed = settings.with_(cors_origins=("http://localhost:3000", "https://app.example.org"))
+    text = gateway_config.render(listed, {"k1": b""}, {"auth": {}})
+    assert (
+        "acl cors_origin req.fhdr(origin) -m str -i http://localhost:3000 https://app.example.org"
+        in text
+    )
+    anyone = gateway_config.render(settings.with_(cors_origins=("*",)), {"k1": b""}, {"auth": {}})
+    (acl,) = [line for line in anyone.splitlines() if "acl cors_origin" in line]
+    assert "-m found" not in acl  # `null` is an Origin too; it must not match
+    assert "^https?://" in acl
+
+
+def test_the_development_default_is_localhost_origins():
+    settings = Settings.from_env({"CARELOG_ENV": "development"})
+    assert "http://localhost:4004" in settings.cors_origins
+    assert "http://127.0.0.1:4004" in settings.cors_origins
+    assert all(
+        o.startswith(("http://localhost:", "http://127.0.0.1:")) for o in settings.cors_origins
+    )
+
+
+PRODUCTION = {
+    "CARELOG_ENV": "production",
+    "CARELOG_DATABASE_URL": "postgresql://unused@127.0.0.1:1/none",
+    "CARELOG_REDIS_URL": "redis://127.0.0.1:1/0",
+    "CARELOG_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+    "CARELOG_JWKS_URL": "http://127.0.0.1:1/unused",
+    # Brokers that take no credentials: production accepts them only on a trusted network.
+    "CARELOG_TRUSTED_NETWORK": "true",
+}
+
+
+@pytest.mark.parametrize(
+    ("origins", "message"),
+    [
+        ("*", "CARELOG_GATEWAY_CORS_ORIGINS='*' is not allowed in production"),
+        ("https://app.example.org *", "not allowed in production"),
+        ("null", "may not list 'null'"),
+        ("https://app.example.org/", "expected origins like https://app.example.org"),
+        ("app.example.org", "expected origins like https://app.example.org"),
+        ("https://a.example{acl}", "expected origins like"),
+    ],
+)
+def test_production_settings_refuse_a_wildcard_null_and_malformed_origins(origins, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        Settings.from_env({**PRODUCTION, "CARELOG_GATEWAY_CORS_ORIGINS": origins})
+
+
+def test_production_settings_take_an_explicit_list():
+    origins = "https://app.example.org https://admin.example.org:8443"
+    settings = Settings.from_env({**PRODUCTION, "CARELOG_GATEWAY_CORS_ORIGINS": origins})
+    assert settings.cors_origins == ("https://app.example.org", "https://admin.example.org:8443")
+
+
+def test_null_is_refused_in_development_too():
+    with pytest.raises(SettingsError, match="may not list 'null'"):
+        Settings.from_env({"CARELOG_ENV": "development", "CARELOG_GATEWAY_CORS_ORIGINS": "null"})
+
+
+def test_the_production_gateway_needs_an_origin_list(settings):
+    production = Settings.from_env(PRODUCTION).with_(gateway_dir=settings.gateway_dir)
+    with pytest.raises(gateway_config.GatewayConfigError, match="CARELOG_GATEWAY_CORS_ORIGINS"):
+        gateway_config.render(production, {"k1": b""}, {"auth": {}})

@@ -83,6 +83,34 @@ def test_the_header_names_the_key_and_the_payload_holds_no_email(tokens):
     assert set(payload) == {"iss", "aud", "sub", "role", "iat", "exp", "jti"}
 
 
+async def test_a_sessions_token_names_the_session_as_sid(tokens):
+    token = issue_access_token(
+        tokens.key, "user-5", Role.CLINICIAN, tokens.settings, session="family-1"
+    )
+    payload = jwt.decode(token, options={"verify_signature": False})
+    assert set(payload) == {"iss", "aud", "sub", "role", "iat", "exp", "jti", "sid"}
+    claims = await tokens.verifier.verify(token)
+    assert (claims.session, claims.issued_at) == ("family-1", payload["iat"])
+
+
+async def test_a_sid_that_is_not_a_string_is_refused(tokens):
+    now = int(time.time())
+    claims = {
+        "iss": tokens.settings.issuer,
+        "aud": tokens.settings.audience,
+        "sub": "user-6",
+        "role": Role.ANALYST.value,
+        "iat": now,
+        "exp": now + 60,
+        "sid": 42,
+    }
+    token = jwt.encode(
+        claims, tokens.key.private_key, algorithm="ES256", headers={"kid": tokens.key.kid}
+    )
+    with pytest.raises(InvalidToken, match="invalid token"):
+        await tokens.verifier.verify(token)
+
+
 def test_rotation_publishes_before_signing_and_prune_drops_only_retired_keys(tmp_path: Path):
     directory = tmp_path / "keys"
     ring = KeyRing(directory).ensure(development=True)

@@ -1,0 +1,336 @@
+"""Write speed beside its floors, CPU per operation, update cost by history, reads per core.
+
+    uv run python -m bench.writes      (part of `make bench`; against the `make up` stack)
+
+Load comes from wrk (16 keep-alive connections, 2 threads) so that the load tool takes
+little of the two cores the stack shares. Every figure is the median of ROUNDS
+alternating rounds (direct, then through the gateway), ROUND_SECONDS each:
+- register (POST /patients) and update (PUT /patients/{id}) per second, p50 and p99;
+- milliseconds of CPU per operation, summed over every process of the stack (the
+  carelog processes, PostgreSQL, Kafka, Redis, the gateway) from /proc, around each
+  round; and which process used how many cores;
+- during each direct register round, a probe registers one more patient every 50 ms
+  and times it until the directory row and the billing account exist (lag);
+- the floor: single-row INSERTs into PostgreSQL, each its own transaction.
+Then: sequential PUTs on one patient, p50 at versions 2-51 beside p50 at versions
+951-1000 (a patient's history must not make it slower); and list throughput from the
+query API's worker processes beside one process started for the comparison.
+Through the gateway, requests go as 16 receptionists in turn, as a practice's staff would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from bench.common import CONCURRENCY, insert_floor, main_for, ms, token_headers
+from bench.cpu import CpuMeter
+from bench.gateway import bench_users
+from bench.loadgen import Connection, percentile
+from bench.wrk import WrkResult, get_script, register_script, run_wrk, update_script
+from runtime.settings import Settings
+
+PROFILE = Path(__file__).with_name("profile.md")
+"""Where the CPU went, before and after (written by hand from profiles; see its text)."""
+
+
+ROUNDS = 3
+ROUND_SECONDS = 10.0
+UPDATE_PATIENTS = 1000
+HISTORY = 1000
+PROBE_EVERY = 0.05
+
+
+class Round:
+    def __init__(self, result: WrkResult, cpu: CpuMeter):
+        self.result = result
+        self.cpu = cpu
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.cpu.per_operation(self.result.ok)
+
+
+def _median(rounds: list[Round], value: Callable[[Round], float]) -> float:
+    return statistics.median(value(r) for r in rounds)
+
+
+def _row(label: str, rounds: list[Round]) -> str:
+    failed = sum(r.result.failed + r.result.socket_errors for r in rounds)
+    return (
+        f"| {label} | {_median(rounds, lambda r: r.result.rate):.0f}/s, "
+        f"p50 {ms(_median(rounds, lambda r: r.result.p50_ms))}, "
+        f"p99 {ms(_median(rounds, lambda r: r.result.p99_ms))}"
+        f"{f', {failed} failed' if failed else ''} | "
+        f"{_median(rounds, lambda r: r.cpu_ms):.2f} ms |"
+    )
+
+
+def _cores(rounds: list[Round]) -> str:
+    middle = sorted(rounds, key=lambda r: r.result.rate)[len(rounds) // 2]
+    return middle.cpu.cores()
+
+
+async def _probe(
+    settings: Settings, base: str, headers: dict[str, str], stop: asyncio.Event
+) -> list[float]:
+    """Seconds from a 201 until both the directory row and the billing account exist."""
+    conn = Connection(base)
+    lags: list[float] = []
+    run = uuid.uuid4().hex[:6]
+    i = 0
+    async with await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as db:
+        while not stop.is_set():
+            i += 1
+            body = {
+                "name": "Bench Probe",
+                "email": f"probe-{run}-{i}@bench.carelog.invalid",
+                "address": "1 Probe Road",
+                "dateOfBirth": "1970-01-01",
+                "registeredDate": "2024-01-02",
+            }
+            reply = await conn.request("POST", "/patients", headers, body)
+            if reply.status != 201:
+                await asyncio.sleep(PROBE_EVERY)
+                continue
+            done = time.perf_counter()
+            patient_id = reply.json()["id"]
+            while True:
+                row = await (
+                    await db.execute(
+                        "SELECT (SELECT count(*) FROM directory_patients WHERE id = %s)"
+                        " + (SELECT count(*) FROM billing.accounts WHERE patient_id = %s)",
+                        [patient_id, patient_id],
+                    )
+                ).fetchone()
+                if row is not None and row[0] == 2:
+                    break
+                await asyncio.sleep(0.002)
+            lags.append(time.perf_counter() - done)
+            await asyncio.sleep(PROBE_EVERY)
+    await conn.close()
+    return lags
+
+
+async def _wrk_round(url: str, script: str, seconds: float) -> Round:
+    with CpuMeter() as cpu:
+        result = await asyncio.to_thread(run_wrk, url, script, seconds)
+    return Round(result, cpu)
+
+
+async def _patients(base: str, headers: dict[str, str], count: int) -> list[str]:
+    """Registers `count` patients (16 at a time) and returns their ids."""
+    ids: list[str] = []
+    run = uuid.uuid4().hex[:6]
+    counter = iter(range(count))
+
+    async def worker() -> None:
+        conn = Connection(base)
+        for i in counter:
+            body = {
+                "name": f"Bench Updated {i}",
+                "email": f"upd-{run}-{i}@bench.carelog.invalid",
+                "address": f"{i} Update Road",
+                "dateOfBirth": "1970-01-01",
+                "registeredDate": "2024-01-02",
+            }
+            reply = await conn.request("POST", "/patients", headers, body)
+            if reply.status == 201:
+                ids.append(reply.json()["id"])
+        await conn.close()
+
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return ids
+
+
+async def _history(base: str, headers: dict[str, str]) -> tuple[float, float]:
+    """p50 of sequential PUTs on one patient at versions 2-51, and at 951-1000 (ms)."""
+    conn = Connection(base)
+    run = uuid.uuid4().hex[:6]
+    body = {
+        "name": "Bench Long History",
+        "email": f"hist-{run}@bench.carelog.invalid",
+        "address": "1 History Road",
+        "dateOfBirth": "1970-01-01",
+        "registeredDate": "2024-01-02",
+    }
+    reply = await conn.request("POST", "/patients", headers, body)
+    patient = reply.json()["id"]
+    early: list[float] = []
+    late: list[float] = []
+    for version in range(2, HISTORY + 1):
+        change = dict(body, address=f"{version} History Road")
+        change.pop("registeredDate")
+        reply = await conn.request("PUT", f"/patients/{patient}", headers, change)
+        if reply.status != 200:
+            raise RuntimeError(f"PUT at version {version} answered {reply.status}")
+        if version <= 51:
+            early.append(reply.seconds)
+        elif version > HISTORY - 50:
+            late.append(reply.seconds)
+    await conn.close()
+    return percentile(early, 0.5) * 1000, percentile(late, 0.5) * 1000
+
+
+def _one_worker_query_api(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "CARELOG_READ_API_PORT": str(port),
+        "CARELOG_READ_API_WORKERS": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bootstrap", "serve", "read-api"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    os.killpg(process.pid, 9)
+    raise RuntimeError("the one-worker query API did not start")
+
+
+async def run(settings: Settings) -> list[str]:
+    commands = f"http://127.0.0.1:{settings.ports['commands']}"
+    reads = f"http://127.0.0.1:{settings.ports['read-api']}"
+    gateway = f"http://127.0.0.1:{settings.gateway_port}"
+    auth_url = os.environ.get("CARELOG_AUTH_URL", f"http://127.0.0.1:{settings.ports['auth']}")
+    admin = await token_headers(auth_url)
+    staff = await bench_users(gateway, auth_url, CONCURRENCY, role="receptionist")
+    run_id = uuid.uuid4().hex[:6]
+
+    floor = await insert_floor(settings)
+
+    register: dict[str, list[Round]] = {"direct": [], "gateway": []}
+    lags: list[float] = []
+    for r in range(ROUNDS):
+        stop = asyncio.Event()
+        probe = asyncio.create_task(_probe(settings, commands, admin, stop))
+        register["direct"].append(
+            await _wrk_round(commands, register_script([admin], f"{run_id}d{r}"), ROUND_SECONDS)
+        )
+        stop.set()
+        lags += await probe
+        await asyncio.sleep(1.1)
+        register["gateway"].append(
+            await _wrk_round(
+                gateway,
+                register_script(staff, f"{run_id}g{r}", "/api/patients"),
+                ROUND_SECONDS,
+            )
+        )
+        await asyncio.sleep(1.1)
+
+    ids = await _patients(commands, admin, UPDATE_PATIENTS)
+    with tempfile.NamedTemporaryFile("w", suffix=".ids", delete=False) as file:
+        file.write("\n".join(ids) + "\n")
+    ids_file = Path(file.name)
+    update: dict[str, list[Round]] = {"direct": [], "gateway": []}
+    try:
+        for r in range(ROUNDS):
+            update["direct"].append(
+                await _wrk_round(
+                    commands, update_script([admin], ids_file, f"{run_id}d{r}"), ROUND_SECONDS
+                )
+            )
+            await asyncio.sleep(1.1)
+            update["gateway"].append(
+                await _wrk_round(
+                    gateway,
+                    update_script(staff, ids_file, f"{run_id}g{r}", "/api/patients/"),
+                    ROUND_SECONDS,
+                )
+            )
+            await asyncio.sleep(1.1)
+    finally:
+        await asyncio.to_thread(ids_file.unlink, missing_ok=True)
+
+    early, late = await _history(commands, admin)
+
+    one_port = settings.ports["read-api"] + 100
+    single = _one_worker_query_api(settings, one_port)
+    listing: dict[str, list[Round]] = {"workers": [], "one": []}
+    try:
+        for _ in range(ROUNDS):
+            for name, base in (("workers", reads), ("one", f"http://127.0.0.1:{one_port}")):
+                listing[name].append(
+                    await _wrk_round(base, get_script([admin], "/patients?limit=50"), 5.0)
+                )
+    finally:
+        os.killpg(single.pid, 15)
+        single.wait(15)
+
+    floor_rate = floor.rate
+    reg = _median(register["direct"], lambda r: r.result.rate)
+    lines = [
+        "## Writes: register and update, CPU per operation",
+        "",
+        f"`uv run python -m bench.writes` (part of `make bench`). wrk, {CONCURRENCY} keep-alive"
+        f" connections; medians of {ROUNDS} alternating rounds of {ROUND_SECONDS:.0f} s. The"
+        " relay, every projection, billing and the notifier run throughout on the same cores,"
+        " handling every event the writes make. CPU per operation is the CPU time of every"
+        " process of the stack (carelog's, PostgreSQL, Kafka, Redis, the gateway) during a"
+        " round, from /proc, divided by the 2xx answers.",
+        "",
+        "| figure | rate, latency | CPU per operation |",
+        "| --- | --- | --- |",
+        _row("register, direct (POST :4000/patients)", register["direct"]),
+        _row("register, through the gateway (POST :4004/api/patients)", register["gateway"]),
+        _row(f"update, direct (PUT, {len(ids)} patients in turn)", update["direct"]),
+        _row("update, through the gateway", update["gateway"]),
+        "",
+        f"Floor, same run: single-row INSERT, own transaction: {floor_rate:.0f}/s, "
+        f"p99 {ms(floor.p(0.99))}; register direct is {reg / floor_rate:.0%} of it.",
+        "",
+        f"Event → directory row and billing account, while registering at full rate "
+        f"({len(lags)} probes): p50 {ms(percentile(lags, 0.5) * 1000)}, "
+        f"p99 {ms(percentile(lags, 0.99) * 1000)}.",
+        "",
+        f"Cores used during the median register round (direct): {_cores(register['direct'])}.",
+        "",
+        f"Cores used during the median update round (direct): {_cores(update['direct'])}.",
+        "",
+        f"Update cost by history: sequential PUTs on one patient, p50 {ms(early)} at versions"
+        f" 2-51, p50 {ms(late)} at versions {HISTORY - 49}-{HISTORY}: {late / early:.2f}x.",
+        "",
+        f"Reads per core: list patients (first page, 50) with the query API's "
+        f"{settings.read_api_workers} worker processes "
+        f"{_median(listing['workers'], lambda r: r.result.rate):.0f}/s "
+        f"(p99 {ms(_median(listing['workers'], lambda r: r.result.p99_ms))}), beside one "
+        f"process started for the comparison "
+        f"{_median(listing['one'], lambda r: r.result.rate):.0f}/s "
+        f"(p99 {ms(_median(listing['one'], lambda r: r.result.p99_ms))}).",
+        "",
+        "Aims (issue): register 1,650/s direct and 1,050/s through the gateway; update"
+        " 2,650/s and 1,300/s; at most 1.1 ms of CPU per registration and 0.7 ms per update;"
+        " lag p99 under 100 ms; PUT p50 at version 1,000 at most 1.2x that at version 2.",
+        "",
+        *PROFILE.read_text().splitlines(),
+    ]
+    return lines
+
+
+def main() -> None:
+    main_for(run)
+
+
+if __name__ == "__main__":
+    main()
