@@ -68,7 +68,7 @@ bench: ## Start the stack, then run the benchmarks (python -m bench)
 lint: ## ruff check, ruff format --check, mypy, the import contracts (lint-imports)
 	@uv run ruff check . && uv run ruff format --check . && uv run mypy && uv run lint-imports
 
-schemas: ## Regenerate the schema files (carelog schemas write)
+schemas: ## Regenerate schemas/: the event JSON Schemas and the AsyncAPI document (carelog schemas write)
 	@$(WITH_ENV) uv run carelog schemas write
 
 # Where `make proto` writes billing's generated gRPC code (tests regenerate elsewhere to compare).

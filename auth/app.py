@@ -32,7 +32,7 @@ from auth.service import AuthService, Session, User
 from auth.tokens import RingKeys
 from domain.roles import ALL_ROLES, USER_ADMINS, Role
 from runtime.db import open_pool
-from runtime.http import Problems, problem, service_app
+from runtime.http import DOCS, EMAIL_FORMAT, Documented, Problems, problem, service_app
 from runtime.security import Claims, RevocationFeed, TokenVerifier, requires
 from runtime.settings import Settings
 
@@ -42,8 +42,14 @@ REFRESHES = Counter("carelog_token_refreshes_total", "Token refreshes, by outcom
 MAX_BODY_BYTES = 16 * 1024
 
 
+Email = Annotated[
+    str,
+    msgspec.Meta(max_length=254, examples=["ada@example.org"], extra_json_schema=EMAIL_FORMAT),
+]
+
+
 class Credentials(msgspec.Struct, kw_only=True):
-    email: Annotated[str, msgspec.Meta(max_length=254, examples=["ada@example.org"])]
+    email: Email
     password: Annotated[str, msgspec.Meta(max_length=1024)]
 
 
@@ -52,7 +58,7 @@ class RefreshInput(msgspec.Struct, rename="camel", kw_only=True):
 
 
 class NewUser(msgspec.Struct, kw_only=True):
-    email: Annotated[str, msgspec.Meta(max_length=254, examples=["ada@example.org"])]
+    email: Email
     password: Annotated[
         str, msgspec.Meta(max_length=1024, description="12+ characters, not common")
     ]
@@ -72,7 +78,7 @@ class SessionOut(msgspec.Struct, rename="camel", kw_only=True):
 
 class UserOut(msgspec.Struct, rename="camel", kw_only=True):
     id: UUID
-    email: str
+    email: Annotated[str, msgspec.Meta(extra_json_schema=EMAIL_FORMAT)]
     role: Role
     disabled: bool
     created_at: datetime
@@ -109,7 +115,22 @@ _ADMIN = [requires(USER_ADMINS)]
 _ANYONE = [requires(ALL_ROLES)]
 
 
-@post("/auth/login", summary="Log in: an access token and a refresh token", status_code=200)
+_NO_USER = {404: "No such user"}
+
+
+@post(
+    "/auth/login",
+    summary="Log in: an access token and a refresh token",
+    status_code=200,
+    opt={
+        DOCS: Documented(
+            problems={
+                401: "Wrong email or password, or a disabled user (one answer for all)",
+                503: "Too many logins at once, or a dependency is unavailable; retry shortly",
+            }
+        )
+    },
+)
 async def login(data: JSONBody[Credentials], service: NamedDependency[AuthService]) -> SessionOut:
     try:
         session = await service.login(data.email, data.password)
@@ -120,7 +141,12 @@ async def login(data: JSONBody[Credentials], service: NamedDependency[AuthServic
     return _session(session)
 
 
-@post("/auth/refresh", summary="Spend a refresh token for new tokens", status_code=200)
+@post(
+    "/auth/refresh",
+    summary="Spend a refresh token for new tokens",
+    status_code=200,
+    opt={DOCS: Documented(problems={401: "The refresh token is unknown, spent or expired"})},
+)
 async def refresh(
     data: JSONBody[RefreshInput], service: NamedDependency[AuthService]
 ) -> SessionOut:
@@ -133,7 +159,13 @@ async def refresh(
     return _session(session)
 
 
-@post("/auth/logout", summary="End the session of a refresh token", guards=_ANYONE, status_code=204)
+@post(
+    "/auth/logout",
+    summary="End the session of a refresh token",
+    guards=_ANYONE,
+    status_code=204,
+    opt={DOCS: Documented(problems={403: "The refresh token is not yours"})},
+)
 async def logout(
     data: JSONBody[RefreshInput],
     request: Request[Any, Any, Any],
@@ -145,7 +177,7 @@ async def logout(
 @get("/auth/validate", summary="Check a bearer token", guards=_ANYONE)
 async def validate(
     request: Request[Any, Any, Any], service: NamedDependency[AuthService]
-) -> Response[Any]:
+) -> Response[Validity]:
     claims = _claims(request)
     if not await service.active(claims.subject):
         raise problem(401, "the token's user is disabled or gone")
@@ -160,7 +192,13 @@ async def jwks(ring: NamedDependency[KeyRing]) -> Response[dict[str, Any]]:
     return Response(ring.jwks(), headers={"Cache-Control": "public, max-age=60"})
 
 
-@post("/auth/users", summary="Create a user", guards=_ADMIN, tags=["users"])
+@post(
+    "/auth/users",
+    summary="Create a user",
+    guards=_ADMIN,
+    tags=["users"],
+    opt={DOCS: Documented(problems={409: "The email is in use"}, location=True)},
+)
 async def create_user(
     data: JSONBody[NewUser], service: NamedDependency[AuthService]
 ) -> Response[UserOut]:
@@ -179,13 +217,23 @@ async def list_users(
     return [_user(u) for u in await service.list_users(limit, after)]
 
 
-@get("/auth/users/{user_id:uuid}", summary="Get a user", guards=_ADMIN, tags=["users"])
+@get(
+    "/auth/users/{user_id:uuid}",
+    summary="Get a user",
+    guards=_ADMIN,
+    tags=["users"],
+    opt={DOCS: Documented(problems=_NO_USER)},
+)
 async def get_user(user_id: FromPath[UUID], service: NamedDependency[AuthService]) -> UserOut:
     return _user(await service.get_user(user_id))
 
 
 @put(
-    "/auth/users/{user_id:uuid}/role", summary="Change a user's role", guards=_ADMIN, tags=["users"]
+    "/auth/users/{user_id:uuid}/role",
+    summary="Change a user's role",
+    guards=_ADMIN,
+    tags=["users"],
+    opt={DOCS: Documented(problems={**_NO_USER, 409: "You may not demote yourself"})},
 )
 async def change_role(
     user_id: FromPath[UUID],
@@ -203,6 +251,7 @@ async def change_role(
     guards=_ADMIN,
     tags=["users"],
     status_code=200,
+    opt={DOCS: Documented(problems={**_NO_USER, 409: "You may not disable yourself"})},
 )
 async def disable_user(
     user_id: FromPath[UUID], request: Request[Any, Any, Any], service: NamedDependency[AuthService]
@@ -217,6 +266,7 @@ async def disable_user(
     guards=_ADMIN,
     tags=["users"],
     status_code=200,
+    opt={DOCS: Documented(problems=_NO_USER)},
 )
 async def enable_user(
     user_id: FromPath[UUID], request: Request[Any, Any, Any], service: NamedDependency[AuthService]

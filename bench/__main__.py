@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import CONCURRENCY, Load, closed_loop, insert_floor, ms, token_headers
+from bench.common import CONCURRENCY, Load, closed_loop, insert_floor, ms, quiesce, token_headers
 from bench.loadgen import Connection, percentile
 from runtime.kafka import delete_topics, ensure_topics, reliable_producer
 from runtime.settings import Settings
@@ -131,28 +131,6 @@ async def relay_rate(settings: Settings) -> tuple[float, int]:
         store.close()
         await delete_topics(settings, source.topic_prefix)
     return published / seconds, published
-
-
-async def quiesce(settings: Settings, timeout: float = 120.0) -> float:
-    """Waits until the directory has applied the newest patient event; returns the wait."""
-    start = time.perf_counter()
-    async with await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as db:
-        newest = await (
-            await db.execute(
-                "SELECT max(notification_id) FROM carelog_events WHERE topic LIKE %s",
-                ["%:Patient.%"],
-            )
-        ).fetchone()
-        while time.perf_counter() - start < timeout:
-            applied = await (
-                await db.execute(
-                    "SELECT position FROM projection_tracking WHERE projection = 'directory'"
-                )
-            ).fetchone()
-            if newest is None or newest[0] is None or (applied and applied[0] >= newest[0]):
-                break
-            await asyncio.sleep(0.05)
-    return time.perf_counter() - start
 
 
 async def patients(settings: Settings) -> list[str]:

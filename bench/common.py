@@ -114,6 +114,28 @@ async def token_headers(auth_url: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {reply.json()['token']}"}
 
 
+async def quiesce(settings: Settings, timeout: float = 120.0) -> float:
+    """Waits until the directory has applied the newest patient event; returns the wait."""
+    start = time.perf_counter()
+    async with await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as db:
+        newest = await (
+            await db.execute(
+                "SELECT max(notification_id) FROM carelog_events WHERE topic LIKE %s",
+                ["%:Patient.%"],
+            )
+        ).fetchone()
+        while time.perf_counter() - start < timeout:
+            applied = await (
+                await db.execute(
+                    "SELECT position FROM projection_tracking WHERE projection = 'directory'"
+                )
+            ).fetchone()
+            if newest is None or newest[0] is None or (applied and applied[0] >= newest[0]):
+                break
+            await asyncio.sleep(0.05)
+    return time.perf_counter() - start
+
+
 def ms(value: float) -> str:
     return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
 

@@ -14,7 +14,7 @@ carelog project analytics  the analytics projection (health on 4014)
 carelog notify             emails patients from events, exactly once each (health on 4015)
 carelog react patient-removals  cancels removed patients' appointments (health on 4013)
 carelog topics             creates the Kafka topics
-carelog schemas write|check  the JSON Schemas of published events
+carelog schemas write|check  the JSON Schemas of published events, and their AsyncAPI
 carelog db migrate|status  the database schema's versioned migrations
 carelog projections list|rebuild|rollback|drop-old|discard  rebuild read models from the store
 carelog history patient|appointment|clinician ID  an aggregate's events, personal data redacted
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from auth.config import AuthSettings
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+ASYNCAPI_FILE = "asyncapi.json"
+"""The AsyncAPI document of the Kafka topics, in SCHEMAS_DIR."""
 
 log = structlog.get_logger("carelog")
 
@@ -333,13 +335,13 @@ def history(kind: str, ident: str, reveal: bool) -> int:
 
 
 def schemas(action: str) -> int:
+    """Writes (or checks) schemas/: each event's JSON Schema and the topics' AsyncAPI document."""
+    from bootstrap.asyncapi import document
     from domain.billing import billing_json_schemas
     from domain.contracts import json_schemas
 
-    wanted = {
-        name: json.dumps(s, indent=2, sort_keys=True) + "\n"
-        for name, s in {**json_schemas(), **billing_json_schemas()}.items()
-    }
+    generated = {**json_schemas(), **billing_json_schemas(), ASYNCAPI_FILE: document()}
+    wanted = {name: json.dumps(s, indent=2, sort_keys=True) + "\n" for name, s in generated.items()}
     if action == "write":
         for name, text in wanted.items():
             path = SCHEMAS_DIR / name
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     react_p = sub.add_parser("react", help="run a process manager")
     react_p.add_argument("reaction", choices=["patient-removals"])
     sub.add_parser("topics", help="create the Kafka topics")
-    schemas_p = sub.add_parser("schemas", help="write or check the event JSON Schemas")
+    schemas_p = sub.add_parser("schemas", help="write or check the event JSON Schemas and AsyncAPI")
     schemas_p.add_argument("action", choices=["write", "check"])
     proj_p = sub.add_parser("projections", help="list or rebuild the read models")
     proj_p.add_argument("action", choices=["list", "rebuild", "rollback", "drop-old", "discard"])

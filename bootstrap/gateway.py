@@ -46,8 +46,10 @@ def public_keys(auth: AuthSettings, jwks_url: str | None = None) -> dict[str, by
 
 
 def api_documents(settings: Settings, auth: AuthSettings) -> dict[str, dict[str, Any]]:
-    """The OpenAPI document of each service, as the gateway publishes it."""
+    """The OpenAPI document of each service, as the gateway publishes it, and the AsyncAPI
+    document of the Kafka topics (`events`, the same as schemas/asyncapi.json)."""
     from auth.app import create_app as auth_app
+    from bootstrap.asyncapi import document as events_document
     from commands.api import create_app as commands_app
     from read_api.app import create_app as read_app
 
@@ -65,7 +67,11 @@ def api_documents(settings: Settings, auth: AuthSettings) -> dict[str, dict[str,
     for key, value in writes.get("components", {}).items():
         patients["components"].setdefault(key, {}).update(value)
     patients["tags"] = writes.get("tags", [])
-    return {"patients": patients, "auth": annotated(auth_app(settings, auth))}
+    return {
+        "patients": patients,
+        "auth": annotated(auth_app(settings, auth)),
+        "events": events_document(),
+    }
 
 
 def write_config(

@@ -31,7 +31,16 @@ from commands.store import CACHE_SIZE, EventStore
 from domain.errors import EmailTaken, InvalidData, PatientNotFound, StaleVersion
 from domain.patients import ADDRESS_MAX, EMAIL_MAX, NAME_MAX, parse_change, parse_registration
 from domain.roles import PATIENT_WRITERS
-from runtime.http import BODY_ERRORS, Problems, every_error, problem, service_app
+from runtime.http import (
+    BODY_ERRORS,
+    DOCS,
+    EMAIL_FORMAT,
+    Documented,
+    Problems,
+    every_error,
+    problem,
+    service_app,
+)
 from runtime.http import correlation_id as correlation_of
 from runtime.security import TokenVerifier, requires
 from runtime.settings import Settings
@@ -49,12 +58,48 @@ class PatientInput(msgspec.Struct, rename="camel", kw_only=True, forbid_unknown_
     """A patient's fields as a client sends them (`registeredDate` only on register)."""
 
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=NAME_MAX)]
-    email: Annotated[str, msgspec.Meta(max_length=EMAIL_MAX, examples=["ada@example.org"])]
+    email: Annotated[
+        str,
+        msgspec.Meta(
+            max_length=EMAIL_MAX, examples=["ada@example.org"], extra_json_schema=EMAIL_FORMAT
+        ),
+    ]
     address: Annotated[str, msgspec.Meta(min_length=1, max_length=ADDRESS_MAX)]
     date_of_birth: Annotated[date, msgspec.Meta(description="ISO date, not in the future")]
     registered_date: Annotated[
         date | None, msgspec.Meta(description="ISO date; required on register, ignored on change")
     ] = None
+
+
+class PatientOut(msgspec.Struct, rename="camel", kw_only=True):
+    """A patient as a write answers it: its new version and the event's position."""
+
+    id: UUID
+    name: str
+    email: Annotated[str, msgspec.Meta(extra_json_schema=EMAIL_FORMAT)]
+    address: str
+    date_of_birth: date
+    registered_date: date
+    version: int
+    position: Annotated[
+        int | None, msgspec.Meta(description="The event's position: pass it as minPosition")
+    ]
+
+
+class PreferencesOut(msgspec.Struct, kw_only=True):
+    """A patient's mail preferences as a write answers them."""
+
+    id: UUID
+    reminders: bool
+    version: int
+    position: int | None
+
+
+_WRITE = {
+    404: "No such patient (or the id is not a UUID)",
+    409: "The email is in use by another patient, or a concurrent change won",
+    412: "If-Match names a version that is no longer the patient's (ETag: the current one)",
+}
 
 
 _ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
@@ -99,18 +144,18 @@ def _patient_id(raw: str) -> UUID:
         raise PatientNotFound(raw) from None
 
 
-def _representation(written: Written) -> dict[str, Any]:
+def _representation(written: Written) -> PatientOut:
     patient = written.patient
-    return {
-        "id": str(patient.id),
-        "name": patient.name,
-        "email": patient.email,
-        "address": patient.address,
-        "dateOfBirth": patient.date_of_birth.isoformat(),
-        "registeredDate": patient.registered_date.isoformat(),
-        "version": written.version,
-        "position": written.position,
-    }
+    return PatientOut(
+        id=patient.id,
+        name=patient.name,
+        email=patient.email,
+        address=patient.address,
+        date_of_birth=patient.date_of_birth,
+        registered_date=patient.registered_date,
+        version=written.version,
+        position=written.position,
+    )
 
 
 def _headers(written: Written) -> dict[str, str]:
@@ -126,13 +171,21 @@ def _headers(written: Written) -> dict[str, str]:
     tags=["patients"],
     status_code=201,
     guards=[requires(PATIENT_WRITERS)],
-    opt={BODY_ERRORS: every_error(PatientInput, lambda b: _parse(b, parse_registration))},
+    opt={
+        BODY_ERRORS: every_error(PatientInput, lambda b: _parse(b, parse_registration)),
+        DOCS: Documented(
+            problems={409: "The email is in use by another patient"},
+            etag=True,
+            position=True,
+            location=True,
+        ),
+    },
 )
 async def register_patient(
     data: JSONBody[PatientInput],
     service: NamedDependency[PatientService],
     request: Request[Any, Any, Any],
-) -> Response[Any]:
+) -> Response[PatientOut]:
     correlation_id = correlation_of(request.scope)
     details, registered = _parse(_fields(data), parse_registration)
     written = await anyio.to_thread.run_sync(
@@ -151,14 +204,17 @@ async def register_patient(
     description="Send `If-Match` with the ETag you read to refuse a lost update (412).",
     tags=["patients"],
     guards=[requires(PATIENT_WRITERS)],
-    opt={BODY_ERRORS: every_error(PatientInput, lambda b: _parse(b, parse_change))},
+    opt={
+        BODY_ERRORS: every_error(PatientInput, lambda b: _parse(b, parse_change)),
+        DOCS: Documented(problems=_WRITE, if_match=True, etag=True, position=True),
+    },
 )
 async def change_patient(
     patient_id: FromPath[str],
     data: JSONBody[PatientInput],
     request: Request[Any, Any, Any],
     service: NamedDependency[PatientService],
-) -> Response[Any]:
+) -> Response[PatientOut]:
     correlation_id = correlation_of(request.scope)
     pid = _patient_id(patient_id)
     expected = expected_version(request)
@@ -176,6 +232,7 @@ async def change_patient(
     summary="Remove a patient",
     tags=["patients"],
     guards=[requires(PATIENT_WRITERS)],
+    opt={DOCS: Documented(problems=_WRITE, if_match=True, etag=True, position=True)},
 )
 async def remove_patient(
     patient_id: FromPath[str],
@@ -208,14 +265,22 @@ def _preferences(body: dict[str, Any]) -> bool:
     summary="Set a patient's mail preferences (opt out of reminders)",
     tags=["patients"],
     guards=[requires(PATIENT_WRITERS)],
-    opt={BODY_ERRORS: every_error(PreferencesInput, _preferences)},
+    opt={
+        BODY_ERRORS: every_error(PreferencesInput, _preferences),
+        DOCS: Documented(
+            problems={404: _WRITE[404], 409: "A concurrent change won", 412: _WRITE[412]},
+            if_match=True,
+            etag=True,
+            position=True,
+        ),
+    },
 )
 async def set_preferences(
     patient_id: FromPath[str],
     data: JSONBody[PreferencesInput],
     request: Request[Any, Any, Any],
     service: NamedDependency[PatientService],
-) -> Response[Any]:
+) -> Response[PreferencesOut]:
     correlation_id = correlation_of(request.scope)
     pid = _patient_id(patient_id)
     expected = expected_version(request)
@@ -223,12 +288,12 @@ async def set_preferences(
         lambda: service.set_preferences(pid, data.reminders, expected, correlation_id)
     )
     COMMANDS.labels("SetPreferences", "ok").inc()
-    body = {
-        "id": str(pid),
-        "reminders": written.patient.reminders,
-        "version": written.version,
-        "position": written.position,
-    }
+    body = PreferencesOut(
+        id=pid,
+        reminders=written.patient.reminders,
+        version=written.version,
+        position=written.position,
+    )
     return Response(body, headers=_headers(written))
 
 

@@ -30,6 +30,7 @@ from domain.scheduling import (
     REASON_MAX,
     Appointment,
     AppointmentNotFound,
+    AppointmentStatus,
     Clinician,
     ClinicianNotFound,
     InvalidTransition,
@@ -42,7 +43,7 @@ from domain.scheduling import (
     parse_user_link,
     parse_working_hours,
 )
-from runtime.http import BODY_ERRORS, Problems, every_error, problem
+from runtime.http import BODY_ERRORS, DOCS, EMAIL_FORMAT, Documented, Problems, every_error, problem
 from runtime.http import correlation_id as correlation_of
 from runtime.security import Claims, requires
 
@@ -52,6 +53,69 @@ Hours = dict[str, list[list[str]]]
 Instant = Annotated[str, msgspec.Meta(description="RFC 3339 with an offset, on a whole minute")]
 Duration = Annotated[int, msgspec.Meta(ge=DURATION_MIN, le=DURATION_MAX, multiple_of=DURATION_STEP)]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=REASON_MAX)]
+
+
+InstantOut = Annotated[
+    str, msgspec.Meta(description="RFC 3339", extra_json_schema={"extra": {"format": "date-time"}})
+]
+
+
+class TimeOffOut(msgspec.Struct, kw_only=True):
+    id: UUID
+    start: InstantOut
+    end: InstantOut
+
+
+class ClinicianOut(msgspec.Struct, rename="camel", kw_only=True):
+    """A clinician as a write answers it."""
+
+    id: UUID
+    name: str
+    email: Annotated[str, msgspec.Meta(extra_json_schema=EMAIL_FORMAT)]
+    timezone: str
+    working_hours: Hours
+    time_off: list[TimeOffOut]
+    user_id: UUID | None
+    version: int
+    position: int | None
+
+
+class TimeOffAdded(msgspec.Struct, rename="camel", kw_only=True):
+    time_off_id: UUID
+    clinician: ClinicianOut
+
+
+class AppointmentOut(msgspec.Struct, rename="camel", kw_only=True):
+    """An appointment as a write answers it."""
+
+    id: UUID
+    patient_id: UUID
+    clinician_id: UUID
+    start: InstantOut
+    end: InstantOut
+    duration_minutes: int
+    reason: str
+    status: AppointmentStatus
+    cancellation_reason: str | None
+    version: int
+    position: int | None
+
+
+_CONCURRENT = "A concurrent change won; read again and retry"
+_STALE = "If-Match names a version that is no longer current"
+
+
+def _answers(what: str, *, conflict: str = _CONCURRENT, stale: bool = False) -> Documented:
+    problems = {404: f"No such {what} (or the id is not a UUID)", 409: conflict}
+    if stale:
+        problems[412] = _STALE
+    return Documented(problems=problems, if_match=stale, etag=True, position=True)
+
+
+_APPOINTMENT_CONFLICT = (
+    "The appointment's status does not allow this, its new time is taken, or a concurrent"
+    " change won (`reason` says which)"
+)
 
 
 class _Input(msgspec.Struct, rename="camel", kw_only=True, forbid_unknown_fields=True):
@@ -143,37 +207,37 @@ def _headers(saved: Saved) -> dict[str, str]:
     return headers
 
 
-def clinician_view(clinician: Clinician, saved: Saved | None = None) -> dict[str, Any]:
-    return {
-        "id": str(clinician.id),
-        "name": clinician.name,
-        "email": clinician.email,
-        "timezone": clinician.timezone,
-        "workingHours": clinician.working_hours.to_wire(),
-        "timeOff": [
-            {"id": str(k), "start": v[0].isoformat(), "end": v[1].isoformat()}
+def clinician_view(clinician: Clinician, saved: Saved | None = None) -> ClinicianOut:
+    return ClinicianOut(
+        id=clinician.id,
+        name=clinician.name,
+        email=clinician.email,
+        timezone=clinician.timezone,
+        working_hours=clinician.working_hours.to_wire(),
+        time_off=[
+            TimeOffOut(id=k, start=v[0].isoformat(), end=v[1].isoformat())
             for k, v in sorted(clinician.time_off.items(), key=lambda item: item[1])
         ],
-        "userId": str(clinician.user_id) if getattr(clinician, "user_id", None) else None,
-        "version": clinician.version,
-        "position": saved.position if saved else None,
-    }
+        user_id=getattr(clinician, "user_id", None) or None,
+        version=clinician.version,
+        position=saved.position if saved else None,
+    )
 
 
-def appointment_view(appointment: Appointment, saved: Saved) -> dict[str, Any]:
-    return {
-        "id": str(appointment.id),
-        "patientId": str(appointment.patient_id),
-        "clinicianId": str(appointment.clinician_id),
-        "start": appointment.start.isoformat(),
-        "end": appointment.end.isoformat(),
-        "durationMinutes": appointment.duration_minutes,
-        "reason": appointment.reason,
-        "status": str(appointment.status),
-        "cancellationReason": appointment.cancellation_reason,
-        "version": appointment.version,
-        "position": saved.position,
-    }
+def appointment_view(appointment: Appointment, saved: Saved) -> AppointmentOut:
+    return AppointmentOut(
+        id=appointment.id,
+        patient_id=appointment.patient_id,
+        clinician_id=appointment.clinician_id,
+        start=appointment.start.isoformat(),
+        end=appointment.end.isoformat(),
+        duration_minutes=appointment.duration_minutes,
+        reason=appointment.reason,
+        status=appointment.status,
+        cancellation_reason=appointment.cancellation_reason,
+        version=appointment.version,
+        position=saved.position,
+    )
 
 
 async def _run(call: Callable[[], Saved], command: str) -> Saved:
@@ -192,13 +256,16 @@ async def _run(call: Callable[[], Saved], command: str) -> Saved:
     tags=["clinicians"],
     status_code=201,
     guards=[requires(CLINICIAN_ADMINS)],
-    opt={BODY_ERRORS: every_error(ClinicianInput, _clinician_of)},
+    opt={
+        BODY_ERRORS: every_error(ClinicianInput, _clinician_of),
+        DOCS: Documented(problems={409: _CONCURRENT}, etag=True, position=True, location=True),
+    },
 )
 async def register_clinician(
     data: JSONBody[ClinicianInput],
     scheduling: NamedDependency[SchedulingService],
     request: Request[Any, Any, Any],
-) -> Response[Any]:
+) -> Response[ClinicianOut]:
     correlation_id = correlation_of(request.scope)
     details = _clinician_of(_wire(data))
     saved = await _run(
@@ -216,7 +283,8 @@ async def register_clinician(
     opt={
         BODY_ERRORS: every_error(
             WorkingHoursInput, lambda b: parse_working_hours(b.get("workingHours"))
-        )
+        ),
+        DOCS: _answers("clinician", stale=True),
     },
 )
 async def change_working_hours(
@@ -224,7 +292,7 @@ async def change_working_hours(
     data: JSONBody[WorkingHoursInput],
     request: Request[Any, Any, Any],
     scheduling: NamedDependency[SchedulingService],
-) -> Response[Any]:
+) -> Response[ClinicianOut]:
     correlation_id = correlation_of(request.scope)
     cid = _id(clinician_id, ClinicianNotFound)
     expected = expected_version(request)
@@ -245,7 +313,8 @@ async def change_working_hours(
     opt={
         BODY_ERRORS: every_error(
             TimeOffInput, lambda b: parse_time_off(start=b.get("start"), end=b.get("end"))
-        )
+        ),
+        DOCS: _answers("clinician"),
     },
 )
 async def add_time_off(
@@ -253,7 +322,7 @@ async def add_time_off(
     data: JSONBody[TimeOffInput],
     scheduling: NamedDependency[SchedulingService],
     request: Request[Any, Any, Any],
-) -> Response[Any]:
+) -> Response[TimeOffAdded]:
     correlation_id = correlation_of(request.scope)
     cid = _id(clinician_id, ClinicianNotFound)
     start, end = parse_time_off(start=data.start, end=data.end)
@@ -265,7 +334,7 @@ async def add_time_off(
         return saved
 
     saved = await _run(call, "AddTimeOff")
-    body = {"timeOffId": str(chosen[0]), "clinician": clinician_view(saved.aggregate, saved)}
+    body = TimeOffAdded(time_off_id=chosen[0], clinician=clinician_view(saved.aggregate, saved))
     return Response(body, status_code=201, headers=_headers(saved))
 
 
@@ -274,6 +343,7 @@ async def add_time_off(
     summary="Remove time off",
     tags=["clinicians"],
     guards=[requires(CLINICIAN_ADMINS)],
+    opt={DOCS: _answers("clinician or time off")},
 )
 async def remove_time_off(
     clinician_id: FromPath[str],
@@ -296,7 +366,8 @@ async def remove_time_off(
     tags=["clinicians"],
     guards=[requires(CLINICIAN_ADMINS)],
     opt={
-        BODY_ERRORS: every_error(UserLinkInput, lambda b: parse_user_link(user_id=b.get("userId")))
+        BODY_ERRORS: every_error(UserLinkInput, lambda b: parse_user_link(user_id=b.get("userId"))),
+        DOCS: _answers("clinician"),
     },
 )
 async def link_user(
@@ -304,7 +375,7 @@ async def link_user(
     data: JSONBody[UserLinkInput],
     scheduling: NamedDependency[SchedulingService],
     request: Request[Any, Any, Any],
-) -> Response[Any]:
+) -> Response[ClinicianOut]:
     correlation_id = correlation_of(request.scope)
     cid = _id(clinician_id, ClinicianNotFound)
     user = parse_user_link(user_id=data.user_id)
@@ -323,13 +394,18 @@ async def link_user(
     tags=["appointments"],
     status_code=201,
     guards=[requires(APPOINTMENT_BOOKERS)],
-    opt={BODY_ERRORS: every_error(BookingInput, _booking_of)},
+    opt={
+        BODY_ERRORS: every_error(BookingInput, _booking_of),
+        DOCS: Documented(
+            problems={409: _APPOINTMENT_CONFLICT}, etag=True, position=True, location=True
+        ),
+    },
 )
 async def book_appointment(
     data: JSONBody[BookingInput],
     scheduling: NamedDependency[SchedulingService],
     request: Request[Any, Any, Any],
-) -> Response[Any]:
+) -> Response[AppointmentOut]:
     correlation_id = correlation_of(request.scope)
     booking = _booking_of(_wire(data))
     saved = await _run(lambda: scheduling.book(booking, correlation_id), "BookAppointment")
@@ -352,14 +428,17 @@ def _timing_of(body: Mapping[str, Any], current: int | None = None) -> Any:
     tags=["appointments"],
     status_code=200,
     guards=[requires(APPOINTMENT_BOOKERS)],
-    opt={BODY_ERRORS: every_error(RescheduleInput, _timing_of)},
+    opt={
+        BODY_ERRORS: every_error(RescheduleInput, _timing_of),
+        DOCS: _answers("appointment", conflict=_APPOINTMENT_CONFLICT, stale=True),
+    },
 )
 async def reschedule_appointment(
     appointment_id: FromPath[str],
     data: JSONBody[RescheduleInput],
     request: Request[Any, Any, Any],
     scheduling: NamedDependency[SchedulingService],
-) -> Response[Any]:
+) -> Response[AppointmentOut]:
     correlation_id = correlation_of(request.scope)
     aid = _id(appointment_id, AppointmentNotFound)
     expected = expected_version(request)
@@ -382,7 +461,8 @@ async def reschedule_appointment(
     status_code=200,
     guards=[requires(APPOINTMENT_BOOKERS)],
     opt={
-        BODY_ERRORS: every_error(CancelInput, lambda b: parse_cancellation(reason=b.get("reason")))
+        BODY_ERRORS: every_error(CancelInput, lambda b: parse_cancellation(reason=b.get("reason"))),
+        DOCS: _answers("appointment", conflict=_APPOINTMENT_CONFLICT, stale=True),
     },
 )
 async def cancel_appointment(
@@ -390,7 +470,7 @@ async def cancel_appointment(
     data: JSONBody[CancelInput],
     request: Request[Any, Any, Any],
     scheduling: NamedDependency[SchedulingService],
-) -> Response[Any]:
+) -> Response[AppointmentOut]:
     correlation_id = correlation_of(request.scope)
     aid = _id(appointment_id, AppointmentNotFound)
     expected = expected_version(request)
@@ -410,12 +490,13 @@ def _attending(action: str, summary: str) -> Any:
         status_code=200,
         guards=[requires(APPOINTMENT_ATTENDERS)],
         name=f"appointment-{action}",
+        opt={DOCS: _answers("appointment", conflict=_APPOINTMENT_CONFLICT, stale=True)},
     )
     async def attend(
         appointment_id: FromPath[str],
         request: Request[Any, Any, Any],
         scheduling: NamedDependency[SchedulingService],
-    ) -> Response[Any]:
+    ) -> Response[AppointmentOut]:
         correlation_id = correlation_of(request.scope)
         aid = _id(appointment_id, AppointmentNotFound)
         expected = expected_version(request)

@@ -10,7 +10,12 @@
 - the correlation id, decided once per request, bound to its log lines, echoed on
   every answer and read by handlers with `correlation_id(request.scope)`;
 - Prometheus metrics per route template (Litestar's Prometheus integration) at
-  `/metrics`, and `/health/live` and `/health/ready`.
+  `/metrics`, and `/health/live` and `/health/ready`;
+- an OpenAPI document at `/schema/openapi.json` that says what the wire does: Litestar
+  derives bodies and parameters from the handlers' signatures, and `complete_document`
+  adds, from the same guards, options and limits the requests meet, each operation's
+  roles and bearer security, every problem it can answer (one `Problem` schema, as
+  `application/problem+json`) and the headers it reads and writes.
 
 `serve` runs a service's app with Granian, in one or more worker processes.
 """
@@ -19,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import re
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import eventsourcing.persistence
@@ -38,8 +44,9 @@ from litestar.constants import RESERVED_KWARGS
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import ClientException, HTTPException, ValidationException
-from litestar.handlers import BaseRouteHandler
+from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Tag
 from litestar.params import ParameterKwarg
 from litestar.plugins.problem_details import (
@@ -299,6 +306,218 @@ BASE_PROBLEMS: Problems = {
 }
 
 
+DOCS = "docs"
+"""A route option: `opt={DOCS: Documented(...)}`, what a route answers that its signature
+does not say (its own problems and the headers it reads and writes)."""
+
+
+@dataclass(frozen=True)
+class Documented:
+    """What one route adds to the common answers `complete_document` gives every operation."""
+
+    problems: Mapping[int, str] = field(default_factory=dict)
+    """Problem statuses of this route (404, 409, 412...) and when each is answered."""
+    if_match: bool = False
+    """Reads an optional `If-Match` (an ETag it answered); a stale one is 412."""
+    etag: bool = False
+    """Answers the representation's version as `ETag`."""
+    position: bool = False
+    """Answers the event store position of its write as `Event-Position`."""
+    location: bool = False
+    """Answers the new resource's path as `Location`."""
+
+
+EMAIL_FORMAT: dict[str, Any] = {"extra": {"format": "email"}}
+"""`msgspec.Meta(extra_json_schema=EMAIL_FORMAT)` documents a string field as an email
+address (the OpenAPI schema generator reads `extra` as schema keywords)."""
+
+
+def answers(body: type[msgspec.Struct], description: str) -> dict[int, ResponseSpec]:
+    """`responses=` of a handler that answers JSON it encoded itself (bytes): its 200 is
+    described by `body`, the struct whose fields the bytes carry."""
+    return {
+        200: ResponseSpec(data_container=body, description=description, generate_examples=False)
+    }
+
+
+PROBLEM = "Problem"
+PROBLEM_MEDIA = "application/problem+json"
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Every error answer, as application/problem+json.",
+    "required": ["status", "detail"],
+    "properties": {
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "object",
+            "description": "Each bad field (or header, or query parameter) and what is wrong",
+            "additionalProperties": {"type": "string"},
+        },
+    },
+    "additionalProperties": True,
+}
+_HEADERS: dict[str, dict[str, Any]] = {
+    "ETag": {"description": 'The version, quoted: send it back as If-Match ("3")'},
+    "Event-Position": {
+        "description": "The write's position in the event store: pass it as minPosition to"
+        " read your write",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+    "Location": {"description": "The path of the created resource"},
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+    "WWW-Authenticate": {"description": "The bearer challenge"},
+}
+_COMMON: dict[int, str] = {
+    400: "A query parameter, header or body field is invalid; `errors` names each",
+    503: "A dependency is unavailable; retry after Retry-After seconds",
+}
+_WITH_BODY: dict[int, str] = {
+    413: "The body is larger than the service accepts",
+    415: "The body is not JSON",
+}
+_GUARDED: dict[int, str] = {
+    401: "No valid bearer token (missing, malformed, expired, revoked)",
+    403: "The token's role may not do this",
+}
+
+
+_ALWAYS = frozenset({"ETag", "Location", "Retry-After"})
+"""Headers answered whenever the answer they are documented on is (Event-Position is
+not when the write was not recorded in the event store's order yet)."""
+
+
+def _header(name: str) -> dict[str, Any]:
+    return {"schema": {"type": "string"}, **_HEADERS[name], "required": name in _ALWAYS}
+
+
+def _problem(description: str, *headers: str) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": {PROBLEM_MEDIA: {"schema": {"$ref": f"#/components/schemas/{PROBLEM}"}}},
+    }
+    if headers:
+        answer["headers"] = {name: _header(name) for name in headers}
+    return answer
+
+
+def route_roles(handler: HTTPRouteHandler) -> frozenset[Any] | None:
+    """The roles a handler's guards admit (`runtime.security.requires`); None if unguarded."""
+    roles = None
+    for guard in handler.resolve_guards():
+        roles = getattr(guard, "roles", roles)
+    return roles
+
+
+def operations(app: Litestar) -> Iterator[tuple[str, str, HTTPRouteHandler]]:
+    """(method, OpenAPI path, handler) of every HTTP operation the app serves."""
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", []):
+            if isinstance(handler, HTTPRouteHandler):
+                for method in sorted(handler.http_methods - {"OPTIONS", "HEAD"}):
+                    yield method, route.path_format, handler
+
+
+def complete_document(app: Litestar, document: Mapping[str, Any]) -> dict[str, Any]:
+    """The app's OpenAPI document with what Litestar does not derive from the handlers.
+
+    Every operation gets the problems every request can meet (400, 503; 413 and 415 with
+    a body), the route's own (`Documented.problems`), and, when guarded, bearer security,
+    its roles (`x-required-roles`, from the guard itself) and 401/403; success answers
+    name the headers the route writes. Errors are one `Problem` schema.
+    """
+    done = copy.deepcopy(dict(document))
+    handlers = {(m.lower(), path): h for m, path, h in operations(app)}
+    for path, item in done.get("paths", {}).items():
+        for method, operation in item.items():
+            handler = handlers.get((method, path))
+            if handler is None or not isinstance(operation, dict):
+                continue
+            _complete_operation(operation, handler, method)
+    components = done.setdefault("components", {})
+    components.setdefault("schemas", {})[PROBLEM] = PROBLEM_SCHEMA
+    components.setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT (ES256)",
+        "description": "An access token from POST /auth/login",
+    }
+    return done
+
+
+def _complete_operation(operation: dict[str, Any], handler: HTTPRouteHandler, method: str) -> None:
+    documented = handler.opt.get(DOCS) or Documented()
+    responses: dict[str, Any] = operation.setdefault("responses", {})
+    for parameter in operation.get("parameters", []):
+        # Every id in a path is a UUID: the handler answers 404 for one that is not.
+        schema = parameter.get("schema", {})
+        if parameter.get("in") == "path" and parameter["name"].endswith("_id"):
+            schema.setdefault("format", "uuid")
+    for status, answer in list(responses.items()):
+        if status == "204":
+            answer.pop("content", None)  # no body, so no media type either
+        if status.startswith("2"):
+            headers = answer.setdefault("headers", {})
+            for name, wanted in (
+                ("ETag", documented.etag),
+                ("Event-Position", documented.position),
+                ("Location", documented.location and status == "201"),
+            ):
+                if wanted:
+                    headers[name] = _header(name)
+            if not headers:
+                del answer["headers"]
+        else:
+            del responses[status]  # Litestar's own 400 is not the problem we answer
+    problems = dict(_COMMON)
+    if method.upper() in _BODY_METHODS:
+        problems.update(_WITH_BODY)
+    roles = route_roles(handler)
+    if roles is not None:
+        problems.update(_GUARDED)
+        names = sorted(str(getattr(r, "value", r)) for r in roles)
+        operation["security"] = [{"bearer": []}]
+        operation["x-required-roles"] = names
+        needs = f"Requires a bearer token of one of the roles: {', '.join(names)}."
+        operation["description"] = f"{operation.get('description', '')}\n\n{needs}".strip()
+    problems.update(documented.problems)
+    for code, description in sorted(problems.items()):
+        headers = ["Retry-After"] if code in (429, 503) else []
+        if code == 401:
+            headers.append("WWW-Authenticate")
+        responses[str(code)] = _problem(description, *headers)
+    if documented.if_match:
+        operation.setdefault("parameters", []).append(
+            {
+                "name": "If-Match",
+                "in": "header",
+                "required": False,
+                "description": "The ETag you read: a write on a changed version is refused (412)",
+                "schema": {"type": "string", "pattern": '^(W/)?"?[0-9]{1,18}"?$|^\\*$'},
+            }
+        )
+
+
+def _openapi_plugin(app: Litestar) -> Any:
+    return app.plugins.get("OpenAPIPlugin")  # Litestar's own, which serves the document
+
+
+def openapi_document(app: Litestar) -> dict[str, Any]:
+    """The app's OpenAPI document as it serves it (a copy)."""
+    document: dict[str, Any] = _openapi_plugin(app).provide_openapi_schema()
+    return copy.deepcopy(document)
+
+
+def _serve_complete_document(app: Litestar) -> None:
+    """Makes the app serve `complete_document` of what Litestar derives (built now, once:
+    a few milliseconds, and a document that cannot be built fails the app's creation)."""
+    plugin = _openapi_plugin(app)
+    plugin._openapi_schema = complete_document(app, plugin.provide_openapi().to_schema())
+
+
 Check = Callable[[], Awaitable[None]]
 """A readiness check: returns when its dependency answers, raises otherwise."""
 
@@ -335,7 +554,7 @@ def service_app(
         buckets=list(LATENCY_BUCKETS),
         exclude=["/health", "/metrics"],
     )
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             *route_handlers,
             *health_routes(checks or {}),
@@ -372,6 +591,8 @@ def service_app(
         logging_config=None,
         state=State(dict(state or {})),
     )
+    _serve_complete_document(app)
+    return app
 
 
 class MetricsController(PrometheusController):

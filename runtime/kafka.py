@@ -18,7 +18,12 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    for_code,
+)
 from faststream.kafka import KafkaBroker
 from faststream.kafka.security import parse_security
 from faststream.message import StreamMessage
@@ -74,7 +79,13 @@ async def ensure_topics(
         ]
         if wanted:
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(wanted)
+                response = await admin.create_topics(wanted)
+                # The broker answers per topic; a refusal (too many replicas for the
+                # cluster, say) is an error code in the answer, not an exception.
+                for topic, code, *_ in response.topic_errors:
+                    error = for_code(code)
+                    if code and error is not TopicAlreadyExistsError:
+                        raise error(f"creating topic {topic}")
     finally:
         await admin.close()
 

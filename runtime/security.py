@@ -37,10 +37,11 @@ from jwt.algorithms import ECAlgorithm
 from litestar import Litestar
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
-from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
+from litestar.handlers import BaseRouteHandler
 from litestar.types import Guard
 
 from domain.roles import Role
+from runtime.http import operations, route_roles
 from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -452,15 +453,9 @@ def requires(roles: Iterable[Role]) -> Guard:
 
 
 def role_matrix(app: Litestar) -> dict[tuple[str, str], frozenset[Role] | None]:
-    """Every (method, path) of an app and the roles it admits; None means unguarded."""
-    matrix: dict[tuple[str, str], frozenset[Role] | None] = {}
-    for route in app.routes:
-        for handler in getattr(route, "route_handlers", []):
-            if not isinstance(handler, HTTPRouteHandler):
-                continue
-            roles = None
-            for guard in handler.resolve_guards():
-                roles = getattr(guard, "roles", roles)
-            for method in sorted(handler.http_methods - {"OPTIONS", "HEAD"}):
-                matrix[(method, route.path)] = roles
-    return matrix
+    """Every (method, path) of an app and the roles it admits; None means unguarded.
+
+    Paths are as its OpenAPI document writes them (`/patients/{patient_id}`), so the
+    matrix and the document name each operation alike.
+    """
+    return {(method, path): route_roles(handler) for method, path, handler in operations(app)}

@@ -5,6 +5,7 @@
     haproxy.cfg          ops/gateway/haproxy.cfg with one JWT rule per key id
     keys/<kid>.pem       the public key of each published signing key
     docs/<service>.json  each service's OpenAPI, with gateway paths and the roles per operation
+    docs/events.json     the Kafka topics' AsyncAPI document (schemas/asyncapi.json)
     docs/index.html      a page that browses them
     revoked-*.map        revoked sessions and subjects (created empty; the watcher fills them)
 
@@ -30,7 +31,8 @@ from typing import Any
 
 from litestar import Litestar
 
-from runtime.security import KID, Revocation, role_matrix
+from runtime.http import PROBLEM, PROBLEM_MEDIA, openapi_document
+from runtime.security import KID, Revocation
 from runtime.settings import Settings
 
 TEMPLATES = Path(__file__).resolve().parent
@@ -65,34 +67,28 @@ class GatewayConfigError(Exception):
 
 
 def annotated(app: Litestar, prefix: str = "") -> dict[str, Any]:
-    """The app's OpenAPI, with paths as the gateway serves them and each operation's roles."""
-    schema = app.openapi_schema.to_schema()
-    # Routes are keyed like /patients/{patient_id:str}; OpenAPI writes /patients/{patient_id}.
-    matrix = {
-        (method, re.sub(r":[^}]*}", "}", path)): roles
-        for (method, path), roles in role_matrix(app).items()
+    """The app's OpenAPI as the gateway serves it: its paths under `prefix`, and the 429
+    the gateway's rate limits add to every operation. Security and roles
+    (`x-required-roles`) are the service's own document's, from its guards."""
+    schema = openapi_document(app)
+    throttled = {
+        "description": "Too many requests from this token or address; retry after Retry-After",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait",
+                "schema": {"type": "string"},
+                "required": True,
+            }
+        },
+        "content": {PROBLEM_MEDIA: {"schema": {"$ref": f"#/components/schemas/{PROBLEM}"}}},
     }
     paths = {}
     for path, operations in schema.get("paths", {}).items():
-        for method, operation in operations.items():
-            roles = matrix.get((method.upper(), path))
-            if isinstance(operation, dict) and roles is not None:
-                operation["security"] = [{"bearer": []}]
-                operation["x-roles"] = sorted(r.value for r in roles)
-                operation.setdefault("responses", {}).update(
-                    {
-                        "401": {"description": "No valid bearer token"},
-                        "403": {"description": "The token's role may not do this"},
-                    }
-                )
+        for operation in operations.values():
+            if isinstance(operation, dict) and "responses" in operation:
+                operation["responses"]["429"] = throttled
         paths[prefix + path] = operations
     schema["paths"] = paths
-    components = schema.setdefault("components", {})
-    components.setdefault("securitySchemes", {})["bearer"] = {
-        "type": "http",
-        "scheme": "bearer",
-        "bearerFormat": "JWT (ES256)",
-    }
     schema["servers"] = [{"url": "/"}]
     return schema
 
@@ -160,12 +156,37 @@ def render(
         "CORS_ACL": _cors_acl(settings),
         "JWT_RULES": jwt_rules,
         "DOCS_RULES": "\n".join(docs_rules),
+        "ERROR_FILES": "\n".join(
+            f"    errorfile {status} {out}/errors/{status}.http" for status in ERRORS
+        ),
         "WATCHER": f'"{sys.executable}" -m bootstrap gateway-watch --dir "{out}"',
     }
     text = (TEMPLATES / "haproxy.cfg").read_text()
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
     return text
+
+
+ERRORS = {
+    400: ("Bad Request", "the request is malformed, or its headers are too large"),
+    408: ("Request Timeout", "the request did not arrive in time"),
+    500: ("Internal Server Error", "the gateway failed"),
+    502: ("Bad Gateway", "the service answered with something that is not HTTP"),
+    503: ("Service Unavailable", "the service is unavailable; try again shortly"),
+    504: ("Gateway Timeout", "the service did not answer in time"),
+}
+"""The answers HAProxy makes itself, as problem+json like every other answer."""
+
+
+def _error_page(status: int) -> bytes:
+    reason, detail = ERRORS[status]
+    body = json.dumps({"status": status, "detail": detail}, separators=(",", ":"))
+    retry = "retry-after: 1\r\n" if status == 503 else ""
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/problem+json\r\n"
+        f"cache-control: no-store\r\n{retry}connection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -190,6 +211,9 @@ def write_config(
     out = Path(settings.gateway_dir)
     (out / "keys").mkdir(parents=True, exist_ok=True)
     (out / "docs").mkdir(parents=True, exist_ok=True)
+    (out / "errors").mkdir(parents=True, exist_ok=True)
+    for status in ERRORS:
+        _write(out / "errors" / f"{status}.http", _error_page(status))
     for kid, pem in keys.items():
         _write(out / "keys" / f"{kid}.pem", pem)
     for name, document in documents.items():

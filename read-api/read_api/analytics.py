@@ -18,6 +18,7 @@ from domain.errors import InvalidData
 from domain.roles import ANALYTICS_READERS
 from read_api.waiting import await_position
 from readmodels import analytics as model
+from runtime.http import answers
 from runtime.security import requires
 
 MAX_DAYS = 3_700
@@ -42,6 +43,57 @@ MinPosition = Annotated[
 ]
 
 
+class RegistrationBucket(msgspec.Struct, kw_only=True):
+    start: date
+    registrations: int
+    removals: int
+
+
+class AppointmentBucket(msgspec.Struct, rename="camel", kw_only=True):
+    start: date
+    booked: int
+    completed: int
+    cancelled: int
+    no_show: int
+    no_show_rate: Annotated[
+        float | None, msgspec.Meta(description="No-shows over completed plus no-shows")
+    ]
+    median_lead_hours: float | None
+
+
+class BillingBucket(msgspec.Struct, rename="camel", kw_only=True):
+    currency: str
+    start: date
+    invoiced_minor: int
+    paid_minor: int
+    outstanding_minor: int
+
+
+class _Series(msgspec.Struct, kw_only=True):
+    start: date = msgspec.field(name="from")
+    end: date = msgspec.field(name="to")
+    interval: Literal["day", "week", "month"]
+    timezone: Annotated[str, msgspec.Meta(description="The practice's time zone (IANA)")]
+
+
+class RegistrationCounts(_Series, kw_only=True):
+    buckets: list[RegistrationBucket]
+
+
+class AppointmentCounts(_Series, kw_only=True):
+    buckets: list[AppointmentBucket]
+
+
+class BillingSums(_Series, kw_only=True):
+    buckets: list[BillingBucket]
+
+
+class AgeBands(msgspec.Struct, kw_only=True):
+    at: date
+    bands: Annotated[dict[str, int], msgspec.Meta(description="Patients per age band")]
+    timezone: str
+
+
 def _range(start: date, end: date) -> None:
     if end < start:
         raise InvalidData({"to": "must not be before from"})
@@ -64,6 +116,7 @@ def _answer(source: Analytics, body: dict[str, Any]) -> Response[bytes]:
     summary="New patients (by registeredDate) and removals per bucket",
     tags=["analytics"],
     guards=[requires(ANALYTICS_READERS)],
+    responses=answers(RegistrationCounts, "Counts per bucket"),
 )
 async def registrations(
     analytics: NamedDependency[Analytics],
@@ -86,6 +139,7 @@ async def registrations(
     summary="Current patients per age band on a day",
     tags=["analytics"],
     guards=[requires(ANALYTICS_READERS)],
+    responses=answers(AgeBands, "Counts per age band"),
 )
 async def age_bands(
     analytics: NamedDependency[Analytics],
@@ -105,6 +159,7 @@ async def age_bands(
     "median lead time from booking to start, in hours.",
     tags=["analytics"],
     guards=[requires(ANALYTICS_READERS)],
+    responses=answers(AppointmentCounts, "Counts per bucket"),
 )
 async def appointments(
     analytics: NamedDependency[Analytics],
@@ -128,6 +183,7 @@ async def appointments(
     summary="Invoiced, paid and outstanding per currency and bucket, in minor units",
     tags=["analytics"],
     guards=[requires(ANALYTICS_READERS)],
+    responses=answers(BillingSums, "Sums per currency and bucket"),
 )
 async def billing(
     analytics: NamedDependency[Analytics],

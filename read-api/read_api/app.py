@@ -36,7 +36,16 @@ from readmodels.directory import (
     records,
 )
 from runtime.db import open_pool
-from runtime.http import Problems, Soft, problem, service_app
+from runtime.http import (
+    DOCS,
+    EMAIL_FORMAT,
+    Documented,
+    Problems,
+    Soft,
+    answers,
+    problem,
+    service_app,
+)
 from runtime.security import TokenVerifier, requires
 from runtime.settings import Settings, SettingsError
 
@@ -64,7 +73,35 @@ async def _await_position(directory: Directory, position: int | None) -> None:
     )
 
 
-@get("/patients", summary="List patients", tags=["patients"], guards=[requires(PATIENT_READERS)])
+class PatientView(msgspec.Struct, rename="camel", kw_only=True):
+    """One patient as the query API shows it: `readmodels.directory.PatientRow`, which the
+    answers are encoded from, described with the formats its values have."""
+
+    id: UUID
+    name: str
+    email: Annotated[str, msgspec.Meta(extra_json_schema=EMAIL_FORMAT)]
+    address: str
+    date_of_birth: date
+    registered_date: date
+    version: int
+
+
+class PatientPage(msgspec.Struct, kw_only=True):
+    """One page of patients (`read_api.queries.Page`)."""
+
+    patients: list[PatientView]
+    next: Annotated[
+        str | None, msgspec.Meta(description="Pass as `cursor` for the next page; null at the end")
+    ]
+
+
+@get(
+    "/patients",
+    summary="List patients",
+    tags=["patients"],
+    guards=[requires(PATIENT_READERS)],
+    responses=answers(PatientPage, "A page of patients"),
+)
 async def list_patients(
     directory: NamedDependency[Directory],
     limit: Annotated[int, Parameter(ge=1, le=200, description="Page size")] = 50,
@@ -128,6 +165,8 @@ async def list_patients(
     summary="Get one patient",
     tags=["patients"],
     guards=[requires(PATIENT_READERS)],
+    responses=answers(PatientView, "The patient"),
+    opt={DOCS: Documented(problems={404: "No such patient (or the id is not a UUID)"}, etag=True)},
 )
 async def get_patient(
     patient_id: FromPath[str],

@@ -33,7 +33,7 @@ from domain.scheduling import (
 )
 from read_api.waiting import await_position
 from readmodels import appointments as model
-from runtime.http import Problems, problem
+from runtime.http import DOCS, Documented, Problems, answers, problem
 from runtime.security import Claims, requires
 
 Status = Literal["booked", "checked-in", "completed", "cancelled", "no-show"]
@@ -74,6 +74,29 @@ def _shown(rows: list[model.AppointmentRow], claims: Claims, own: UUID | None) -
             row.cancellation_reason = None
 
 
+class AppointmentsPage(msgspec.Struct, kw_only=True):
+    appointments: list[model.AppointmentRow]
+    next: str | None
+
+
+class CliniciansPage(msgspec.Struct, kw_only=True):
+    clinicians: list[model.ClinicianRow]
+    next: str | None
+
+
+class Slot(msgspec.Struct, kw_only=True):
+    start: datetime
+    end: datetime
+
+
+class Slots(msgspec.Struct, kw_only=True):
+    slots: list[Slot]
+
+
+def _one(what: str) -> Documented:
+    return Documented(problems={404: f"No such {what} (or the id is not a UUID)"}, etag=True)
+
+
 MinPosition = Annotated[
     int | None, Parameter(ge=1, description="Answer only once the model reflects this position")
 ]
@@ -85,6 +108,7 @@ MinPosition = Annotated[
     description="Keyset-paged by start time. `clinicianId=me`: the caller's own appointments.",
     tags=["appointments"],
     guards=[requires(SCHEDULE_READERS)],
+    responses=answers(AppointmentsPage, "A page of appointments"),
 )
 async def list_appointments(
     request: Request[Any, Any, Any],
@@ -151,6 +175,8 @@ async def list_appointments(
     summary="Get one appointment",
     tags=["appointments"],
     guards=[requires(SCHEDULE_READERS)],
+    responses=answers(model.AppointmentRow, "The appointment"),
+    opt={DOCS: _one("appointment")},
 )
 async def get_appointment(
     appointment_id: FromPath[str],
@@ -179,6 +205,7 @@ async def get_appointment(
     summary="List clinicians",
     tags=["clinicians"],
     guards=[requires(SCHEDULE_READERS)],
+    responses=answers(CliniciansPage, "A page of clinicians"),
 )
 async def list_clinicians(
     source: NamedDependency[Appointments],
@@ -210,6 +237,8 @@ async def list_clinicians(
     summary="Get one clinician, with time off",
     tags=["clinicians"],
     guards=[requires(SCHEDULE_READERS)],
+    responses=answers(model.ClinicianRow, "The clinician"),
+    opt={DOCS: _one("clinician")},
 )
 async def get_clinician(
     clinician_id: FromPath[str],
@@ -244,6 +273,8 @@ async def _clinician(
     "`date`, minus booked time and time off; past slots are left out.",
     tags=["clinicians"],
     guards=[requires(SCHEDULE_READERS)],
+    responses=answers(Slots, "The free slots, in order"),
+    opt={DOCS: Documented(problems={404: "No such clinician (or the id is not a UUID)"})},
 )
 async def free_slots(
     clinician_id: FromPath[str],

@@ -16,6 +16,7 @@ from litestar.params import Parameter
 from domain.errors import InvalidData
 from domain.roles import NOTIFICATION_READERS
 from readmodels import notifications as ledger
+from runtime.http import answers
 from runtime.security import requires
 
 _encoder = msgspec.json.Encoder()
@@ -27,11 +28,17 @@ class _Cursor(msgspec.Struct, array_like=True):
     id: UUID
 
 
+class NotificationsPage(msgspec.Struct, kw_only=True):
+    notifications: list[ledger.NotificationRow]
+    next: str | None
+
+
 @get(
     "/notifications",
     summary="The notification ledger, newest first",
     tags=["notifications"],
     guards=[requires(NOTIFICATION_READERS)],
+    responses=answers(NotificationsPage, "A page of the ledger"),
 )
 async def list_notifications(
     pool: NamedDependency[psycopg_pool.AsyncConnectionPool[Any]],

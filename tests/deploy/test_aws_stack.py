@@ -9,7 +9,10 @@ secrets, and a health check and a log group for every process. Synthesis needs N
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ from aws_cdk.assertions import Match, Template  # noqa: E402
 from ops.aws import services as table  # noqa: E402
 from ops.aws.app import build  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
 CERTIFICATE = "arn:aws:acm:eu-west-1:111111111111:certificate/test-certificate"
 
 
@@ -302,3 +306,25 @@ def test_the_service_table_matches_the_code():
         assert parsed.value.code == 0, spec.command
     ports = {s.health_port for s in table.SERVICES}
     assert set(DEFAULT_PORTS.values()) <= ports
+
+
+@pytest.mark.skipif(shutil.which("npx") is None, reason="no npx to fetch the CDK command line")
+def test_the_cdk_command_line_synthesises_the_app(tmp_path):
+    """`cdk synth` itself (the command line from the npm registry, as `make synth` runs
+    it), without AWS credentials: it writes the stack's template."""
+    out = tmp_path / "cdk.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CDK_DEFAULT"))}
+    done = subprocess.run(
+        ["npx", "--yes", "aws-cdk@2", "synth", "--quiet", "--output", str(out)],
+        cwd=ROOT / "ops" / "aws",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    templates = list(out.glob("*.template.json"))
+    assert templates, f"no template in {out}: {sorted(p.name for p in out.iterdir())}"
+    resources = json.loads(templates[0].read_text())["Resources"]
+    assert any(r["Type"] == "AWS::RDS::DBInstance" for r in resources.values())

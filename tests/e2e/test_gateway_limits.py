@@ -239,7 +239,9 @@ async def test_each_services_openapi_is_served_with_gateway_paths(gateway, servi
     prefix = "/api/" if service == "patients" else "/auth/"
     assert document["paths"]
     assert all(path.startswith(prefix) for path in document["paths"])
-    guarded = [op for ops in document["paths"].values() for op in ops.values() if "x-roles" in op]
+    guarded = [
+        op for ops in document["paths"].values() for op in ops.values() if "x-required-roles" in op
+    ]
     assert guarded
     assert all(op["security"] == [{"bearer": []}] for op in guarded)
 

@@ -1,11 +1,15 @@
-"""Every HTTP API, fuzzed from its own OpenAPI document: no input makes it answer 5xx.
+"""Every HTTP API, fuzzed from its own OpenAPI document: no input makes it answer 5xx,
+and every answer is one the document describes.
 
 A bounded schemathesis run against each service (commands, read-api, auth) and against
 the gateway in front of them (its /api-docs documents). Every operation gets the
 schema's examples, its coverage cases (boundaries, wrong types, missing and extra
 fields, bad query parameters) and a few random cases; each answer must be below 500,
-and each 4xx must be `application/problem+json`, the error format every service and the
-gateway promise.
+each 4xx must be `application/problem+json`, the error format every service and the
+gateway promise, and each answer must conform to the document: a documented status,
+a documented media type, a body that fits the documented schema and documented
+headers that fit theirs (`CONFORMANCE`). An answer the document does not describe fails
+the run, so the document cannot drift from the wire.
 
 A fuzz run must not change data it did not create: the services and the gateway here
 are the attack suite's own processes on an isolated database and topic prefix (the
@@ -29,6 +33,12 @@ import schemathesis.engine
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from domain.roles import Role
 from tests.support.revocation import Stack
@@ -40,6 +50,13 @@ MAX_EXAMPLES = 15
 """Random cases per operation, beside the examples and coverage cases: keeps the whole
 fuzz suite within a few minutes on two cores."""
 PASSWORD = "fuzz run's own password 1"
+CONFORMANCE = (
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+)
+"""schemathesis's checks that each answer is the one the document describes."""
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +93,7 @@ def fuzz(document_url: str, base_url: str, token: str) -> None:
                 "enabled": False,
                 no_server_error.__name__: {"enabled": True},
                 problem_details_on_4xx.__name__: {"enabled": True},
+                **{check.__name__: {"enabled": True} for check in CONFORMANCE},
             },
             "request-timeout": 30,
         }

@@ -1,4 +1,5 @@
-"""Kill -9 under write load: the command API, and a PostgreSQL server of the test's own.
+"""Kill -9 under write load: the command API, and a PostgreSQL server and a Kafka broker
+of the test's own.
 
 Several clients register patients concurrently through a command API with its relay, the
 patient directory projection and billing behind it (real processes on an isolated
@@ -13,12 +14,14 @@ because of the kill is retried with a new email). Afterwards:
   store, answered or not, reached the directory and billing.
 
 The shared PostgreSQL and Kafka are never killed: the PostgreSQL test runs a private
-cluster (initdb on a free port, migrated with `carelog db migrate`).
+cluster (initdb on a free port, migrated with `carelog db migrate`), the Kafka test a
+private one-node broker from the stack's jars (formatted in a temporary directory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import shutil
@@ -27,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,3 +359,151 @@ async def test_a_killed_postgresql_loses_and_doubles_nothing(tmp_path: Path):
             assert not load.refused_own, (
                 f"{len(load.refused_own)} registration(s) stored but answered 409"
             )
+
+
+KAFKA_LIBS = ROOT / ".stack" / "kafka" / "libs"
+
+
+@dataclass
+class PrivateKafka:
+    """A one-node KRaft broker of the test's own, PLAINTEXT on free ports, its data in a
+    temporary directory: killing it disturbs nobody else."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    controller_port: int = field(default_factory=free_port)
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _java(self, *args: str) -> list[str]:
+        return [
+            "java",
+            "-Xmx512m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dkafka.logs.dir={self.directory}",
+            f"-Dlog4j.configuration=file:{ROOT / 'ops' / 'local' / 'kafka' / 'log4j.properties'}",
+            "-cp",
+            f"{KAFKA_LIBS}/*",
+            *args,
+        ]
+
+    def format(self) -> None:
+        config = self.directory / "server.properties"
+        config.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},"
+                    f"CONTROLLER://127.0.0.1:{self.controller_port}",
+                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    "controller.listener.names=CONTROLLER",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    f"log.dirs={self.directory / 'data'}",
+                    "auto.create.topics.enable=false",
+                    "num.partitions=1",
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=3",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "group.initial.rebalance.delay.ms=0",
+                ]
+            )
+            + "\n"
+        )
+        cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        subprocess.run(
+            self._java("kafka.tools.StorageTool", "format", "-t", cluster, "-c", str(config)),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def start(self) -> None:
+        log = (self.directory / "kafka.log").open("ab")
+        self.popen = subprocess.Popen(
+            self._java("kafka.Kafka", str(self.directory / "server.properties")),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        # Its own event loop, in a thread: the caller may be running one already.
+        with ThreadPoolExecutor(1) as waiter:
+            waiter.submit(asyncio.run, self._wait_ready()).result()
+
+    async def _wait_ready(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.popen is not None
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"Kafka exited: {self.tail()}")
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
+            try:
+                await admin.start()
+                await admin.list_topics()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Kafka did not start: {self.tail()}") from None
+                await asyncio.sleep(0.5)
+            finally:
+                await admin.close()
+
+    def kill(self) -> None:
+        assert self.popen is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+    def tail(self) -> str:
+        path = self.directory / "kafka.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+@contextmanager
+def private_kafka() -> Iterator[PrivateKafka]:
+    if not KAFKA_LIBS.is_dir() or shutil.which("java") is None:
+        pytest.skip(f"no Kafka jars in {KAFKA_LIBS} or no java (`make up` installs them)")
+    directory = Path(tempfile.mkdtemp(prefix="carelog-kafka-"))
+    broker = PrivateKafka(directory)
+    try:
+        broker.format()
+        broker.start()
+        yield broker
+    finally:
+        broker.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_killed_kafka_loses_and_doubles_nothing(tmp_path: Path):
+    """The relay, the directory and billing lose their broker mid-flow: afterwards every
+    registration still reached both, once, and the command API never stopped answering."""
+    with private_kafka() as kafka, isolated_settings("kk") as isolated:
+        settings = isolated.with_(
+            kafka_bootstrap=kafka.bootstrap,
+            kafka_security_protocol="PLAINTEXT",
+            kafka_username="",
+            kafka_password="",
+        )
+        with pipeline(settings, tmp_path) as line:
+
+            def kill_and_restart() -> None:
+                kafka.kill()
+                time.sleep(1.0)  # the relay and the consumers notice the broker is gone
+                kafka.start()
+
+            load = await under_load(line, kill_and_restart)
+            for name, process in line.processes.items():
+                assert process.popen is not None and process.popen.poll() is None, (
+                    f"{name} did not survive the broker's restart: {process.tail()}"
+                )
+            await check_nothing_lost_or_doubled(settings.database_url, load)
+            assert load.refused_own == []

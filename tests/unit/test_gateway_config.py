@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 
 from auth.keys import KeyRing, add_key
 from bootstrap import gateway
+from bootstrap.asyncapi import document
 from ops.gateway import generate as gateway_config
 from runtime.settings import Settings, SettingsError
 from tests.support.tokens import auth_settings
@@ -66,21 +68,54 @@ def test_the_logs_never_carry_query_strings_or_headers():
 
 def test_the_docs_use_gateway_paths_and_name_roles(auth):
     documents = gateway.api_documents(SETTINGS, auth)
-    assert set(documents) == {"patients", "auth"}
+    assert set(documents) == {"patients", "auth", "events"}
     patients = documents["patients"]["paths"]
     assert {"/api/patients", "/api/patients/{patient_id}"} <= set(patients)
     assert {"/api/appointments", "/api/clinicians/{clinician_id}/slots"} <= set(patients)
     assert all(path.startswith("/api/") for path in patients)
-    assert patients["/api/patients"]["post"]["x-roles"] == ["admin", "clinician", "receptionist"]
+    assert patients["/api/patients"]["post"]["x-required-roles"] == [
+        "admin",
+        "clinician",
+        "receptionist",
+    ]
     one = patients["/api/patients/{patient_id}"]
-    assert one["put"]["x-roles"] == ["admin", "clinician", "receptionist"]
+    assert one["put"]["x-required-roles"] == ["admin", "clinician", "receptionist"]
     assert one["get"]["security"] == [{"bearer": []}]
-    booking = patients["/api/appointments"]["post"]["x-roles"]
+    booking = patients["/api/appointments"]["post"]["x-required-roles"]
     assert booking == ["admin", "receptionist"]
-    assert len(patients["/api/patients"]["get"]["x-roles"]) == 5
+    assert len(patients["/api/patients"]["get"]["x-required-roles"]) == 5
     login = documents["auth"]["paths"]["/auth/login"]["post"]
-    assert "x-roles" not in login
+    assert "x-required-roles" not in login
     assert "security" not in login
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is installed by make install")
+def test_the_events_asyncapi_document_is_served_and_listed(auth, settings):
+    path = gateway.write_config(settings, auth)
+    out = Path(settings.gateway_dir)
+    rule = (
+        f"http-request return status 200 content-type application/json"
+        f" file {out}/docs/events.json if METH_GET {{ path /api-docs/events }}"
+    )
+    assert rule in path.read_text()
+    assert json.loads((out / "docs" / "events.json").read_text()) == document()
+    page = (out / "docs" / "index.html").read_text()
+    assert '"events"' in page and "events (AsyncAPI)" in page
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is installed by make install")
+def test_haproxys_own_answers_are_problem_json(auth, settings):
+    config = gateway.write_config(settings, auth).read_text()
+    for status in gateway_config.ERRORS:
+        page = Path(settings.gateway_dir) / "errors" / f"{status}.http"
+        assert f"errorfile {status} {page}" in config
+        head, body = page.read_bytes().split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        assert lines[0].startswith(f"HTTP/1.1 {status} ")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        assert headers["content-type"] == "application/problem+json"
+        assert int(headers["content-length"]) == len(body)
+        assert json.loads(body)["status"] == status
 
 
 def test_the_rate_limits_count_only_the_requests_they_let_through():
