@@ -221,7 +221,7 @@ def create_app(
         ) from None
 
     async def start(app: Litestar) -> None:
-        pool = await open_pool(settings.database_url, min_size=2, max_size=16)
+        pool = await open_pool(settings.database_url, min_size=2, max_size=16, autocommit=True)
         redis = redis_client(settings)
         cache = GuardedCache(
             DirectoryCache(
