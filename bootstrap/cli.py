@@ -39,6 +39,7 @@ import structlog
 
 from runtime.logs import configure_logging
 from runtime.settings import Settings, SettingsError, read_env_file
+from runtime.tracing import configure_tracing
 
 if TYPE_CHECKING:
     from auth.config import AuthSettings
@@ -68,6 +69,7 @@ def _settings(service: str) -> Settings:
     except SettingsError as exc:
         sys.exit(f"carelog {service}: {exc}")
     configure_logging(settings.log_level, service)
+    configure_tracing(settings.otlp_endpoint, service)
     return settings
 
 

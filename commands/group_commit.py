@@ -20,6 +20,7 @@ from typing import Any
 from eventsourcing.persistence import Recording
 
 from commands.store import EventStore
+from runtime import tracing
 
 
 @dataclass(eq=False)
@@ -49,6 +50,28 @@ class GroupCommit:
 
     def save(self, *objects: Any) -> list[Recording[Any]]:
         """Like `store.save`: returns this save's recordings or raises its error."""
+        if not tracing.enabled():
+            return self._save(objects)
+        with tracing.tracer().start_as_current_span("event_store.save", **tracing.QUIET) as span:
+            try:
+                recordings = self._save(objects)
+            except BaseException as exc:
+                tracing.mark_failed(span, exc)
+                raise
+            events = [r.domain_event for r in recordings]
+            causes = sorted({c for e in events if (c := getattr(e, "correlation_id", None))})
+            span.set_attributes(
+                {
+                    "carelog.event_types": [type(e).__qualname__ for e in events],
+                    "carelog.aggregate_ids": sorted({str(e.originator_id) for e in events}),
+                    "carelog.positions": [r.notification.id for r in recordings],
+                }
+            )
+            if len(causes) == 1:
+                span.set_attribute(tracing.CORRELATION_ID, causes[0])
+            return recordings
+
+    def _save(self, objects: tuple[Any, ...]) -> list[Recording[Any]]:
         present = [o for o in objects if o is not None]
         collected = [(o, o.collect_events()) for o in present]
         events = [event for _, pending in collected for event in pending]

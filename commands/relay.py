@@ -17,10 +17,13 @@ from typing import Any
 
 import anyio
 import psycopg
+from prometheus_client import Gauge
 
 from commands.store import EventStore
 from domain.contracts import CONTRACTS, envelope_for
 from runtime.publisher import Batch, Outgoing
+
+POSITION = Gauge("carelog_publisher_position", "Last position a publisher recorded", ["publisher"])
 
 WAIT_SECONDS = 1.0
 """Longest the relay waits for an announcement before reading the store anyway."""
@@ -90,6 +93,7 @@ class EventStoreLog:
             [self.name, mark],
         )
         self.position = mark
+        POSITION.labels(self.name).set(mark)
 
     async def backlog(self) -> int:
         newest = await anyio.to_thread.run_sync(self.store.recorder.max_notification_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -22,9 +22,11 @@ import redis.exceptions
 import structlog
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
 from prometheus_client import Counter
 
 from domain import contracts
+from runtime import tracing
 from runtime.kafka import raw_bodies
 
 log = structlog.get_logger(__name__)
@@ -67,7 +69,9 @@ class EventBatchWorker(abc.ABC):
     async def apply(self, batch: Batch) -> None:
         """Applies decoded events in one transaction; raises UnappliableEvent or fails."""
 
-    async def handle(self, bodies: list[bytes]) -> None:
+    async def handle(self, bodies: list[bytes], headers: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Applies one batch; `headers` (each message's Kafka headers) join its span to the
+        publish spans that sent it."""
         decoded: Batch = []
         for body in bodies:
             try:
@@ -79,17 +83,39 @@ class EventBatchWorker(abc.ABC):
         # Log lines about the batch name the requests that caused its events.
         causes = sorted({e.correlation_id for e, _ in decoded if e.correlation_id})
         with structlog.contextvars.bound_contextvars(correlation_id=" ".join(causes) or None):
-            try:
-                await self._apply(decoded)
-            except TRANSIENT as exc:
-                log.warning("batch not applied; redelivering", consumer=self.name, error=repr(exc))
-                await asyncio.sleep(1.0)
-                raise
-            except Exception:
-                # Unexpected: logged by the broker with its traceback, then redelivered,
-                # paced so that a bug cannot spin the consumer.
-                await asyncio.sleep(1.0)
-                raise
+            if not tracing.enabled():
+                await self._handle(decoded)
+                return
+            with tracing.consumer_span(
+                f"consume {self.name}",
+                headers,
+                {
+                    "carelog.consumer": self.name,
+                    "carelog.events": len(decoded),
+                    "carelog.event_types": sorted({e.type for e, _ in decoded}),
+                    "carelog.position.first": decoded[0][0].position,
+                    "carelog.position.last": decoded[-1][0].position,
+                    "carelog.correlation_ids": causes,
+                },
+            ) as span:
+                try:
+                    await self._handle(decoded)
+                except BaseException as exc:
+                    tracing.mark_failed(span, exc)
+                    raise
+
+    async def _handle(self, decoded: Batch) -> None:
+        try:
+            await self._apply(decoded)
+        except TRANSIENT as exc:
+            log.warning("batch not applied; redelivering", consumer=self.name, error=repr(exc))
+            await asyncio.sleep(1.0)
+            raise
+        except Exception:
+            # Unexpected: logged by the broker with its traceback, then redelivered,
+            # paced so that a bug cannot spin the consumer.
+            await asyncio.sleep(1.0)
+            raise
 
     async def _apply(self, decoded: Batch) -> None:
         try:
@@ -147,5 +173,5 @@ def subscribe(
         ack_policy=AckPolicy.NACK_ON_ERROR,
         decoder=raw_bodies,
     )
-    async def on_events(bodies: list[bytes]) -> None:
-        await worker.handle(bodies)
+    async def on_events(bodies: list[bytes], message: KafkaMessage) -> None:
+        await worker.handle(bodies, message.batch_headers)

@@ -61,8 +61,10 @@ from litestar.plugins.prometheus import (
 )
 from litestar.types import Scope
 from litestar.utils.scope.state import ScopeState
+from opentelemetry.trace import SpanKind
 
 from domain.errors import InvalidData
+from runtime import tracing
 
 log = structlog.get_logger(__name__)
 
@@ -577,7 +579,8 @@ def service_app(
         dependencies=dict(dependencies or {}),
         before_request=_before_request,
         before_send=[echo_correlation_id],
-        middleware=[metrics.middleware],
+        # Traced only when this process exports spans: otherwise not even a no-op span.
+        middleware=[metrics.middleware, *([traced] if tracing.enabled() else [])],
         on_startup=list(on_startup),
         on_shutdown=list(on_shutdown),
         request_max_body_size=max_body_bytes,
@@ -593,6 +596,45 @@ def service_app(
     )
     _serve_complete_document(app)
     return app
+
+
+def traced(app: Any) -> Any:
+    """ASGI middleware: a server span per request, continuing the caller's `traceparent`,
+    named by method and route template (never the path itself, which may hold ids the
+    route does not name) and carrying the correlation id."""
+
+    async def middleware(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        method = scope.get("method", "GET")
+        route = scope.get("path_template", "")
+        with tracing.tracer().start_as_current_span(
+            f"{method} {route}".rstrip(),
+            context=tracing.extract((k.decode("latin-1"), v) for k, v in scope.get("headers", ())),
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": method,
+                "http.route": route,
+                tracing.CORRELATION_ID: correlation_id(scope),
+            },
+            **tracing.QUIET,
+        ) as span:
+
+            async def sending(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    span.set_attribute("http.response.status_code", message["status"])
+                    if message["status"] >= 500:
+                        span.set_status(tracing.Status(tracing.StatusCode.ERROR))
+                await send(message)
+
+            try:
+                await app(scope, receive, sending)
+            except BaseException as exc:
+                tracing.mark_failed(span, exc)
+                raise
+
+    return middleware
 
 
 class MetricsController(PrometheusController):

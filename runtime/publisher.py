@@ -25,13 +25,16 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
 from domain.contracts import Envelope
+from runtime import tracing
 
 log = structlog.get_logger(__name__)
 
+# Every publisher's series carry its source's name (`kafka` for the relay,
+# `billing-outbox:<service>` for billing's outbox); a gauge only one source can fill
+# (the relay's position) is that source's own, so no process exports another's shape.
 PUBLISHED = Counter(
     "carelog_publisher_published_total", "Events published to Kafka", ["publisher", "topic"]
 )
-POSITION = Gauge("carelog_publisher_position", "Last position a publisher recorded", ["publisher"])
 LAG = Gauge("carelog_publisher_lag_events", "Events in a source not yet published", ["publisher"])
 
 _encoder = msgspec.json.Encoder()
@@ -155,9 +158,61 @@ class Publisher:
         batch = await self.source.read(self.batch_size)
         if batch.size == 0:
             return 0
+        if not batch.events or not tracing.enabled():
+            await self._send(batch, [])
+            return batch.size
+        envelopes = [out.envelope for out in batch.events]
+        with tracing.tracer().start_as_current_span(
+            "publish",
+            kind=tracing.SpanKind.PRODUCER,
+            attributes={
+                "carelog.publisher": self.source.name,
+                "carelog.events": len(envelopes),
+                "carelog.position.first": envelopes[0].position,
+                "carelog.position.last": envelopes[-1].position,
+                "carelog.correlation_ids": sorted(
+                    {e.correlation_id for e in envelopes if e.correlation_id}
+                ),
+            },
+            **tracing.QUIET,
+        ) as span:
+            # One child per message: its traceparent is what the consumer continues.
+            spans = [self._message_span(out) for out in batch.events]
+            try:
+                await self._send(batch, spans)
+            except BaseException as exc:
+                tracing.mark_failed(span, exc)
+                raise
+            finally:
+                for one in spans:
+                    one.end()
+        return batch.size
+
+    @staticmethod
+    def _message_span(out: Outgoing) -> Any:
+        envelope = out.envelope
+        attributes: dict[str, str | int] = {
+            "messaging.system": "kafka",
+            "messaging.destination.name": out.topic,
+            "carelog.event_type": envelope.type,
+            "carelog.aggregate_id": str(envelope.aggregate_id),
+            "carelog.position": envelope.position,
+        }
+        if envelope.correlation_id:
+            attributes[tracing.CORRELATION_ID] = envelope.correlation_id
+        return tracing.tracer().start_span(
+            f"publish {out.topic}", kind=tracing.SpanKind.PRODUCER, attributes=attributes
+        )
+
+    async def _send(self, batch: Batch, spans: Sequence[Any]) -> None:
+        """Sends every event (with its span's trace context, if traced), awaits every ack,
+        then records the batch's mark."""
         deliveries = []
-        for out in batch.events:
+        for i, out in enumerate(batch.events):
             envelope = out.envelope
+            headers = headers_for(envelope)
+            if spans:
+                tracing.inject(headers, spans[i])
             deliveries.append(
                 (
                     out.topic,
@@ -165,7 +220,7 @@ class Publisher:
                         out.topic,
                         value=_encoder.encode(envelope),
                         key=str(envelope.aggregate_id).encode(),
-                        headers=headers_for(envelope),
+                        headers=headers,
                     ),
                 )
             )
@@ -173,9 +228,6 @@ class Publisher:
             await delivery  # raises if Kafka did not take it: nothing is recorded
             PUBLISHED.labels(self.source.name, topic).inc()
         await self.source.record(batch.mark)
-        if isinstance(batch.mark, int):
-            POSITION.labels(self.source.name).set(batch.mark)
-        return batch.size
 
     async def _until_more(self) -> None:
         """Waits for the source to say there may be more, or for `stop()`."""

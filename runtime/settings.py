@@ -56,6 +56,9 @@ fills in the local stack's addresses; production mode requires each of them.
 | | default: http://localhost and http://127.0.0.1 on ports 4004 (the gateway's own |
 | | pages), 3000, 5173 and 8080 (common front-end dev servers). `null` is refused; |
 | | `*` (any origin but `null`) only in development |
+| CARELOG_OTLP_ENDPOINT | base URL of an OTLP/HTTP collector (http://collector:4318) to which |
+| | each process exports its trace spans; unset: the standard OTEL_EXPORTER_OTLP_ENDPOINT; |
+| | neither: no tracing (see docs/observability.md) |
 """
 
 from __future__ import annotations
@@ -186,6 +189,9 @@ DEFAULT_PORTS = {
     "notifier": 4015,
 }
 
+OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+"""OpenTelemetry's standard variable, read when CARELOG_OTLP_ENDPOINT is unset."""
+
 _NAMES = {
     "env": "CARELOG_ENV",
     "database_url": "CARELOG_DATABASE_URL",
@@ -217,6 +223,7 @@ _NAMES = {
     "gateway_port": "CARELOG_GATEWAY_PORT",
     "gateway_upstreams": "CARELOG_GATEWAY_UPSTREAMS",
     "cors_origins": "CARELOG_GATEWAY_CORS_ORIGINS",
+    "otlp_endpoint": "CARELOG_OTLP_ENDPOINT",
 }
 _DEV_STACK = Path(__file__).resolve().parent.parent / ".stack"
 _SECRETS = _DEV_STACK / "secrets"
@@ -289,6 +296,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """`service=host` pairs: where the gateway reaches each upstream (default: http_host)."""
     cors_origins: tuple[str, ...] = ()
     """Origins whose pages may call the API through the gateway; `*` in development only."""
+    otlp_endpoint: str = ""
+    """The OTLP/HTTP collector that receives trace spans; empty: spans are not recorded."""
 
     def __post_init__(self) -> None:
         check_cors_origins(self.cors_origins, self.env)
@@ -343,6 +352,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             required=frozenset({"database_url", "redis_url", "kafka_bootstrap", "jwks_url"}),
             ports=ports,
         )
+        if not settings.otlp_endpoint and source.get(OTEL_ENDPOINT, "").strip():
+            settings = settings.with_(otlp_endpoint=source[OTEL_ENDPOINT].strip())
         if settings.kafka_ca_file and not Path(settings.kafka_ca_file).is_file():
             raise SettingsError(
                 f"{_NAMES['kafka_ca_file']}={settings.kafka_ca_file!r} is not a readable file"

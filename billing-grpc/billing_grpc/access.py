@@ -13,7 +13,6 @@ and tests/unit/test_billing_access_docs.py keeps the two equal.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 from grpclib import GRPCError
@@ -52,8 +51,6 @@ OPEN_SERVICES = frozenset(
 )
 """Services any caller may use without a token."""
 
-_WORD = re.compile(r"(?<!^)(?=[A-Z])")
-
 
 class Gate:
     """grpclib's RecvRequest hook that admits a call only with a token its method accepts."""
@@ -68,8 +65,8 @@ class Gate:
         try:
             await self._admit(event, service, method)
         except GRPCError as refusal:
-            # Counted with the calls the methods answer (same names, as `rpc` labels them).
-            RPCS.labels(_WORD.sub("_", method).lower(), refusal.status.name).inc()
+            # Counted with the calls the methods answer (same labels as `rpc` gives them).
+            RPCS.labels(service, method, refusal.status.name).inc()
             raise
 
     async def _admit(self, event: RecvRequest, service: str, method: str) -> None:

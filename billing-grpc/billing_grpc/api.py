@@ -18,6 +18,7 @@ import functools
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from typing import Any, ParamSpec, TypeVar
 
 import psycopg
@@ -27,6 +28,7 @@ import structlog
 from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.events import RecvRequest
+from opentelemetry.context import Context
 from prometheus_client import Counter, Histogram
 
 from billing_grpc.generated.carelog.billing import v1 as pb
@@ -51,14 +53,21 @@ from domain.billing import (
     parse_uuid,
 )
 from domain.errors import InvalidData, PatientNotFound
+from runtime import tracing
 
 log = structlog.get_logger(__name__)
 
-RPCS = Counter("carelog_grpc_requests_total", "gRPC calls answered", ["method", "code"])
+# The conventional gRPC labels: the full service name, the method as the proto names
+# it (`GetBillingAccount`), and the status code's name.
+RPCS = Counter(
+    "carelog_grpc_requests_total",
+    "gRPC calls answered",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
 RPC_LATENCY = Histogram(
     "carelog_grpc_request_seconds",
     "Time to answer a gRPC call",
-    ["method"],
+    ["grpc_service", "grpc_method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
@@ -95,16 +104,30 @@ def status_of(exc: Exception) -> GRPCError:
     return GRPCError(Status.INTERNAL, "internal error")
 
 
+CALLER_TRACE: ContextVar[Context | None] = ContextVar("carelog_caller_trace", default=None)
+"""The trace context the caller's `traceparent` metadata carried, if tracing is on."""
+
+SERVER_FAULTS = frozenset(
+    {
+        Status.UNKNOWN,
+        Status.DEADLINE_EXCEEDED,
+        Status.UNIMPLEMENTED,
+        Status.INTERNAL,
+        Status.UNAVAILABLE,
+        Status.DATA_LOSS,
+    }
+)
+"""Statuses that mark a call's span as failed; the rest are the caller's doing."""
+
 R = TypeVar("R")
 P = ParamSpec("P")
 
 
 def rpc(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Maps a method's errors to statuses and measures it."""
-    name = method.__name__
+    name = "".join(word.capitalize() for word in method.__name__.split("_"))
 
-    @functools.wraps(method)
-    async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+    async def measured(*args: P.args, **kwargs: P.kwargs) -> R:
         started = time.perf_counter()
         code = Status.OK
         try:
@@ -120,8 +143,38 @@ def rpc(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
             code = error.status
             raise error from None
         finally:
-            RPCS.labels(name, code.name).inc()
-            RPC_LATENCY.labels(name).observe(time.perf_counter() - started)
+            RPCS.labels(SERVICE_NAME, name, code.name).inc()
+            RPC_LATENCY.labels(SERVICE_NAME, name).observe(time.perf_counter() - started)
+
+    @functools.wraps(method)
+    async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+        if not tracing.enabled():
+            return await measured(*args, **kwargs)
+        with tracing.tracer().start_as_current_span(
+            f"{SERVICE_NAME}/{name}",
+            context=CALLER_TRACE.get(),
+            kind=tracing.SpanKind.SERVER,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": SERVICE_NAME,
+                "rpc.method": name,
+                tracing.CORRELATION_ID: CORRELATION_ID.get() or "",
+            },
+            **tracing.QUIET,
+        ) as span:
+            code = Status.OK
+            try:
+                return await measured(*args, **kwargs)
+            except GRPCError as exc:
+                code = exc.status
+                raise
+            except asyncio.CancelledError:
+                code = Status.CANCELLED
+                raise
+            finally:
+                span.set_attribute("rpc.grpc.status_code", code.value)
+                if code in SERVER_FAULTS:
+                    span.set_status(tracing.Status(tracing.StatusCode.ERROR, code.name))
 
     return handler
 
@@ -132,6 +185,8 @@ async def on_request(event: RecvRequest) -> None:
     given = event.metadata.get(CORRELATION_KEY)
     value = given if isinstance(given, str) and 0 < len(given) <= 100 else str(uuid.uuid4())
     CORRELATION_ID.set(value)
+    if tracing.enabled():
+        CALLER_TRACE.set(tracing.extract(event.metadata.items()))
     if event.deadline is not None:
         FINISH_BY.set(time.monotonic() + event.deadline.time_remaining())
 

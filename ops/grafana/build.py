@@ -242,8 +242,9 @@ BILLING = (
         "gRPC calls, by method and code",
         (
             q(
-                f"sum by (method, code) (rate(carelog_grpc_requests_total{RATE})) or vector(0)",
-                "{{method}} {{code}}",
+                "sum by (grpc_method, grpc_code) "
+                f"(rate(carelog_grpc_requests_total{RATE})) or vector(0)",
+                "{{grpc_method}} {{grpc_code}}",
             ),
         ),
         unit="ops",
@@ -252,8 +253,8 @@ BILLING = (
         "gRPC latency p95, by method",
         (
             q(
-                f"{latency(0.95, 'carelog_grpc_request_seconds', 'method')} or vector(0)",
-                "{{method}}",
+                f"{latency(0.95, 'carelog_grpc_request_seconds', 'grpc_method')} or vector(0)",
+                "{{grpc_method}}",
             ),
         ),
         unit="s",

@@ -225,7 +225,10 @@ async def test_refused_calls_write_nothing_and_are_counted(
     counted = [line for line in metrics.splitlines() if "carelog_grpc_requests_total{" in line]
     for code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         assert any(
-            'method="create_invoice"' in line and f'code="{code}"' in line for line in counted
+            'grpc_service="carelog.billing.v1.BillingService"' in line
+            and 'grpc_method="CreateInvoice"' in line
+            and f'grpc_code="{code}"' in line
+            for line in counted
         ), counted
 
 
