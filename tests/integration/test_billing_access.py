@@ -222,6 +222,9 @@ async def test_refused_calls_write_nothing_and_are_counted(
     assert await state(own, caller.account_id) == before
     async with httpx.AsyncClient() as http:
         metrics = (await http.get(f"http://127.0.0.1:{own.ports['billing-http']}/metrics")).text
+    # A billing process exports only billing's series: no relay-shaped gauge, no relay.
+    assert "carelog_publisher_position" not in metrics
+    assert 'publisher="kafka"' not in metrics
     counted = [line for line in metrics.splitlines() if "carelog_grpc_requests_total{" in line]
     for code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         assert any(
