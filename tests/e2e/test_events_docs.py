@@ -8,7 +8,6 @@ keys), so the stack's gateway is never reloaded.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,8 +17,7 @@ import pytest
 from bootstrap.asyncapi import document
 from bootstrap.cli import ASYNCAPI_FILE, SCHEMAS_DIR
 from bootstrap.gateway import write_config
-from ops.gateway.generate import haproxy_binary
-from tests.e2e.test_gateway_limits import gateway_port, wait_live
+from tests.e2e.test_gateway_limits import gateway_port, running_gateway
 from tests.support.stack import base_settings
 
 pytestmark = pytest.mark.e2e
@@ -34,24 +32,8 @@ def docs_gateway(
     out = tmp_path_factory.mktemp("gateway")
     settings = base.with_(gateway_dir=str(out), gateway_port=gateway_port())
     config = write_config(settings, auth, base.jwks_url)
-    log_path = out / "haproxy.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [haproxy_binary(), "-W", "-db", "-f", str(config), "-p", str(out / "haproxy.pid")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{settings.gateway_port}"
-    try:
-        wait_live(url, process, log_path)
+    with running_gateway(config, settings.gateway_port) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def test_the_events_document_is_served_as_committed(docs_gateway):

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,30 @@ def gateway_port() -> int:
     raise RuntimeError("no free pair of ports for a gateway")
 
 
+@contextmanager
+def running_gateway(config: Path, port: int) -> Iterator[str]:
+    """HAProxy on a rendered config of the test's own, until the block ends; its URL."""
+    out = config.parent
+    log_path = out / "haproxy.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [haproxy_binary(), "-W", "-db", "-f", str(config), "-p", str(out / "haproxy.pid")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_live(url, process, log_path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 def wait_live(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -80,24 +105,8 @@ def own_gateway(
     settings = base.with_(gateway_dir=str(out), gateway_port=gateway_port())
     assert settings.cors_origins == DEV_CORS_ORIGINS
     config = write_config(settings, auth, base.jwks_url, Limits(subject_per_second=THROTTLED_RATE))
-    log_path = out / "haproxy.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [haproxy_binary(), "-W", "-db", "-f", str(config), "-p", str(out / "haproxy.pid")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{settings.gateway_port}"
-    try:
-        wait_live(url, process, log_path)
+    with running_gateway(config, settings.gateway_port) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 async def test_a_subject_above_its_limit_is_throttled_to_it_not_locked_out(
