@@ -11,6 +11,8 @@
   every answer and read by handlers with `correlation_id(request.scope)`;
 - Prometheus metrics per route template (Litestar's Prometheus integration) at
   `/metrics`, and `/health/live` and `/health/ready`;
+- Swagger UI at `/schema/swagger` (and `/schema`), its scripts served by the service
+  itself (runtime/apidocs.py: no CDN);
 - an OpenAPI document at `/schema/openapi.json` that says what the wire does: Litestar
   derives bodies and parameters from the handlers' signatures, and `complete_document`
   adds, from the same guards, options and limits the requests meet, each operation's
@@ -64,7 +66,7 @@ from litestar.utils.scope.state import ScopeState
 from opentelemetry.trace import SpanKind
 
 from domain.errors import InvalidData
-from runtime import tracing
+from runtime import apidocs, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -590,6 +592,7 @@ def service_app(
             description=description,
             tags=[Tag(name=t) for t in tags] or None,
             path="/schema",
+            render_plugins=apidocs.render_plugins(),
         ),
         logging_config=None,
         state=State(dict(state or {})),
