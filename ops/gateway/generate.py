@@ -6,7 +6,7 @@
     keys/<kid>.pem       the public key of each published signing key
     docs/<service>.json  each service's OpenAPI, with gateway paths and the roles per operation
     docs/events.json     the Kafka topics' AsyncAPI document (schemas/asyncapi.json)
-    docs/index.html      a page that browses them
+    docs/index.html      the /api-docs page: Swagger UI over them, its files from the services
     revoked-*.map        revoked sessions and subjects (created empty; the watcher fills them)
 
 then checks the result with `haproxy -c` before it replaces the live file, and
@@ -31,6 +31,7 @@ from typing import Any
 
 from litestar import Litestar
 
+from runtime.apidocs import ASSETS_PATH
 from runtime.http import PROBLEM, PROBLEM_MEDIA, openapi_document
 from runtime.security import KID, Revocation
 from runtime.settings import Settings
@@ -178,6 +179,26 @@ ERRORS = {
 """The answers HAProxy makes itself, as problem+json like every other answer."""
 
 
+DOCS_ASSETS = "/api-docs/assets/" + ASSETS_PATH.removeprefix("/schema/assets/")
+"""Where the docs page loads Swagger UI from: the gateway sends it to a service's
+`/schema/assets/` (runtime/apidocs.py), every service serving the same bundled files."""
+
+
+def docs_page(documents: dict[str, Any]) -> str:
+    """The `/api-docs` page: Swagger UI over every OpenAPI document, with a link to each
+    document (the AsyncAPI ones too)."""
+    openapi = [name for name, document in documents.items() if "openapi" in document]
+    others = [name for name in documents if name not in openapi]
+    page = (TEMPLATES / "docs.html").read_text()
+    for key, value in {
+        "ASSETS": DOCS_ASSETS,
+        "SERVICES": json.dumps(openapi),
+        "ASYNCAPI": json.dumps(others),
+    }.items():
+        page = page.replace(f"@{key}@", value)
+    return page
+
+
 def _error_page(status: int) -> bytes:
     reason, detail = ERRORS[status]
     body = json.dumps({"status": status, "detail": detail}, separators=(",", ":"))
@@ -218,8 +239,7 @@ def write_config(
         _write(out / "keys" / f"{kid}.pem", pem)
     for name, document in documents.items():
         _write(out / "docs" / f"{name}.json", json.dumps(document, separators=(",", ":")).encode())
-    page = (TEMPLATES / "docs.html").read_text().replace("@SERVICES@", json.dumps(list(documents)))
-    _write(out / "docs" / "index.html", page.encode())
+    _write(out / "docs" / "index.html", docs_page(documents).encode())
     for name in REVOCATION_MAPS:
         (out / name).touch()  # HAProxy needs the file; the watcher owns its content
     candidate = out / "haproxy.cfg.new"

@@ -2,7 +2,8 @@
 # Install everything the local carelog stack needs. Idempotent: a second run only
 # checks, and takes about a second.
 #
-#   Debian packages  redis-server, haproxy, postgresql-15 (+ contrib), JDK 17, Maven, curl
+#   Debian packages  redis-server, haproxy, postgresql-15 (+ contrib), JDK 17, Maven, curl,
+#                    chromium (headless, for the docs pages' browser test)
 #   uv               `pip install uv` when missing
 #   Python deps      `uv sync --frozen` (plain `uv sync` when there is no uv.lock)
 #   Kafka 3.9.1      broker + tools + logging backend from Maven Central into .stack/kafka/libs
@@ -46,6 +47,7 @@ install_debian_packages() {
   command -v curl >/dev/null 2>&1 || want+=(curl)
   command -v wrk >/dev/null 2>&1 || want+=(wrk)  # the load tool of `make bench`
   command -v runuser >/dev/null 2>&1 || want+=(util-linux)
+  pkg_installed chromium || want+=(chromium)  # the docs pages' browser test (tests/e2e/test_docs_page.py)
   ((${#want[@]})) || { log "debian packages: ok"; return 0; }
 
   log "debian packages: installing ${want[*]}"

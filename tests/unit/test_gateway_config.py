@@ -14,6 +14,7 @@ from auth.keys import KeyRing, add_key
 from bootstrap import gateway
 from bootstrap.asyncapi import document
 from ops.gateway import generate as gateway_config
+from runtime.apidocs import ASSETS_PATH
 from runtime.settings import Settings, SettingsError
 from tests.support.tokens import auth_settings
 
@@ -101,6 +102,27 @@ def test_the_events_asyncapi_document_is_served_and_listed(auth, settings):
     assert json.loads((out / "docs" / "events.json").read_text()) == document()
     page = (out / "docs" / "index.html").read_text()
     assert '"events"' in page and "events (AsyncAPI)" in page
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is installed by make install")
+def test_the_docs_page_is_swagger_ui_from_the_gateway_itself(auth, settings):
+    config = gateway.write_config(settings, auth).read_text()
+    page = (Path(settings.gateway_dir) / "docs" / "index.html").read_text()
+    assert "@" not in page  # no placeholder left behind
+    assert '"patients", "auth"' in page and "SwaggerUIBundle(" in page
+    for asset in ("swagger-ui-bundle.js", "swagger-ui-standalone-preset.js", "swagger-ui.css"):
+        assert f'"{gateway_config.DOCS_ASSETS}/{asset}"' in page
+    assert re.findall(r"(?:src|href)=\"([^\"]*)\"", page) == [
+        f"{gateway_config.DOCS_ASSETS}/favicon-32x32.png",
+        f"{gateway_config.DOCS_ASSETS}/swagger-ui.css",
+        f"{gateway_config.DOCS_ASSETS}/swagger-ui-bundle.js",
+        f"{gateway_config.DOCS_ASSETS}/swagger-ui-standalone-preset.js",
+    ]
+    assert "use_backend docs_assets if is_docs_asset" in config
+    assert "replace-path ^/api-docs/assets/(.*)$ /schema/assets/\\1" in config
+    assert gateway_config.DOCS_ASSETS.removeprefix("/api-docs/assets") == (
+        ASSETS_PATH.removeprefix("/schema/assets")
+    )
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is installed by make install")
