@@ -29,6 +29,8 @@ from playwright.sync_api import Browser, Page, Route, sync_playwright
 from auth.tokens import issue_access_token
 from bootstrap.gateway import write_config
 from domain.roles import Role
+from ops.gateway.generate import DOCS_ASSETS
+from runtime.apidocs import ASSETS, assets_dir
 from tests.e2e.test_gateway_limits import gateway_port, running_gateway
 from tests.support.patients import body
 from tests.support.stack import base_settings
@@ -150,6 +152,17 @@ def test_the_page_renders_every_document_s_operations(docs_gateway, page):
     assert elsewhere == []
 
 
+def test_the_page_s_files_come_through_the_gateway_cacheable(docs_gateway):
+    for name, media_type in ASSETS.items():
+        served = httpx.get(f"{docs_gateway}{DOCS_ASSETS}/{name}", timeout=10)
+        assert served.status_code == 200, name
+        assert served.headers["content-type"].startswith(media_type)
+        assert "immutable" in served.headers["cache-control"]
+        assert served.content == (assets_dir() / name).read_bytes()
+    for other in ("LICENSE", "swagger-editor-bundle.js"):
+        assert httpx.get(f"{docs_gateway}{DOCS_ASSETS}/{other}", timeout=10).status_code == 404
+
+
 def test_the_page_links_the_events_document(docs_gateway, page):
     page.goto(f"{docs_gateway}/api-docs")
     link = page.get_by_role("link", name="events (AsyncAPI)")
@@ -167,6 +180,7 @@ def test_a_call_made_from_the_page_shows_the_api_s_answer(docs_gateway, page, si
     patient = registered.json()
     query = {"email": patient["email"], "minPosition": str(patient["position"])}
 
+    elsewhere = only_from(page, docs_gateway)
     page.goto(f"{docs_gateway}/api-docs?urls.primaryName=patients")
     page.locator(".btn.authorize").click()
     page.locator(".auth-container input").fill(token)
@@ -198,6 +212,7 @@ def test_a_call_made_from_the_page_shows_the_api_s_answer(docs_gateway, page, si
     assert answer.status_code == 200, answer.text
     assert (status, shown_body) == (answer.status_code, answer.json())
     assert [p["id"] for p in shown_body["patients"]] == [patient["id"]]
+    assert elsewhere == []
 
 
 @pytest.mark.parametrize("service", ["auth", "read-api", "commands"])
