@@ -4,7 +4,7 @@
 -- what the event set or changed; `values` holds their new values (shown to admins
 -- only, see docs/auth.md), in one column so that erasing a patient can null it.
 -- Rows for events applied before this table existed come with a rebuild of the
--- directory (`carelog rebuild directory`, docs/replay.md).
+-- directory (`carelog projections rebuild directory --allow-differences`, docs/replay.md).
 -- Billing's outbox records the actor of each billing event as well.
 -- depends: 0011.auth-revocations
 CREATE TABLE IF NOT EXISTS patient_history (
