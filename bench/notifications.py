@@ -67,6 +67,7 @@ async def _throughput(settings: Settings) -> tuple[float, float]:
         patients=f"bench_dir_{token}",
         tracking="projection_tracking",
         positions=f"bench_dpos_{token}",
+        history=f"bench_dhist_{token}",
     )
     analytics = analytics_model.Tables(
         patients=f"bench_ap_{token}",
@@ -101,7 +102,12 @@ async def _throughput(settings: Settings) -> tuple[float, float]:
                     await projection.apply(conn, events[i : i + BATCH])
                 rates.append(EVENTS / (time.perf_counter() - started))
         finally:
-            for table in [directory.patients, directory.positions, *(c for c, _ in pairs)]:
+            for table in [
+                directory.patients,
+                directory.positions,
+                directory.history,
+                *(c for c, _ in pairs),
+            ]:
                 await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
             await conn.execute(
                 "DELETE FROM projection_tracking WHERE projection LIKE %s", [f"bench-%-{token}"]

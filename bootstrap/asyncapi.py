@@ -150,6 +150,16 @@ HEADERS: dict[str, tuple[dict[str, Any], str]] = {
         {"type": "string"},
         "The envelope's `correlationId`: the request that caused the event; absent when none.",
     ),
+    "actor-id": (
+        {"type": "string"},
+        "The envelope's `actorId`: the user who caused the event (the access token's subject),"
+        " or `system:<process>`; absent when none was recorded.",
+    ),
+    "actor-role": (
+        {"type": "string"},
+        "The envelope's `actorRole`: the role the actor acted in (`system` for a process);"
+        " absent when none was recorded.",
+    ),
 }
 """What each Kafka header `headers_for` sets holds (all are UTF-8 text)."""
 
@@ -157,8 +167,9 @@ FIXED_PER_MESSAGE = ("event-type", "schema-version", "aggregate-type", "content-
 """Headers whose value is the same for every message of one type and version."""
 
 
-def _sample(contract: Contract, correlation_id: str | None) -> Envelope[Any]:
-    """An envelope of this contract, to read the headers `headers_for` gives it."""
+def _sample(contract: Contract, optional: str | None) -> Envelope[Any]:
+    """An envelope of this contract, to read the headers `headers_for` gives it; `optional`
+    fills the envelope's optional facts (correlation id, actor), or leaves them out."""
     return Envelope(
         event_id=UUID(int=1),
         type=contract.type,
@@ -168,7 +179,9 @@ def _sample(contract: Contract, correlation_id: str | None) -> Envelope[Any]:
         aggregate_version=1,
         position=1,
         occurred_at=datetime(2000, 1, 1, tzinfo=UTC),
-        correlation_id=correlation_id,
+        correlation_id=optional,
+        actor_id=optional,
+        actor_role=optional,
         data=None,
     )
 

@@ -13,6 +13,9 @@ the patient's future appointments with the reason `patient-removed`.
   position (bounded wait). A booking can no longer be made for a removed patient
   (the write side refuses it), so only a booking racing the removal itself could
   be missed; docs/appointments.md says so.
+- Who: each cancellation carries the removal's actor (the user who removed the
+  patient); a removal stored before actors were recorded gives the system actor
+  `system:carelog-patient-removals`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from commands.scheduling import SchedulingService
 from domain.contracts import PatientRemovedV1
+from domain.events import acting_as, actor_of
 from domain.scheduling import AppointmentNotFound, InvalidTransition
 from readmodels import appointments as model
 from runtime.consumers import Batch, EventBatchWorker
@@ -69,11 +73,13 @@ class PatientRemovals(EventBatchWorker):
             await self._caught_up(envelope.position)
             async with self.pool.connection() as conn:
                 future = await model.active_after(conn, envelope.aggregate_id, datetime.now(UTC))
-            for appointment_id in future:
-                outcome = await anyio.to_thread.run_sync(
-                    self._cancel, appointment_id, envelope.correlation_id
-                )
-                CANCELLED.labels(outcome).inc()
+            # The cancellations are the remover's doing: they carry the removal's actor.
+            with acting_as(actor_of(envelope.actor_id, envelope.actor_role, GROUP)):
+                for appointment_id in future:
+                    outcome = await anyio.to_thread.run_sync(
+                        self._cancel, appointment_id, envelope.correlation_id
+                    )
+                    CANCELLED.labels(outcome).inc()
             log.info(
                 "removed patient's appointments cancelled",
                 patient_id=str(envelope.aggregate_id),

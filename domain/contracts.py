@@ -36,6 +36,10 @@ class Envelope(msgspec.Struct, Generic[T], rename="camel", kw_only=True, frozen=
     """The event's position in the event store's global log."""
     occurred_at: datetime
     correlation_id: str | None = None
+    actor_id: str | None = None
+    """Who caused the event: a user's id, or `system:<process>` (None in older messages)."""
+    actor_role: str | None = None
+    """The role the actor acted in (`system` for a process)."""
     data: T
 
 
@@ -257,6 +261,8 @@ def envelope(
     position: int,
     occurred_at: datetime,
     correlation_id: str | None = None,
+    actor_id: str | None = None,
+    actor_role: str | None = None,
 ) -> Envelope[Any]:
     """The envelope of a published payload; its contract supplies type and versions."""
     contract = BY_PAYLOAD[type(data)]
@@ -270,6 +276,8 @@ def envelope(
         position=position,
         occurred_at=occurred_at,
         correlation_id=correlation_id,
+        actor_id=actor_id,
+        actor_role=actor_role,
         data=data,
     )
 
@@ -286,6 +294,8 @@ def envelope_for(domain_event: Any, position: int) -> Envelope[Any] | None:
         position=position,
         occurred_at=domain_event.timestamp,
         correlation_id=domain_event.correlation_id,
+        actor_id=domain_event.actor_id,
+        actor_role=domain_event.actor_role,
     )
 
 

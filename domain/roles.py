@@ -47,3 +47,9 @@ ANALYTICS_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.ANALYST})
 
 NOTIFICATION_READERS: frozenset[Role] = frozenset({Role.ADMIN})
 """Read the notification ledger."""
+
+HISTORY_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.CLINICIAN})
+"""Read a patient's history: who changed which fields, when (query API)."""
+
+HISTORY_VALUE_READERS: frozenset[Role] = frozenset({Role.ADMIN})
+"""Also see each change's new values in a patient's history (never the old ones)."""

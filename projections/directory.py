@@ -2,8 +2,9 @@
 
 Applying is idempotent. Each row keeps the aggregate version it reflects, and an
 event is applied only over an older version, so redelivery, restarts, rebalances
-and replays never apply anything twice. The rows and the projection's tracking
-record are written in one transaction.
+and replays never apply anything twice. The rows, each patient's history
+(`readmodels.history`: who changed which fields, when) and the projection's
+tracking record are written in one transaction.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from domain.contracts import (
 )
 from domain.patients import normalise_email, split_name
 from readmodels.directory import COLUMNS, LIVE, NAME, Tables, records
+from readmodels.history import HistoryStatements
 from readmodels.swaps import applying
 from readmodels.tracking import applied_statement, track_statement
 from runtime.consumers import UnappliableEvent
@@ -93,6 +95,7 @@ class DirectoryProjection:
         )
         self._applied = applied_statement(tables.positions, "patient_id")
         self._track = track_statement(tables.tracking)
+        self.history = HistoryStatements(tables)
 
     async def apply(
         self, conn: psycopg.AsyncConnection[Any], batch: Sequence[tuple[Envelope[Any], Any]]
@@ -110,6 +113,8 @@ class DirectoryProjection:
                 for envelope, data in batch:
                     position = max(position, envelope.position)
                     statement, params = self._statement(envelope, data)
+                    # The history row first: a change is compared with the row it changes.
+                    await conn.execute(*self.history.statement(envelope, data))
                     one = conn.cursor()
                     await one.execute(statement, params)
                     sent.append((envelope, one))

@@ -73,6 +73,8 @@ class Tables:
     patients: str = "directory_patients"
     tracking: str = "projection_tracking"
     positions: str = "directory_positions"
+    history: str = "patient_history"
+    """Each patient's events: who changed which fields, when (`readmodels.history`)."""
 
 
 LIVE = Tables()
@@ -90,6 +92,7 @@ async def create_copy(conn: psycopg.AsyncConnection[Any], tables: Tables) -> Non
             (tables.patients, LIVE.patients),
             (tables.tracking, LIVE.tracking),
             (tables.positions, LIVE.positions),
+            (tables.history, LIVE.history),
         ):
             await conn.execute(
                 sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING ALL)").format(

@@ -55,6 +55,10 @@ def headers_for(envelope: Envelope[Any]) -> list[tuple[str, bytes]]:
     }
     if envelope.correlation_id:
         pairs["correlation-id"] = envelope.correlation_id
+    if envelope.actor_id:
+        pairs["actor-id"] = envelope.actor_id
+    if envelope.actor_role:
+        pairs["actor-role"] = envelope.actor_role
     return [(k, v.encode()) for k, v in pairs.items()]
 
 

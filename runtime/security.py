@@ -40,6 +40,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers import BaseRouteHandler
 from litestar.types import Guard
 
+from domain.events import ACTOR, Actor
 from domain.roles import Role
 from runtime.http import operations, route_roles
 from runtime.settings import Settings
@@ -436,6 +437,9 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Claims
             str(exc), headers={"WWW-Authenticate": f'{CHALLENGE}, error="invalid_token"'}
         ) from None
     connection.state.claims = claims
+    # The request's own task (and the worker threads it starts, which copy the context)
+    # now acts as this user: every event the request causes records who it was.
+    ACTOR.set(Actor(claims.subject, claims.role.value))
     return claims
 
 

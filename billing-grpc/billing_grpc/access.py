@@ -20,6 +20,7 @@ from grpclib.const import Status
 from grpclib.events import RecvRequest
 
 from billing_grpc.api import RPCS, SERVICE_NAME
+from domain.events import ACTOR, Actor
 from domain.roles import Role
 from runtime.security import InvalidToken, TokenVerifier, bearer_token
 
@@ -84,3 +85,5 @@ class Gate:
         admitted = METHOD_ROLES.get(method, frozenset()) if service == SERVICE_NAME else frozenset()
         if claims.role not in admitted:
             raise GRPCError(Status.PERMISSION_DENIED, f"your role may not call {method}")
+        # The hook runs in the task that then runs the method: what it writes is theirs.
+        ACTOR.set(Actor(claims.subject, claims.role.value))

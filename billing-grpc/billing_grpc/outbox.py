@@ -38,7 +38,8 @@ class BillingOutbox:
         s = sql.Identifier(schema)
         self._pending = sql.SQL(
             "SELECT id, aggregate_id, aggregate_version, type, schema_version, payload,"
-            " occurred_at, correlation_id FROM {}.outbox WHERE published_at IS NULL"
+            " occurred_at, correlation_id, actor_id, actor_role"
+            " FROM {}.outbox WHERE published_at IS NULL"
             " ORDER BY id LIMIT %s"
         ).format(s)
         self._mark = sql.SQL("UPDATE {}.outbox SET published_at = now() WHERE id = ANY(%s)").format(
@@ -78,7 +79,8 @@ class BillingOutbox:
         assert self._db is not None
         rows = await (await self._db.execute(self._pending, [limit])).fetchall()
         events = []
-        for position, aggregate_id, version, type_, schema_version, payload, at, corr in rows:
+        for row in rows:
+            position, aggregate_id, version, type_, schema_version, payload, at, corr = row[:8]
             data = msgspec.json.decode(payload, type=BY_TYPE[(type_, schema_version)].payload)
             events.append(
                 Outgoing(
@@ -90,6 +92,8 @@ class BillingOutbox:
                         position=position,
                         occurred_at=at,
                         correlation_id=corr,
+                        actor_id=row[8],
+                        actor_role=row[9],
                     ),
                 )
             )

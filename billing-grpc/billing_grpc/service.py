@@ -1,7 +1,10 @@
 """Billing's use cases: one method each, in one transaction (lock → decide → save + outbox).
 
 The gRPC methods and the patient-event consumer both call these; neither decides
-anything about money itself.
+anything about money itself. Every event billing appends to its outbox records who
+caused it: the gRPC caller (the token's user and role, set by `access.Gate` in
+`domain.events.ACTOR`), or for what billing does on a patient event, that event's
+actor (`system:carelog-billing` when the event recorded none).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from domain.contracts import (
     PatientRemovedV1,
 )
 from domain.errors import PatientNotFound
+from domain.events import ACTOR, Actor, actor_of
 from runtime.consumers import UnappliableEvent
 
 CORRELATION_ID: ContextVar[str | None] = ContextVar("billing_correlation_id", default=None)
@@ -61,6 +65,11 @@ class Applied:
     opened: int
     closed: int
     unchanged: int
+
+
+def _cause_actor(envelope: Envelope[Any]) -> Actor:
+    """Who caused what billing does on a patient event: the event's actor, else billing."""
+    return actor_of(envelope.actor_id, envelope.actor_role, "carelog-billing")
 
 
 def _now() -> datetime:
@@ -105,6 +114,7 @@ class Billing:
         registered_at: datetime | None = None,
         patient_version: int = 0,
         correlation_id: str | None = None,
+        actor: Actor | None = None,
     ) -> Opened:
         now = _now()
         account, event = Account.open(patient_id, currency, opened_by, now)
@@ -114,7 +124,12 @@ class Billing:
             cur, account, contact, opened_by, registered_at, patient_version
         ):
             await self.store.append(
-                cur, account, event, now, correlation_id or CORRELATION_ID.get()
+                cur,
+                account,
+                event,
+                now,
+                correlation_id or CORRELATION_ID.get(),
+                actor or ACTOR.get(),
             )
             return Opened(account, created=True)
         existing = await self.store.of_patient(cur, patient_id)
@@ -162,7 +177,7 @@ class Billing:
             )
             invoice = await self.store.insert_invoice(cur, invoice, request_id, digest)
             await self.store.save(cur, issued, account.version)
-            await self.store.append(cur, issued, event, now, CORRELATION_ID.get())
+            await self.store.append(cur, issued, event, now, CORRELATION_ID.get(), ACTOR.get())
         return invoice, issued
 
     async def invoices(self, account_id: UUID, after: int, limit: int) -> list[Invoice]:
@@ -193,7 +208,7 @@ class Billing:
             payment = Payment(payment_id, account_id, amount, now)
             await self.store.insert_payment(cur, payment, request_id, digest)
             await self.store.save(cur, paid, account.version)
-            await self.store.append(cur, paid, event, now, CORRELATION_ID.get())
+            await self.store.append(cur, paid, event, now, CORRELATION_ID.get(), ACTOR.get())
         return payment, paid
 
     @contextlib.asynccontextmanager
@@ -238,6 +253,7 @@ class Billing:
                         registered_at=envelope.occurred_at,
                         patient_version=version,
                         correlation_id=envelope.correlation_id,
+                        actor=_cause_actor(envelope),
                     )
                     if result.created:
                         opened += 1
@@ -262,7 +278,12 @@ class Billing:
                     closed_account, event = change
                     await self.store.save(cur, closed_account, account.version)
                     await self.store.append(
-                        cur, closed_account, event, now, envelope.correlation_id
+                        cur,
+                        closed_account,
+                        event,
+                        now,
+                        envelope.correlation_id,
+                        _cause_actor(envelope),
                     )
                     closed += 1
                 else:

@@ -25,6 +25,7 @@ from domain.billing import (
     InvoiceLine,
     Money,
 )
+from domain.events import Actor
 from runtime.db import render_statements
 
 _ACCOUNT_COLUMNS = (
@@ -141,7 +142,8 @@ class BillingStore:
         ).format(s)
         self._append = sql.SQL(
             "INSERT INTO {}.outbox (aggregate_id, aggregate_version, type, schema_version,"
-            " payload, occurred_at, correlation_id) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " payload, occurred_at, correlation_id, actor_id, actor_role)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
         ).format(s)
         render_statements(self)
 
@@ -309,8 +311,10 @@ class BillingStore:
         event: BillingEvent,
         occurred_at: datetime,
         correlation_id: str | None,
+        actor: Actor | None,
     ) -> None:
-        """Appends the event that made `account` (at its new version) to the outbox."""
+        """Appends the event that made `account` (at its new version) to the outbox, with
+        who caused it."""
         contract = BILLING_CONTRACTS[type(event)]
         await cur.execute(
             self._append,
@@ -322,5 +326,7 @@ class BillingStore:
                 msgspec.json.encode(event),
                 occurred_at,
                 correlation_id,
+                actor.user_id if actor else None,
+                actor.role if actor else None,
             ],
         )

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from domain.errors import InvalidData, PatientNotFound
 from domain.roles import PATIENT_READERS
-from read_api import analytics, appointments, notifications, waiting
+from read_api import analytics, appointments, history, notifications, waiting
 from read_api.cache import GuardedCache, redis_client
 from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
 from read_api.waiting import await_position
@@ -268,6 +268,7 @@ def create_app(
             *appointments.ROUTES,
             *analytics.ROUTES,
             *notifications.ROUTES,
+            *history.ROUTES,
         ],
         title="queries",
         description="Reads: paged, filtered, cached views of the read models.",

@@ -318,3 +318,58 @@ async def test_billing_events_are_published_in_order_without_personal_data(
         assert event.data.email.encode() not in record.value
         assert event.data.name.encode() not in record.value
         assert b"Physiotherapy" not in record.value
+
+
+async def test_billing_events_record_their_actor_the_caller_or_the_patient_events(
+    stub, producer, patients_topic, settings, tokens: TestTokens
+):
+    receptionist = str(uuid.uuid4())
+    event = msgspec.structs.replace(registered(), actor_id=receptionist, actor_role="receptionist")
+    await publish(producer, patients_topic, event)
+    account = await eventually(lambda: has_account(stub, event.aggregate_id))
+    clerk = str(uuid.uuid4())
+    await stub.create_invoice(
+        pb.CreateInvoiceRequest(
+            account_id=account.account_id,
+            currency_code=account.currency_code,
+            lines=[pb.InvoiceLine(description="Consultation", quantity=1, unit_amount_minor=5000)],
+        ),
+        metadata={"authorization": f"Bearer {tokens.token(Role.BILLING, subject=clerk)}"},
+    )
+    unattributed = registered()  # a patient event stored before actors were recorded
+    await publish(producer, patients_topic, unattributed)
+    await eventually(lambda: has_account(stub, unattributed.aggregate_id))
+
+    async def actors(account_id: str) -> list[tuple[str, str, str]]:
+        async with await psycopg.AsyncConnection.connect(settings.database_url) as db:
+            cur = await db.execute(
+                "SELECT type, actor_id, actor_role FROM billing.outbox WHERE aggregate_id = %s"
+                " ORDER BY aggregate_version",
+                [uuid.UUID(account_id)],
+            )
+            return list(await cur.fetchall())
+
+    assert await actors(account.account_id) == [
+        ("BillingAccountOpened", receptionist, "receptionist"),
+        ("InvoiceIssued", clerk, "billing"),
+    ]
+    other = str(account_id_for(unattributed.aggregate_id))
+    assert await actors(other) == [("BillingAccountOpened", "system:carelog-billing", "system")]
+
+    async def published_count() -> int:
+        async with await psycopg.AsyncConnection.connect(settings.database_url) as db:
+            row = await (
+                await db.execute(
+                    "SELECT count(*) FILTER (WHERE aggregate_id = %s AND published_at IS NULL),"
+                    " count(*) FROM billing.outbox",
+                    [uuid.UUID(account.account_id)],
+                )
+            ).fetchone()
+        assert row is not None
+        return row[1] if row[0] == 0 else 0
+
+    total = await eventually(published_count)
+    everything = await read_topic(settings, settings.topic(BILLING_STREAM), total)
+    mine = [r for r in everything if r.key == account.account_id.encode()]
+    assert [decode_billing_event(r.value)[0].actor_id for r in mine] == [receptionist, clerk]
+    assert [dict(r.headers)["actor-role"] for r in mine] == [b"receptionist", b"billing"]

@@ -1,5 +1,6 @@
 """Removing a patient cancels their future appointments: a process manager on the real
-relay, Kafka, projection and event store, killed with SIGKILL in the middle of its work."""
+relay, Kafka, projection and event store, killed with SIGKILL in the middle of its work.
+The cancellations carry the removal's correlation id and actor."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from uuid import UUID
 from commands.scheduling import SchedulingService
 from commands.service import PatientService
 from commands.store import EventStore
+from domain.events import Actor, acting_as
 from domain.scheduling import Appointment, Booking, Timing, parse_clinician
 from runtime.settings import Settings
 from tests.support.patients import details
@@ -32,6 +34,18 @@ def cancellations(store: EventStore, start: int) -> list[tuple[UUID, str, str | 
                 found.append((event.originator_id, event.reason, event.correlation_id))
         position = batch[-1].id + 1
     return found
+
+
+def cancellers(store: EventStore, start: int) -> set[tuple[str | None, str | None]]:
+    """(actor id, role) of every cancellation stored from `start`."""
+    return {
+        (event.actor_id, event.actor_role)
+        for notification in store.recorder.select_notifications(start, 100_000)
+        if isinstance(
+            event := store.mapper.to_domain_event(notification),
+            Appointment.Cancelled,  # type: ignore[attr-defined]
+        )
+    }
 
 
 async def wait_for(check, timeout: float = 90.0):  # type: ignore[no-untyped-def]
@@ -72,7 +86,8 @@ async def test_a_killed_process_manager_cancels_every_future_appointment_exactly
         ["react", "patient-removals"], settings, "reactions", tmp_path / "reactions"
     ).start()
     try:
-        patients.remove(person, correlation_id="removal-42")
+        with acting_as(Actor("remover-42", "receptionist")):
+            patients.remove(person, correlation_id="removal-42")
         done_at_kill = len(await wait_for(lambda: cancellations(store, start)))
         reactions.kill()  # SIGKILL as soon as it has begun cancelling
         assert done_at_kill < COUNT, "the kill came after all the work: nothing was tested"
@@ -88,6 +103,7 @@ async def test_a_killed_process_manager_cancels_every_future_appointment_exactly
         assert sorted(a for a, _, _ in found) == sorted(booked)  # each exactly once
         assert {reason for _, reason, _ in found} == {"patient-removed"}
         assert {corr for _, _, corr in found} == {"removal-42"}
+        assert cancellers(store, start) == {("remover-42", "receptionist")}
     finally:
         reactions.stop()
         model.stop()

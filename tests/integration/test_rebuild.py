@@ -138,6 +138,9 @@ async def test_a_rebuild_under_read_and_write_load_swaps_in_an_equal_copy(
         assert answered > 10 and failures == []
         assert exists(settings, "directory_patients__old")
         assert not exists(settings, "directory_patients__next")
+        # The patients' history is rebuilt, compared and swapped with them: a row per event.
+        assert exists(settings, "patient_history__old")
+        assert summary["rows"]["patient_history"] == summary["events"]
         await settled(settings, store)
         live = rows(settings)
         assert set(written) <= set(live), "a write made during the rebuild is missing"

@@ -22,6 +22,7 @@ from domain.roles import (
     APPOINTMENT_ATTENDERS,
     APPOINTMENT_BOOKERS,
     CLINICIAN_ADMINS,
+    HISTORY_READERS,
     NOTIFICATION_READERS,
     PATIENT_READERS,
     PATIENT_WRITERS,
@@ -42,6 +43,7 @@ UNGUARDED = {"/health/live", "/health/ready", "/metrics"}
 ROUTES: list[tuple[str, str, str, frozenset[Role]]] = [
     ("reads", "GET", "/patients", PATIENT_READERS),
     ("reads", "GET", "/patients/{patient_id}", PATIENT_READERS),
+    ("reads", "GET", "/patients/{patient_id}/history", HISTORY_READERS),
     ("writes", "POST", "/patients", PATIENT_WRITERS),
     ("writes", "PUT", "/patients/{patient_id}", PATIENT_WRITERS),
     ("writes", "DELETE", "/patients/{patient_id}", PATIENT_WRITERS),

@@ -54,6 +54,8 @@ def published_messages() -> list[tuple[contracts.Contract, bytes, list[tuple[str
     envelopes = []
     for event in _events_of_every_type():
         object.__setattr__(event, "correlation_id", "req-1")
+        object.__setattr__(event, "actor_id", "user-1")
+        object.__setattr__(event, "actor_role", "receptionist")
         envelopes.append(contracts.envelope_for(event, 7))
     now = datetime(2026, 6, 15, 9, tzinfo=UTC)
     account, opened = Account.open(uuid4(), "GBP", "PatientRegistered", now)

@@ -1,0 +1,177 @@
+"""Each patient's history: who changed which fields, and when (the `patient_history` table).
+
+The directory projection writes one row per patient event, in the same transaction as
+its other writes and just before the directory row moves on, so that a change can be
+compared with the row it changes: `fields` names what the event set (registration,
+preferences) or changed (details: only the fields whose value differs). `values` holds
+those fields' new values, never the old ones, in one jsonb column that erasure can null.
+The query API reads it through `page`; whoever may not see values gets the names only
+(docs/auth.md).
+
+Applying is idempotent: a row is keyed by (patient, version) and never rewritten, and a
+change is compared only with an older version of the directory row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import psycopg
+from psycopg import sql
+
+from domain.contracts import (
+    Envelope,
+    PatientDetailsChangedV1,
+    PatientPreferencesChangedV1,
+    PatientRegisteredV2,
+)
+from readmodels.directory import LIVE, Tables
+from runtime.db import rendered
+
+REGISTERED_FIELDS = ("name", "email", "address", "dateOfBirth", "registeredDate")
+"""What a registration sets (the name's parts are derived from `name`, not set)."""
+
+_DETAILS = (
+    ("name", "name", "text"),
+    ("email", "email", "text"),
+    ("address", "address", "text"),
+    ("dateOfBirth", "date_of_birth", "date"),
+)
+"""A details change: (field on the wire, directory column, its type)."""
+
+_COLUMNS = (
+    "patient_id, version, position, type, occurred_at, actor_id, actor_role,"
+    ' correlation_id, fields, "values"'
+)
+
+
+class Entry(msgspec.Struct, kw_only=True):
+    """One row of a patient's history."""
+
+    version: int
+    position: int
+    type: str
+    occurred_at: datetime
+    actor_id: str | None
+    actor_role: str | None
+    correlation_id: str | None
+    fields: list[str]
+    values: dict[str, Any] | None
+
+
+class HistoryStatements:
+    """The statements that write the history of `tables` (live, or a rebuild's copy)."""
+
+    def __init__(self, tables: Tables = LIVE):
+        h = sql.Identifier(tables.history)
+        p = sql.Identifier(tables.patients)
+
+        def insert(values: str) -> bytes:
+            # Values are built from typed parameters, never sent as JSON text: a value
+            # PostgreSQL refuses is refused before it leaves (and so never logged).
+            return rendered(
+                sql.SQL(
+                    "INSERT INTO {h} (" + _COLUMNS + ") VALUES (%(id)s, %(version)s,"
+                    " %(position)s, %(type)s, %(occurred_at)s, %(actor_id)s, %(actor_role)s,"
+                    " %(correlation_id)s, %(fields)s, " + values + ")"
+                    " ON CONFLICT (patient_id, version) DO NOTHING"
+                ).format(h=h)
+            )
+
+        self._register = insert(
+            "jsonb_build_object('name', %(name)s::text, 'email', %(email)s::text,"
+            " 'address', %(address)s::text, 'dateOfBirth', %(date_of_birth)s::date,"
+            " 'registeredDate', %(registered_date)s::date)"
+        )
+        self._preferences = insert("jsonb_build_object('reminders', %(reminders)s::boolean)")
+        self._nothing = insert("NULL")
+        compared = sql.SQL(
+            ", ".join(
+                f"('{wire}', {order}, p.{column} IS DISTINCT FROM %({column})s::{kind},"
+                f" to_jsonb(%({column})s::{kind}))"
+                for order, (wire, column, kind) in enumerate(_DETAILS)
+            )
+        )
+        self._change = rendered(
+            sql.SQL(
+                "INSERT INTO {h} (" + _COLUMNS + ") SELECT %(id)s, %(version)s, %(position)s,"
+                " %(type)s, %(occurred_at)s, %(actor_id)s, %(actor_role)s, %(correlation_id)s,"
+                " coalesce(array_agg(f.name ORDER BY f.ord) FILTER (WHERE f.changed), '{{}}'),"
+                " coalesce(jsonb_object_agg(f.name, f.value) FILTER (WHERE f.changed), '{{}}')"
+                " FROM {p} p, LATERAL (VALUES {compared}) AS f(name, ord, changed, value)"
+                " WHERE p.id = %(id)s AND p.version < %(version)s GROUP BY p.id"
+                " ON CONFLICT (patient_id, version) DO NOTHING"
+            ).format(h=h, p=p, compared=compared)
+        )
+
+    def statement(self, envelope: Envelope[Any], data: Any) -> tuple[bytes, dict[str, Any]]:
+        """The statement that records `envelope` in the history; run it before the
+        directory's own statement for the same event (a change compares with the row)."""
+        params: dict[str, Any] = {
+            "id": envelope.aggregate_id,
+            "version": envelope.aggregate_version,
+            "position": envelope.position,
+            "type": envelope.type,
+            "occurred_at": envelope.occurred_at,
+            "actor_id": envelope.actor_id,
+            "actor_role": envelope.actor_role,
+            "correlation_id": envelope.correlation_id,
+        }
+        if isinstance(data, PatientDetailsChangedV1):
+            return self._change, params | {
+                "name": data.name,
+                "email": data.email,
+                "address": data.address,
+                "date_of_birth": data.date_of_birth,
+            }
+        if isinstance(data, PatientRegisteredV2):
+            return self._register, params | {
+                "fields": list(REGISTERED_FIELDS),
+                "name": data.name,
+                "email": data.email,
+                "address": data.address,
+                "date_of_birth": data.date_of_birth,
+                "registered_date": data.registered_date,
+            }
+        if isinstance(data, PatientPreferencesChangedV1):
+            reminders = {"fields": ["reminders"], "reminders": data.reminders}
+            return self._preferences, params | reminders
+        # A removal (or an event of a later version the directory learns about) sets no field.
+        return self._nothing, params | {"fields": []}
+
+
+async def page(
+    conn: psycopg.AsyncConnection[Any],
+    patient_id: UUID,
+    after_version: int,
+    limit: int,
+    tables: Tables = LIVE,
+) -> list[Entry]:
+    """Up to `limit` entries of the patient's history after `after_version`, oldest first."""
+    async with conn.cursor() as cur:
+        await cur.execute(
+            sql.SQL(
+                "SELECT version, position, type, occurred_at, actor_id, actor_role,"
+                ' correlation_id, fields, "values" FROM {} WHERE patient_id = %s'
+                " AND version > %s ORDER BY version LIMIT %s"
+            ).format(sql.Identifier(tables.history)),
+            [patient_id, after_version, limit],
+        )
+        rows = await cur.fetchall()
+    return [
+        Entry(
+            version=r[0],
+            position=r[1],
+            type=r[2],
+            occurred_at=r[3],
+            actor_id=r[4],
+            actor_role=r[5],
+            correlation_id=r[6],
+            fields=list(r[7]),
+            values=r[8],
+        )
+        for r in rows
+    ]
