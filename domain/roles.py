@@ -47,3 +47,6 @@ ANALYTICS_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.ANALYST})
 
 NOTIFICATION_READERS: frozenset[Role] = frozenset({Role.ADMIN})
 """Read the notification ledger."""
+
+AUDIT_READERS: frozenset[Role] = frozenset({Role.ADMIN})
+"""Read the disclosure audit (who was shown which patients' personal data)."""
