@@ -91,41 +91,48 @@ def _rows(batch: list[Disclosure]) -> list[list[str]]:
 
 
 class GroupedWriter:
-    """Writes disclosures through `pool`, one INSERT for all the records waiting."""
+    """Writes disclosures through `pool`: up to `parallel` INSERTs at once, each taking
+    every record waiting when it starts."""
 
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any]):
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any], parallel: int = 4):
         self.pool = pool
+        self.parallel = parallel
         self._waiting: list[tuple[Disclosure, asyncio.Future[None]]] = []
-        self._flushing: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
 
     async def record(self, disclosure: Disclosure) -> None:
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         self._waiting.append((disclosure, done))
-        if self._flushing is None:
-            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        if len(self._flushers) < self.parallel:
+            flusher = loop.create_task(self._flush())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
         await done
 
     async def _flush(self) -> None:
+        batch: list[tuple[Disclosure, asyncio.Future[None]]] = []
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
-                failure: BaseException | None = None
+                failure: AuditUnavailable | None = None
                 try:
                     async with self.pool.connection() as conn:
                         await conn.execute(_INSERT, _rows([d for d, _ in batch]))
                 except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                     log.error("disclosure audit not written", error=type(exc).__name__)
                     failure = AuditUnavailable(type(exc).__name__)
-                except BaseException as exc:
-                    failure = AuditUnavailable(type(exc).__name__)
-                    _settle(batch, failure)
-                    raise
                 _settle(batch, failure)
         finally:
-            self._flushing = None
-            if self._waiting:  # stopped by cancellation: nobody is left waiting forever
-                batch, self._waiting = self._waiting, []
-                _settle(batch, AuditUnavailable("the writer stopped"))
+            # Cancelled (the app stops) or failed unexpectedly: nobody is left waiting forever.
+            stopped = AuditUnavailable("the audit writer stopped")
+            _settle(batch, stopped)
+            if len(self._flushers) <= 1 and self._waiting:
+                waiting, self._waiting = self._waiting, []
+                _settle(waiting, stopped)
+            # Now, not in a done callback: a record that comes before the callback ran
+            # would otherwise find every flusher taken and wait for ever.
+            self._flushers.discard(asyncio.current_task())
 
 
 def _settle(batch: list[tuple[Disclosure, asyncio.Future[None]]], failure: Any) -> None:

@@ -5,6 +5,7 @@ cannot be written answers 503 and shows nothing; the table refuses every change;
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -154,6 +155,20 @@ async def test_appointment_reads_that_show_a_reason_are_recorded(
     hidden = await reads.get(f"/appointments/{appointment}", headers=withheld)
     assert hidden.status_code == 200 and hidden.json()["reason"] is None
     assert recorded(settings, withheld["X-Correlation-ID"]) == []
+
+
+async def test_concurrent_reads_are_each_recorded_once(reads, directory, settings, tokens):
+    written = directory.service.register(details("Many Readers"), date(2024, 3, 1))
+    await directory.catch_up()
+    requests = [as_user(tokens, Role.ADMIN) for _ in range(40)]
+    answers = await asyncio.gather(
+        *(reads.get(f"/patients/{written.patient_id}", headers=h) for h in requests)
+    )
+    assert [a.status_code for a in answers] == [200] * 40
+    for headers in requests:
+        assert recorded(settings, headers["X-Correlation-ID"]) == [
+            (headers["X-Test-Subject"], "admin", "patient.get", [written.patient_id])
+        ]
 
 
 async def test_a_read_whose_record_cannot_be_written_is_503_and_shows_nothing(
