@@ -18,6 +18,7 @@ import asyncio
 import functools
 import os
 import sys
+import time
 import uuid
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -100,9 +101,18 @@ def _scratch_database(settings: Settings) -> str:
 
 
 def _drop(settings: Settings, url: str) -> None:
+    """Drops the scratch database; retried while autovacuum is inside it (only a superuser
+    could end that worker)."""
     name = urlsplit(url).path.lstrip("/")
-    with psycopg.connect(settings.database_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    for attempt in range(20):
+        try:
+            with psycopg.connect(settings.database_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if attempt == 19:
+                raise
+            time.sleep(0.25)
 
 
 async def run(settings: Settings) -> list[str]:

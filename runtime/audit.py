@@ -112,26 +112,29 @@ class GroupedWriter:
 
     async def _flush(self) -> None:
         batch: list[tuple[Disclosure, asyncio.Future[None]]] = []
+        failure = AuditUnavailable("the audit writer stopped")
         try:
+            # One connection for as long as records keep coming (the pool checks each one
+            # it hands out: a round trip saved per INSERT under load). Records that come
+            # while it goes back are taken too: the last look is the one before leaving.
             while self._waiting:
-                batch, self._waiting = self._waiting, []
-                failure: AuditUnavailable | None = None
-                try:
-                    async with self.pool.connection() as conn:
+                async with self.pool.connection() as conn:
+                    while self._waiting:
+                        batch, self._waiting = self._waiting, []
                         await conn.execute(_INSERT, _rows([d for d, _ in batch]))
-                except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                    log.error("disclosure audit not written", error=type(exc).__name__)
-                    failure = AuditUnavailable(type(exc).__name__)
-                _settle(batch, failure)
+                        _settle(batch, None)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            log.error("disclosure audit not written", error=type(exc).__name__)
+            failure = AuditUnavailable(type(exc).__name__)
         finally:
-            # Cancelled (the app stops) or failed unexpectedly: nobody is left waiting forever.
-            stopped = AuditUnavailable("the audit writer stopped")
-            _settle(batch, stopped)
-            if len(self._flushers) <= 1 and self._waiting:
+            # Failed, or cancelled as the app stops: the records in hand, and those waiting
+            # if no other INSERT will take them, are refused rather than left waiting.
+            _settle(batch, failure)
+            if self._waiting and self._flushers <= {asyncio.current_task()}:
                 waiting, self._waiting = self._waiting, []
-                _settle(waiting, stopped)
-            # Now, not in a done callback: a record that comes before the callback ran
-            # would otherwise find every flusher taken and wait for ever.
+                _settle(waiting, failure)
+            # Now, not in a done callback: a record that came before the callback ran
+            # would find every INSERT taken and wait for ever.
             self._flushers.discard(asyncio.current_task())
 
 

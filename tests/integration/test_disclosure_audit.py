@@ -18,6 +18,7 @@ from litestar.testing import AsyncTestClient
 
 from domain.roles import Role
 from read_api.app import create_app
+from runtime import audit
 from runtime.db import open_pool
 from runtime.settings import Settings
 from tests.integration.test_appointments import Model, book, clinician, monday, patient
@@ -169,6 +170,29 @@ async def test_concurrent_reads_are_each_recorded_once(reads, directory, setting
         assert recorded(settings, headers["X-Correlation-ID"]) == [
             (headers["X-Test-Subject"], "admin", "patient.get", [written.patient_id])
         ]
+
+
+async def test_the_writer_stores_every_record_of_staggered_concurrent_callers(settings):
+    import random
+
+    run = f"writer-{uuid.uuid4()}"
+    rng = random.Random(14)
+    pool = await open_pool(settings.database_url, max_size=2, autocommit=True)
+    writer = audit.GroupedWriter(pool, parallel=2)
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(rng.random() / 50)  # arrivals spread over the INSERTs in flight
+        await writer.record(audit.Disclosure(run, "admin", "patient.get", (uuid.uuid4(),), f"{i}"))
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(400))), 120)
+    finally:
+        await pool.close()
+    with psycopg.connect(settings.database_url) as conn:
+        stored = conn.execute(
+            "SELECT correlation_id FROM audit.disclosures WHERE actor = %s", [run]
+        ).fetchall()
+    assert sorted(int(c) for (c,) in stored) == list(range(400))
 
 
 async def test_a_read_whose_record_cannot_be_written_is_503_and_shows_nothing(
