@@ -40,6 +40,7 @@ from psycopg import sql
 from runtime.http import Problems, correlation_id, problem
 
 log = structlog.get_logger(__name__)
+_encode = msgspec.json.Encoder().encode
 
 STATE_KEY = "audit"
 """Where an app keeps its writer: `app.state.audit`."""
@@ -78,14 +79,18 @@ _INSERT = (
 )
 
 
+_PG_ARRAY = bytes.maketrans(b"[]", b"{}")
+
+
 def _rows(batch: list[Disclosure]) -> list[list[str]]:
     # One array per column (a constant statement, prepared once); the patients' ids
-    # travel as uuid[] literals, since unnest cannot take an array of arrays.
+    # travel as uuid[] literals, since unnest cannot take an array of arrays. msgspec
+    # writes them as a JSON array, which is the literal once its quotes go.
     return [
         [d.actor for d in batch],
         [d.role for d in batch],
         [d.operation for d in batch],
-        ["{" + ",".join(str(p) for p in d.patient_ids) + "}" for d in batch],
+        [_encode(list(d.patient_ids)).translate(_PG_ARRAY, b'"').decode() for d in batch],
         [d.correlation_id for d in batch],
     ]
 
@@ -155,8 +160,8 @@ def open_writer(state: Any, writer: Writer) -> None:
 async def disclosed(
     request: Request[Any, Any, Any], operation: str, patient_ids: Iterable[UUID]
 ) -> None:
-    """Records that this request's answer shows these patients' personal data, before it
-    goes out; raises AuditUnavailable (503) when that cannot be done."""
+    """Records that this request's answer shows these patients' personal data (each id
+    once), before it goes out; raises AuditUnavailable (503) when that cannot be done."""
     writer: Writer | None = request.app.state.get(STATE_KEY)
     if writer is None:
         raise AuditUnavailable("no audit writer")
@@ -166,7 +171,7 @@ async def disclosed(
             actor=claims.subject,
             role=str(claims.role),
             operation=operation,
-            patient_ids=tuple(dict.fromkeys(patient_ids)),
+            patient_ids=tuple(patient_ids),
             correlation_id=correlation_id(request.scope),
         )
     )

@@ -78,7 +78,7 @@ def _shown(rows: list[model.AppointmentRow], claims: Claims, own: UUID | None) -
             row.cancellation_reason = None
         elif row.reason is not None or row.cancellation_reason is not None:
             patients.append(row.patient_id)
-    return patients
+    return list(dict.fromkeys(patients))
 
 
 class AppointmentsPage(msgspec.Struct, kw_only=True):
