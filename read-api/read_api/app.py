@@ -1,7 +1,9 @@
 """The query API (port 4003): patients, paged by cursor, filtered, cached in Redis.
 
 PostgreSQL is the one hard dependency: without Redis every read is answered from the
-database (see `read_api.cache`), and readiness names the cache `degraded`.
+database (see `read_api.cache`), and readiness names the cache `degraded`. Every answer
+that shows a patient's personal data, cached or not, is recorded in the disclosure audit
+before it goes out (`runtime.audit`); without the record it is a 503.
 """
 
 from __future__ import annotations
