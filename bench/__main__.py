@@ -10,7 +10,8 @@ Figures, on loopback, at a stated concurrency:
 - event-to-read-model lag: from a 201 until the directory row exists, p50/p99;
 - the relay's publish rate when it has a backlog, beside a raw Kafka produce rate
   with the same producer settings (idempotent, acks=all).
-Then the gateway's and billing's own benchmarks, and everything goes to
+Then the other benchmarks (writes, the disclosure audit's cost, appointments, the
+gateway, billing...), and everything goes to
 docs/benchmarks.md.
 """
 
@@ -220,6 +221,7 @@ async def run_all() -> str:
     sections = [await patients(settings)]
     for name in (
         "bench.writes",
+        "bench.audit",
         "bench.appointments",
         "bench.notifications",
         "bench.rebuild",

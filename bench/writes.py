@@ -53,6 +53,7 @@ ROUND_SECONDS = 10.0
 UPDATE_PATIENTS = 1000
 HISTORY = 1000
 PROBE_EVERY = 0.05
+SERVE_READ_API = ("-m", "bootstrap", "serve", "read-api")
 
 
 class Round:
@@ -208,15 +209,19 @@ def _free_port() -> int:
         return port
 
 
-def _one_worker_query_api(settings: Settings, port: int, **extra: str) -> subprocess.Popen[bytes]:
+def _one_worker_query_api(
+    settings: Settings, port: int, command: tuple[str, ...] = SERVE_READ_API, **extra: str
+) -> subprocess.Popen[bytes]:
+    """A query API process of one worker on `port`, started by `command` (python's
+    arguments), once it is ready."""
     env = {
         **os.environ,
         "CARELOG_READ_API_PORT": str(port),
         "CARELOG_READ_API_WORKERS": "1",
         **extra,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bootstrap", "serve", "read-api"],
+    process = subprocess.Popen(  # noqa: S603 (our own arguments)
+        [sys.executable, *command],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

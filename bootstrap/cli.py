@@ -311,7 +311,7 @@ def dlq(args: argparse.Namespace) -> int:
         if args.action == "show":
             if not args.id:
                 return letters.fail("show needs an id (see `carelog dlq list`)")
-            print(letters.show(asyncio.run(letters.find(settings, args.id)), args.reveal))
+            print(letters.show(settings, asyncio.run(letters.find(settings, args.id)), args.reveal))
             return 0
         if args.all:
             chosen = asyncio.run(letters.letters(settings, args.topic))

@@ -3,18 +3,19 @@
 A consumer dead-letters an event it can never apply (see `runtime.consumers`): to
 `<topic>.dlq.<group>`, with the reason in an `error` header. Here an operator
 lists them (`<model>:<offset>` ids, event type, aggregate id, error kind: never
-personal data), shows one (its data redacted unless `--reveal`, which writes an
-audit line first), and replays one or all once the cause is fixed. Replaying goes
-through the projection's own idempotent apply, so replaying twice changes nothing.
+personal data), shows one (its data redacted unless `--reveal`, which first appends
+a record to the disclosure audit, `runtime.audit`, and reveals nothing without it),
+and replays one or all once the cause is fixed. Replaying goes through the
+projection's own idempotent apply, so replaying twice changes nothing.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 import msgspec
 import psycopg
@@ -24,12 +25,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bootstrap.rebuild import MODELS, Model
 from domain import contracts
 from readmodels.directory import DirectoryCache
+from runtime import audit
 from runtime.cache import redis_for
 from runtime.consumers import UnappliableEvent
 from runtime.kafka import client_options, partitions_of
 from runtime.settings import Settings
 
-audit = structlog.get_logger("carelog.audit")
+log = structlog.get_logger("carelog.audit")
 
 
 class DlqError(Exception):
@@ -116,14 +118,32 @@ async def find(settings: Settings, letter_id: str) -> Letter:
     raise DlqError(f"no dead letter {letter_id}")
 
 
-def show(letter: Letter, reveal: bool) -> str:
+def _patients_in(letter: Letter) -> list[UUID]:
+    """The patients a letter's body is about (best effort: an undecodable body names none)."""
+    try:
+        envelope, data = contracts.decode(letter.body)
+    except (msgspec.DecodeError, msgspec.ValidationError, KeyError):
+        return []
+    found = [envelope.aggregate_id] if envelope.aggregate_type == "Patient" else []
+    if isinstance(patient := getattr(data, "patient_id", None), UUID):
+        found.append(patient)
+    return found
+
+
+def show(settings: Settings, letter: Letter, reveal: bool) -> str:
     shown: dict[str, Any] = letter.summary() | {"headers": letter.headers}
     if reveal:
-        audit.warning(
+        disclosure = audit.at_the_command_line("cli.dlq.reveal", _patients_in(letter))
+        try:
+            audit.record_now(settings.database_url, disclosure)
+        except audit.AuditUnavailable as exc:
+            raise DlqError(f"the audit cannot be written ({exc}): nothing is revealed") from None
+        log.warning(
             "personal data revealed",
-            actor=getpass.getuser(),
+            actor=disclosure.actor,
             operation="carelog dlq show --reveal",
             dead_letter=letter.id,
+            correlation_id=disclosure.correlation_id,
         )
         shown["body"] = json.loads(letter.body) if _is_json(letter.body) else repr(letter.body)
     else:

@@ -2,14 +2,14 @@
 
 Each line: version, position in the global log, time, event type, correlation id,
 and the event's fields. Names, emails, addresses, dates of birth and appointment
-reasons print as `<redacted>` unless `--reveal`, which writes an audit line (who,
-what, when) to the log before anything is shown.
+reasons print as `<redacted>` unless `--reveal`, which first appends a record to the
+disclosure audit (`runtime.audit`: who, whose, when) and a line to the log, and reveals
+nothing when the record cannot be written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import getpass
 import sys
 from typing import Any
 from uuid import UUID
@@ -21,6 +21,7 @@ from psycopg import sql
 from commands.store import EventStore
 from domain.patients import Patient
 from domain.scheduling import Appointment, Clinician
+from runtime import audit
 from runtime.settings import Settings
 
 log = structlog.get_logger("carelog.audit")
@@ -42,20 +43,36 @@ def _fields(event: Any, reveal: bool) -> str:
     return " ".join(shown)
 
 
+def _audited(settings: Settings, kind: str, aggregate_id: UUID, events: list[Any]) -> bool:
+    """Records the disclosure before anything is revealed; False (and says why) if it cannot."""
+    patients = [aggregate_id] if kind == "patient" else []
+    patients += [e.patient_id for e in events if isinstance(getattr(e, "patient_id", None), UUID)]
+    disclosure = audit.at_the_command_line("cli.history.reveal", patients)
+    try:
+        audit.record_now(settings.database_url, disclosure)
+    except audit.AuditUnavailable as exc:
+        print(
+            f"carelog history: the audit cannot be written ({exc}): nothing is revealed",
+            file=sys.stderr,
+        )
+        return False
+    log.warning(
+        "personal data revealed",
+        actor=disclosure.actor,
+        aggregate=kind,
+        aggregate_id=str(aggregate_id),
+        operation="carelog history --reveal",
+        correlation_id=disclosure.correlation_id,
+    )
+    return True
+
+
 def print_history(settings: Settings, kind: str, ident: str, reveal: bool) -> int:
     try:
         aggregate_id = UUID(ident)
     except ValueError:
         print(f"carelog history: {ident!r} is not an id", file=sys.stderr)
         return 2
-    if reveal:
-        log.warning(
-            "personal data revealed",
-            actor=getpass.getuser(),
-            aggregate=kind,
-            aggregate_id=str(aggregate_id),
-            operation="carelog history --reveal",
-        )
     store = EventStore(settings.database_url, 1)
     try:
         stored = store.recorder.select_events(aggregate_id)
@@ -63,6 +80,8 @@ def print_history(settings: Settings, kind: str, ident: str, reveal: bool) -> in
         owner = KINDS[kind].__qualname__ + "."
         if not events or not type(events[0]).__qualname__.startswith(owner):
             print(f"carelog history: no {kind} {aggregate_id}", file=sys.stderr)
+            return 1
+        if reveal and not _audited(settings, kind, aggregate_id, events):
             return 1
         with psycopg.connect(settings.database_url) as conn:
             positions: dict[int, int] = dict(

@@ -53,3 +53,6 @@ HISTORY_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.CLINICIAN})
 
 HISTORY_VALUE_READERS: frozenset[Role] = frozenset({Role.ADMIN})
 """Also see each change's new values in a patient's history (never the old ones)."""
+
+AUDIT_READERS: frozenset[Role] = frozenset({Role.ADMIN})
+"""Read the disclosure audit (who was shown which patients' personal data)."""

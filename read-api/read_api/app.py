@@ -1,12 +1,15 @@
 """The query API (port 4003): patients, paged by cursor, filtered, cached in Redis.
 
 PostgreSQL is the one hard dependency: without Redis every read is answered from the
-database (see `read_api.cache`), and readiness names the cache `degraded`.
+database (see `read_api.cache`), and readiness names the cache `degraded`. Every answer
+that shows a patient's personal data, cached or not, is recorded in the disclosure audit
+before it goes out (`runtime.audit`); without the record it is a 503.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any, Literal
@@ -16,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 import psycopg_pool
 import structlog
-from litestar import Litestar, Response, get
+from litestar import Litestar, Request, Response, get
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, Parameter
 from prometheus_client import Counter
@@ -24,7 +27,7 @@ from redis.asyncio import Redis
 
 from domain.errors import InvalidData, PatientNotFound
 from domain.roles import PATIENT_READERS
-from read_api import analytics, appointments, history, notifications, waiting
+from read_api import analytics, appointments, disclosures, history, notifications, waiting
 from read_api.cache import GuardedCache, redis_client
 from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
 from read_api.waiting import await_position
@@ -35,6 +38,7 @@ from readmodels.directory import (
     get_record,
     records,
 )
+from runtime import audit
 from runtime.db import open_pool
 from runtime.http import (
     DOCS,
@@ -54,6 +58,18 @@ log = structlog.get_logger(__name__)
 CACHE = Counter("carelog_read_cache_total", "Query API cache lookups", ["kind", "outcome"])
 
 _page_encoder = msgspec.json.Encoder()
+
+
+class _Shown(msgspec.Struct):
+    id: UUID
+
+
+class _ShownPage(msgspec.Struct):
+    patients: list[_Shown]
+
+
+_shown_page = msgspec.json.Decoder(_ShownPage)
+"""The ids on a cached page (the disclosure audit records them), read without the rest."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +117,10 @@ class PatientPage(msgspec.Struct, kw_only=True):
     tags=["patients"],
     guards=[requires(PATIENT_READERS)],
     responses=answers(PatientPage, "A page of patients"),
+    opt={DOCS: Documented(problems=audit.UNAUDITED)},
 )
 async def list_patients(
+    request: Request[Any, Any, Any],
     directory: NamedDependency[Directory],
     limit: Annotated[int, Parameter(ge=1, le=200, description="Page size")] = 50,
     cursor: Annotated[
@@ -148,15 +166,21 @@ async def list_patients(
         generation, cached = await cache.get_page(key)
         if cached is not None:
             CACHE.labels("page", "hit").inc()
+            shown = [p.id for p in _shown_page.decode(cached).patients]
+            if shown:
+                await audit.disclosed(request, "patient.list", shown)
             return Response(cached, media_type="application/json")
         CACHE.labels("page", "miss").inc()
     statement, params = build(query, directory.tables)
     async with directory.pool.connection() as conn, conn.cursor(row_factory=records) as cur:
         await cur.execute(statement, params)
         rows = await cur.fetchall()
-    body = _page_encoder.encode(page_from_rows(query, rows))
+    page = page_from_rows(query, rows)
+    body = _page_encoder.encode(page)
     if generation is not None:
         await cache.put_page(generation, key, body)
+    if page.patients:
+        await audit.disclosed(request, "patient.list", [p.id for p in page.patients])
     return Response(body, media_type="application/json")
 
 
@@ -166,9 +190,15 @@ async def list_patients(
     tags=["patients"],
     guards=[requires(PATIENT_READERS)],
     responses=answers(PatientView, "The patient"),
-    opt={DOCS: Documented(problems={404: "No such patient (or the id is not a UUID)"}, etag=True)},
+    opt={
+        DOCS: Documented(
+            problems={404: "No such patient (or the id is not a UUID)", **audit.UNAUDITED},
+            etag=True,
+        )
+    },
 )
 async def get_patient(
+    request: Request[Any, Any, Any],
     patient_id: FromPath[str],
     directory: NamedDependency[Directory],
     minPosition: Annotated[int | None, Parameter(ge=1)] = None,
@@ -186,6 +216,7 @@ async def get_patient(
             version, body = cached
             if not body:
                 raise PatientNotFound(patient_id)
+            await audit.disclosed(request, "patient.get", [pid])
             return Response(body, media_type="application/json", headers={"ETag": f'"{version}"'})
         CACHE.labels("patient", "miss").inc()
     async with directory.pool.connection() as conn:
@@ -196,6 +227,7 @@ async def get_patient(
     await cache.put_patient(str(pid), record.version, body)
     if not body:
         raise PatientNotFound(patient_id)
+    await audit.disclosed(request, "patient.get", [pid])
     return Response(body, media_type="application/json", headers={"ETag": f'"{record.version}"'})
 
 
@@ -206,11 +238,17 @@ PROBLEMS: Problems = {
 
 
 def create_app(
-    settings: Settings, tables: Tables = LIVE, verifier: TokenVerifier | None = None
+    settings: Settings,
+    tables: Tables = LIVE,
+    verifier: TokenVerifier | None = None,
+    audit_writer: Callable[[psycopg_pool.AsyncConnectionPool[Any]], audit.Writer] = (
+        audit.GroupedWriter
+    ),
 ) -> Litestar:
     """The query API; opens its database pool and Redis client at startup.
 
     Tokens are checked with `verifier`, by default against the auth service's JWKS.
+    Disclosures are recorded by `audit_writer(pool)`; only the benchmark passes another.
     """
     opened: list[tuple[Directory, Redis, appointments.Appointments, analytics.Analytics]] = []
     try:
@@ -230,6 +268,7 @@ def create_app(
             failures=settings.cache_breaker_failures,
             reset_seconds=settings.cache_breaker_reset_seconds,
         )
+        audit.open_writer(app.state, audit_writer(pool))
         opened.append(
             (
                 Directory(pool, cache, tables, settings.read_wait_seconds),
@@ -269,10 +308,11 @@ def create_app(
             *analytics.ROUTES,
             *notifications.ROUTES,
             *history.ROUTES,
+            *disclosures.ROUTES,
         ],
         title="queries",
         description="Reads: paged, filtered, cached views of the read models.",
-        problems={**PROBLEMS, **waiting.PROBLEMS, **appointments.PROBLEMS},
+        problems={**PROBLEMS, **waiting.PROBLEMS, **appointments.PROBLEMS, **audit.PROBLEMS},
         checks={"database": database, "cache": Soft(lambda: opened[0][0].cache.check())},
         dependencies={
             "directory": Provide(directory, sync_to_thread=False),

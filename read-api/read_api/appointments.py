@@ -2,8 +2,9 @@
 
 Reads the appointments model through `readmodels.appointments`. Every role may read;
 an appointment's reason is shown to admins and receptionists, and to a clinician on
-their own appointments only (`domain.roles.REASON_READERS`). `clinicianId=me` is the
-clinician the caller signs in as.
+their own appointments only (`domain.roles.REASON_READERS`); an answer that shows a
+reason is recorded in the disclosure audit first (`runtime.audit`). `clinicianId=me` is
+the clinician the caller signs in as.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from domain.scheduling import (
 )
 from read_api.waiting import await_position
 from readmodels import appointments as model
+from runtime import audit
 from runtime.http import DOCS, Documented, Problems, answers, problem
 from runtime.security import Claims, requires
 
@@ -64,14 +66,19 @@ async def _own_clinician(source: Appointments, claims: Claims) -> UUID | None:
         return await model.clinician_of_user(conn, user, source.tables)
 
 
-def _shown(rows: list[model.AppointmentRow], claims: Claims, own: UUID | None) -> None:
-    """Withholds reasons the caller may not see (in place)."""
+def _shown(rows: list[model.AppointmentRow], claims: Claims, own: UUID | None) -> list[UUID]:
+    """Withholds reasons the caller may not see (in place); the patients whose reasons
+    stay shown, which the disclosure audit records."""
+    patients = []
     for row in rows:
         if claims.role not in REASON_READERS or (
             claims.role == Role.CLINICIAN and row.clinician_id != own
         ):
             row.reason = None
             row.cancellation_reason = None
+        elif row.reason is not None or row.cancellation_reason is not None:
+            patients.append(row.patient_id)
+    return list(dict.fromkeys(patients))
 
 
 class AppointmentsPage(msgspec.Struct, kw_only=True):
@@ -93,8 +100,9 @@ class Slots(msgspec.Struct, kw_only=True):
     slots: list[Slot]
 
 
-def _one(what: str) -> Documented:
-    return Documented(problems={404: f"No such {what} (or the id is not a UUID)"}, etag=True)
+def _one(what: str, audited: bool = False) -> Documented:
+    problems = {404: f"No such {what} (or the id is not a UUID)"}
+    return Documented(problems=problems | (audit.UNAUDITED if audited else {}), etag=True)
 
 
 MinPosition = Annotated[
@@ -109,6 +117,7 @@ MinPosition = Annotated[
     tags=["appointments"],
     guards=[requires(SCHEDULE_READERS)],
     responses=answers(AppointmentsPage, "A page of appointments"),
+    opt={DOCS: Documented(problems=audit.UNAUDITED)},
 )
 async def list_appointments(
     request: Request[Any, Any, Any],
@@ -162,7 +171,8 @@ async def list_appointments(
     )
     async with source.pool.connection() as conn:
         rows, following = await model.list_appointments(conn, query, source.tables)
-    _shown(rows, claims, own)
+    if disclosed := _shown(rows, claims, own):
+        await audit.disclosed(request, "appointment.list", disclosed)
     body = {
         "appointments": rows,
         "next": model.encode_cursor(following) if following else None,
@@ -176,7 +186,7 @@ async def list_appointments(
     tags=["appointments"],
     guards=[requires(SCHEDULE_READERS)],
     responses=answers(model.AppointmentRow, "The appointment"),
-    opt={DOCS: _one("appointment")},
+    opt={DOCS: _one("appointment", audited=True)},
 )
 async def get_appointment(
     appointment_id: FromPath[str],
@@ -194,7 +204,8 @@ async def get_appointment(
     if row is None:
         raise AppointmentNotFound(appointment_id)
     claims: Claims = request.state.claims
-    _shown([row], claims, await _own_clinician(source, claims))
+    if disclosed := _shown([row], claims, await _own_clinician(source, claims)):
+        await audit.disclosed(request, "appointment.get", disclosed)
     return Response(
         _encoder.encode(row), media_type="application/json", headers={"ETag": f'"{row.version}"'}
     )

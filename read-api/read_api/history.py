@@ -22,6 +22,7 @@ from domain.errors import InvalidData, PatientNotFound
 from domain.roles import HISTORY_READERS, HISTORY_VALUE_READERS
 from readmodels import history
 from readmodels.directory import get_record
+from runtime import audit
 from runtime.http import DOCS, Documented, answers
 from runtime.security import Claims, requires
 
@@ -109,7 +110,11 @@ def _shown(entry: history.Entry, values: bool) -> HistoryEntry:
     tags=["patients"],
     guards=[requires(HISTORY_READERS)],
     responses=answers(HistoryPage, "A page of the patient's history"),
-    opt={DOCS: Documented(problems={404: "No such patient (or the id is not a UUID)"})},
+    opt={
+        DOCS: Documented(
+            problems={404: "No such patient (or the id is not a UUID)", **audit.UNAUDITED}
+        )
+    },
 )
 async def patient_history(
     patient_id: FromPath[str],
@@ -129,6 +134,8 @@ async def patient_history(
     entries = await history_of(pool, pid, after, limit + 1)
     following = str(entries[limit - 1].version) if len(entries) > limit else None
     values = claims.role in HISTORY_VALUE_READERS
+    if entries:
+        await audit.disclosed(request, "patient.history", [pid])
     page = HistoryPage(
         patient_id=pid,
         entries=[_shown(e, values) for e in entries[:limit]],

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -142,6 +143,19 @@ async def test_clinicians_see_field_names_only_and_receptionists_nothing(reads, 
         refused = await reads.get(path, headers=tokens.headers(role))
         assert refused.status_code == 403, role
     assert (await reads.get(path)).status_code == 401
+
+
+async def test_each_page_shown_is_recorded_in_the_disclosure_audit(reads, story, settings, tokens):
+    correlation = f"history-{uuid.uuid4()}"
+    headers = {**tokens.headers(Role.CLINICIAN), "X-Correlation-ID": correlation}
+    answer = await reads.get(f"/patients/{story['patient']}/history", headers=headers)
+    assert answer.status_code == 200, answer.text
+    with psycopg.connect(settings.database_url) as conn:
+        records = conn.execute(
+            "SELECT role, operation, patient_ids FROM audit.disclosures WHERE correlation_id = %s",
+            [correlation],
+        ).fetchall()
+    assert records == [("clinician", "patient.history", [uuid.UUID(story["patient"])])]
 
 
 async def test_unknown_patients_are_404_and_bad_cursors_400(reads, tokens):

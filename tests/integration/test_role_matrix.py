@@ -21,6 +21,7 @@ from domain.roles import (
     ANALYTICS_READERS,
     APPOINTMENT_ATTENDERS,
     APPOINTMENT_BOOKERS,
+    AUDIT_READERS,
     CLINICIAN_ADMINS,
     HISTORY_READERS,
     NOTIFICATION_READERS,
@@ -74,6 +75,7 @@ ROUTES: list[tuple[str, str, str, frozenset[Role]]] = [
     ("reads", "GET", "/analytics/appointments", ANALYTICS_READERS),
     ("reads", "GET", "/analytics/billing", ANALYTICS_READERS),
     ("reads", "GET", "/notifications", NOTIFICATION_READERS),
+    ("reads", "GET", "/audit", AUDIT_READERS),
 ]
 """(app, method, route template, roles admitted) for every guarded endpoint."""
 

@@ -85,6 +85,7 @@ def test_the_docs_use_gateway_paths_and_name_roles(auth):
     booking = patients["/api/appointments"]["post"]["x-required-roles"]
     assert booking == ["admin", "receptionist"]
     assert len(patients["/api/patients"]["get"]["x-required-roles"]) == 5
+    assert patients["/api/audit"]["get"]["x-required-roles"] == ["admin"]
     login = documents["auth"]["paths"]["/auth/login"]["post"]
     assert "x-required-roles" not in login
     assert "security" not in login

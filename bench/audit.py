@@ -1,0 +1,194 @@
+"""What the disclosure audit costs a read: list p99 with it beside list p99 without it.
+
+    uv run python -m bench.audit      (part of `make bench`; against the `make up` stack)
+
+Two query API processes of one worker each, in the same run, on a scratch database of
+their own (migrated, PATIENTS directory rows) and the stack's Redis and auth service:
+the production app (`carelog serve read-api`), which records every page it answers in
+`audit.disclosures`, and the same app built here with its audit writer replaced by a
+no-op (`create_app(audit_writer=...)`, which no production bootstrap passes: no setting
+turns the audit off). wrk loads them in turn, ROUNDS alternating rounds each: first
+pages of 50 (answered from the Redis cache, where the audit's INSERT weighs most), and
+pages read from PostgreSQL (`minPosition=1` skips the cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sys
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from litestar import Litestar
+
+from bench.common import main_for, ms, token_headers
+from bench.writes import (
+    SERVE_READ_API,
+    Round,
+    _free_port,
+    _median,
+    _one_worker_query_api,
+    _wrk_round,
+)
+from bench.wrk import get_script
+from bootstrap.database import migrate
+from read_api.app import create_app
+from runtime.audit import Disclosure
+from runtime.settings import Settings
+
+PATIENTS = 500
+ROUNDS = 5
+ROUND_SECONDS = 4.0
+AIM = 1.2
+SERVE_UNAUDITED = ("-m", "bench.audit", "serve-unaudited")
+PATHS = {
+    "first page (cached)": "/patients?limit=50",
+    "from PostgreSQL": "/patients?limit=50&minPosition=1",
+}
+
+
+class NoAudit:
+    """An audit writer that records nothing: the app without the audit, for comparison."""
+
+    def __init__(self, pool: Any):
+        pass
+
+    async def record(self, disclosure: Disclosure) -> None:
+        return None
+
+
+def unaudited_worker() -> Litestar:
+    """The query API with `NoAudit`, as one worker process builds it."""
+    from bootstrap.cli import worker_settings
+    from runtime.security import with_verifier
+
+    return with_verifier(
+        functools.partial(create_app, audit_writer=NoAudit), worker_settings("read-api")
+    )
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def _scratch_database(settings: Settings) -> str:
+    """A new database, migrated, holding PATIENTS directory rows; returns its URL."""
+    name = f"bench_audit_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(settings.database_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(settings.database_url, name)
+    migrate(url)
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
+            " email_key, address, date_of_birth, registered_date)"
+            " SELECT gen_random_uuid(), 1, g, 'Bench Audit ' || g, 'bench audit ' || g,"
+            " 'a' || g || '@bench.carelog.invalid', 'a' || g || '@bench.carelog.invalid',"
+            " g || ' Audit Road', date '1950-01-01' + g, date '2024-01-02'"
+            " FROM generate_series(1, %s) AS g",
+            [PATIENTS],
+        )
+        conn.execute(
+            "INSERT INTO directory_positions (position, patient_id)"
+            " SELECT position, id FROM directory_patients"
+        )
+    return url
+
+
+def _drop(settings: Settings, url: str) -> None:
+    """Drops the scratch database; retried while autovacuum is inside it (only a superuser
+    could end that worker)."""
+    name = urlsplit(url).path.lstrip("/")
+    for attempt in range(20):
+        try:
+            with psycopg.connect(settings.database_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if attempt == 19:
+                raise
+            time.sleep(0.25)
+
+
+async def run(settings: Settings) -> list[str]:
+    auth_url = os.environ.get("CARELOG_AUTH_URL", f"http://127.0.0.1:{settings.ports['auth']}")
+    admin = await token_headers(auth_url)
+    url = await asyncio.to_thread(_scratch_database, settings)
+    prefix = f"bench-audit-{uuid.uuid4().hex[:6]}."
+    ports = {"with": _free_port(), "without": _free_port()}
+    started = []
+    rounds: dict[tuple[str, str], list[Round]] = {}
+    try:
+        for which, command in (("with", SERVE_READ_API), ("without", SERVE_UNAUDITED)):
+            started.append(
+                _one_worker_query_api(
+                    settings,
+                    ports[which],
+                    command,
+                    CARELOG_DATABASE_URL=url,
+                    CARELOG_TOPIC_PREFIX=prefix,
+                )
+            )
+        for _ in range(ROUNDS):
+            for label, path in PATHS.items():
+                for which, port in ports.items():
+                    rounds.setdefault((label, which), []).append(
+                        await _wrk_round(
+                            f"http://127.0.0.1:{port}", get_script([admin], path), ROUND_SECONDS
+                        )
+                    )
+        with psycopg.connect(url) as conn:
+            (recorded,) = conn.execute("SELECT count(*) FROM audit.disclosures").fetchone() or (0,)
+    finally:
+        for process in started:
+            os.killpg(process.pid, 15)
+            process.wait(15)
+        await asyncio.to_thread(_drop, settings, url)
+
+    lines = [
+        "## Disclosure audit: list p99 with it and without it",
+        "",
+        f"`uv run python -m bench.audit` (part of `make bench`). Two query API processes of"
+        f" one worker each, on a scratch database of {PATIENTS} patients: the production app,"
+        " which records every page it answers in the disclosure audit before answering, and"
+        " the same app built by the benchmark with a no-op audit writer. wrk, 16 keep-alive"
+        f" connections, medians of {ROUNDS} alternating rounds of {ROUND_SECONDS:.0f} s;"
+        f" {recorded} disclosures recorded.",
+        "",
+        "| list patients, 50 a page | with the audit | without | p99 ratio | p50 ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label in PATHS:
+        audited, bare = rounds[(label, "with")], rounds[(label, "without")]
+        p99 = _median(audited, lambda r: r.result.p99_ms)
+        bare_p99 = _median(bare, lambda r: r.result.p99_ms)
+        p50 = _median(audited, lambda r: r.result.p50_ms)
+        bare_p50 = _median(bare, lambda r: r.result.p50_ms)
+        failed = sum(r.result.failed + r.result.socket_errors for r in audited + bare)
+        lines.append(
+            f"| {label}{f', {failed} failed' if failed else ''} | "
+            f"{_median(audited, lambda r: r.result.rate):.0f}/s, p50 {ms(p50)}, p99 {ms(p99)} | "
+            f"{_median(bare, lambda r: r.result.rate):.0f}/s, p50 {ms(bare_p50)}, "
+            f"p99 {ms(bare_p99)} | {p99 / bare_p99:.2f}x | {p50 / bare_p50:.2f}x |"
+        )
+    lines += ["", f"Aim (issue): list p99 with the audit at most {AIM}x the p99 without it.", ""]
+    return lines
+
+
+def main() -> None:
+    if sys.argv[1:] == ["serve-unaudited"]:
+        from runtime.http import serve
+
+        port = int(os.environ["CARELOG_READ_API_PORT"])
+        serve("bench.audit:unaudited_worker", "127.0.0.1", port, 1)
+        return
+    main_for(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""The disclosure audit: who was shown which patients' personal data, when, and why.
+
+Every answer that carries a patient's personal data appends one record to
+`audit.disclosures` (migration 0012) before it goes out, in the same request:
+
+    await audit.disclosed(request, "patient.get", [patient_id])
+
+The actor and role come from the request's verified token, the correlation id from the
+request; the writer is the app's own (`app.state.audit`, set at startup by `open_writer`).
+If the record cannot be written the read fails with 503 (`AuditUnavailable`, mapped by
+`PROBLEMS`): nothing is ever answered unaudited. The table is append-only, enforced by
+triggers in the database; `page` reads it for `GET /audit`.
+
+Writes are grouped: while one INSERT is in flight, the records of the requests that
+arrive meanwhile wait and go together in the next one, and each request answers only
+once the INSERT holding its record has returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import getpass
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+import msgspec
+import psycopg
+import psycopg_pool
+import structlog
+from litestar import Request
+from litestar.plugins.problem_details import ProblemDetailsException
+from psycopg import sql
+
+from runtime.http import Problems, correlation_id, problem
+
+log = structlog.get_logger(__name__)
+_encode = msgspec.json.Encoder().encode
+
+STATE_KEY = "audit"
+"""Where an app keeps its writer: `app.state.audit`."""
+
+CLI_ROLE = "operator"
+"""The role recorded for a disclosure at the command line (`carelog ... --reveal`)."""
+
+UNAUDITED = {503: "A dependency is unavailable, or the disclosure audit cannot be written"}
+"""`Documented(problems=...)` of a route that audits: nothing is shown unaudited."""
+
+
+class AuditUnavailable(Exception):
+    """The audit record could not be written, so the personal data is not shown."""
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    """One answer that showed personal data: who, with which role, what, whose, which request."""
+
+    actor: str
+    role: str
+    operation: str
+    patient_ids: tuple[UUID, ...]
+    correlation_id: str
+
+
+class Writer(Protocol):
+    async def record(self, disclosure: Disclosure) -> None:
+        """Returns once the record is stored; raises AuditUnavailable otherwise."""
+
+
+_INSERT = (
+    b"INSERT INTO audit.disclosures (actor, role, operation, patient_ids, correlation_id)"
+    b" SELECT a, r, o, p::uuid[], c"
+    b" FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) AS t(a, r, o, p, c)"
+)
+
+
+_PG_ARRAY = bytes.maketrans(b"[]", b"{}")
+
+
+def _rows(batch: list[Disclosure]) -> list[list[str]]:
+    # One array per column (a constant statement, prepared once); the patients' ids
+    # travel as uuid[] literals, since unnest cannot take an array of arrays. msgspec
+    # writes them as a JSON array, which is the literal once its quotes go.
+    return [
+        [d.actor for d in batch],
+        [d.role for d in batch],
+        [d.operation for d in batch],
+        [_encode(list(d.patient_ids)).translate(_PG_ARRAY, b'"').decode() for d in batch],
+        [d.correlation_id for d in batch],
+    ]
+
+
+class GroupedWriter:
+    """Writes disclosures through `pool`: up to `parallel` INSERTs at once, each taking
+    every record waiting when it starts."""
+
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any], parallel: int = 4):
+        self.pool = pool
+        self.parallel = parallel
+        self._waiting: list[tuple[Disclosure, asyncio.Future[None]]] = []
+        self._flushers: set[asyncio.Task[None]] = set()
+
+    async def record(self, disclosure: Disclosure) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._waiting.append((disclosure, done))
+        if len(self._flushers) < self.parallel:
+            flusher = loop.create_task(self._flush())
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        await done
+
+    async def _flush(self) -> None:
+        batch: list[tuple[Disclosure, asyncio.Future[None]]] = []
+        failure = AuditUnavailable("the audit writer stopped")
+        try:
+            # One connection for as long as records keep coming (the pool checks each one
+            # it hands out: a round trip saved per INSERT under load). Records that come
+            # while it goes back are taken too: the last look is the one before leaving.
+            while self._waiting:
+                async with self.pool.connection() as conn:
+                    while self._waiting:
+                        batch, self._waiting = self._waiting, []
+                        await conn.execute(_INSERT, _rows([d for d, _ in batch]))
+                        _settle(batch, None)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            log.error("disclosure audit not written", error=type(exc).__name__)
+            failure = AuditUnavailable(type(exc).__name__)
+        finally:
+            # Failed, or cancelled as the app stops: the records in hand, and those waiting
+            # if no other INSERT will take them, are refused rather than left waiting.
+            _settle(batch, failure)
+            if self._waiting and self._flushers <= {asyncio.current_task()}:
+                waiting, self._waiting = self._waiting, []
+                _settle(waiting, failure)
+            # Now, not in a done callback: a record that came before the callback ran
+            # would find every INSERT taken and wait for ever.
+            self._flushers.discard(asyncio.current_task())
+
+
+def _settle(batch: list[tuple[Disclosure, asyncio.Future[None]]], failure: Any) -> None:
+    for _, done in batch:
+        if not done.done():  # a waiter whose request was cancelled
+            if failure is None:
+                done.set_result(None)
+            else:
+                done.set_exception(failure)
+
+
+def open_writer(state: Any, writer: Writer) -> None:
+    """Makes `writer` the app's audit writer (at startup, once its pool is open)."""
+    state[STATE_KEY] = writer
+
+
+async def disclosed(
+    request: Request[Any, Any, Any], operation: str, patient_ids: Iterable[UUID]
+) -> None:
+    """Records that this request's answer shows these patients' personal data (each id
+    once), before it goes out; raises AuditUnavailable (503) when that cannot be done."""
+    writer: Writer | None = request.app.state.get(STATE_KEY)
+    if writer is None:
+        raise AuditUnavailable("no audit writer")
+    claims = request.state.claims
+    await writer.record(
+        Disclosure(
+            actor=claims.subject,
+            role=str(claims.role),
+            operation=operation,
+            patient_ids=tuple(patient_ids),
+            correlation_id=correlation_id(request.scope),
+        )
+    )
+
+
+def record_now(database_url: str, disclosure: Disclosure) -> None:
+    """Writes one disclosure at once, blocking (the CLI, before it reveals anything);
+    raises AuditUnavailable when it cannot."""
+    try:
+        with psycopg.connect(database_url, connect_timeout=10) as conn:
+            conn.execute(_INSERT, _rows([disclosure]))
+    except psycopg.Error as exc:
+        raise AuditUnavailable(type(exc).__name__) from None
+
+
+def at_the_command_line(operation: str, patient_ids: Iterable[UUID]) -> Disclosure:
+    """A disclosure by the operator running this process (`carelog ... --reveal`): the
+    actor is `os:<user>`, with a correlation id of its own."""
+    return Disclosure(
+        actor=f"os:{getpass.getuser()}",
+        role=CLI_ROLE,
+        operation=operation,
+        patient_ids=tuple(dict.fromkeys(patient_ids)),
+        correlation_id=str(uuid.uuid4()),
+    )
+
+
+def _unavailable(exc: AuditUnavailable) -> ProblemDetailsException:
+    return problem(
+        503,
+        "the disclosure audit cannot be written, so nothing is shown; retry shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
+PROBLEMS: Problems = {AuditUnavailable: _unavailable}
+
+
+# --- Reading: GET /audit -----------------------------------------------------------------
+
+
+class Record(msgspec.Struct, rename="camel", kw_only=True):
+    """One disclosure as `GET /audit` shows it."""
+
+    id: int
+    at: datetime
+    actor_id: str
+    role: str
+    operation: str
+    patient_ids: list[UUID]
+    correlation_id: str
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    patient_id: UUID | None = None
+    actor_id: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    limit: int = 50
+    before: int | None = None
+    """The last id of the previous page (newest first: this page is older)."""
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"d:{last_id}".encode()).rstrip(b"=").decode()
+
+
+def decode_cursor(raw: str) -> int | None:
+    """The id a cursor of `encode_cursor` carries; None if it is not one."""
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    number = text.removeprefix("d:")
+    if not text.startswith("d:") or not number.isdigit() or len(number) > 18:
+        return None
+    return int(number)
+
+
+async def page(conn: psycopg.AsyncConnection[Any], query: AuditQuery) -> tuple[list[Record], bool]:
+    """One page of disclosures, newest first, and whether older ones follow."""
+    where = ["TRUE"]
+    params: list[Any] = []
+    conditions: Mapping[str, Any] = {
+        "patient_ids @> ARRAY[%s]::uuid[]": query.patient_id,
+        "actor = %s": query.actor_id,
+        "at >= %s": query.start,
+        "at < %s": query.end,
+        "id < %s": query.before,
+    }
+    for condition, value in conditions.items():
+        if value is not None:
+            where.append(condition)
+            params.append(value)
+    statement = sql.SQL(
+        "SELECT id, at, actor, role, operation, patient_ids, correlation_id"
+        " FROM audit.disclosures WHERE {} ORDER BY id DESC LIMIT %s"
+    ).format(sql.SQL(" AND ").join(sql.SQL(w) for w in where))
+    cursor = await conn.execute(statement, [*params, query.limit + 1])
+    rows = await cursor.fetchall()
+    records = [
+        Record(
+            id=r[0],
+            at=r[1],
+            actor_id=r[2],
+            role=r[3],
+            operation=r[4],
+            patient_ids=r[5],
+            correlation_id=r[6],
+        )
+        for r in rows[: query.limit]
+    ]
+    return records, len(rows) > query.limit

@@ -1,0 +1,334 @@
+"""The disclosure audit against the real stack: every read that shows personal data leaves
+a record first (actor, role, operation, patients, correlation id); a read whose record
+cannot be written answers 503 and shows nothing; the table refuses every change; and
+`GET /audit` pages through it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from litestar.testing import AsyncTestClient
+
+from domain.roles import Role
+from read_api.app import create_app
+from runtime import audit
+from runtime.db import open_pool
+from runtime.settings import Settings
+from tests.integration.test_appointments import Model, book, clinician, monday, patient
+from tests.integration.test_dlq import carelog
+from tests.integration.test_read_api import Directory
+from tests.support.patients import details
+from tests.support.tokens import TestTokens
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def directory(settings, store, redis) -> AsyncIterator[Directory]:
+    pool = await open_pool(settings.database_url)
+    yield Directory(settings, store, pool, redis)
+    await pool.close()
+
+
+@pytest.fixture
+async def reads(settings: Settings, tokens: TestTokens) -> AsyncIterator[AsyncTestClient[Any]]:
+    app = create_app(settings.with_(read_wait_seconds=0.5), verifier=tokens.verifier)
+    async with AsyncTestClient(app=app) as client:
+        yield client
+
+
+def as_user(tokens: TestTokens, role: Role, subject: str | None = None) -> dict[str, str]:
+    """Headers of a request by `subject` (a new user by default) with its own correlation
+    id; the subject is echoed in `X-Test-Subject`, which the app ignores."""
+    subject = subject or str(uuid.uuid4())
+    return tokens.headers(role, subject) | {
+        "X-Correlation-ID": f"audit-{uuid.uuid4()}",
+        "X-Test-Subject": subject,
+    }
+
+
+def recorded(settings: Settings, correlation_id: str) -> list[tuple[Any, ...]]:
+    """(actor, role, operation, patient ids) of each record of one request, in order."""
+    with psycopg.connect(settings.database_url) as conn:
+        return conn.execute(
+            "SELECT actor, role, operation, patient_ids FROM audit.disclosures"
+            " WHERE correlation_id = %s ORDER BY id",
+            [correlation_id],
+        ).fetchall()
+
+
+@contextmanager
+def audit_table_gone(settings: Settings) -> Iterator[None]:
+    """The audit's table cannot be written for a while (renamed away), then comes back."""
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit.disclosures RENAME TO disclosures_away")
+        try:
+            yield
+        finally:
+            conn.execute("ALTER TABLE audit.disclosures_away RENAME TO disclosures")
+
+
+async def test_one_patient_read_is_recorded_before_it_is_answered_cached_or_not(
+    reads, directory, settings, tokens
+):
+    written = directory.service.register(details("Audit One"), date(2024, 3, 1))
+    await directory.catch_up()
+    for _ in range(2):  # the second read is answered from the cache
+        headers = as_user(tokens, Role.CLINICIAN)
+        answer = await reads.get(f"/patients/{written.patient_id}", headers=headers)
+        assert answer.status_code == 200 and answer.json()["name"] == "Audit One"
+        assert answer.headers["x-correlation-id"] == headers["X-Correlation-ID"]
+        assert recorded(settings, headers["X-Correlation-ID"]) == [
+            (headers["X-Test-Subject"], "clinician", "patient.get", [written.patient_id])
+        ]
+    missing = as_user(tokens, Role.ADMIN)
+    assert (await reads.get(f"/patients/{uuid.uuid4()}", headers=missing)).status_code == 404
+    assert recorded(settings, missing["X-Correlation-ID"]) == []
+
+
+async def test_a_list_page_records_the_ids_on_it_and_an_empty_page_nothing(
+    reads, directory, settings, tokens
+):
+    tag = uuid.uuid4().hex[:10]
+    ids = [
+        directory.service.register(details(f"Listed {tag} {i}"), date(2024, 3, 1)).patient_id
+        for i in range(3)
+    ]
+    await directory.catch_up()
+    for _ in range(2):  # a miss, then the cached page
+        headers = as_user(tokens, Role.RECEPTIONIST)
+        page = await reads.get("/patients", params={"name": tag, "limit": 2}, headers=headers)
+        assert page.status_code == 200
+        shown = [uuid.UUID(p["id"]) for p in page.json()["patients"]]
+        assert len(shown) == 2 and set(shown) <= set(ids)
+        ((actor, role, operation, patients),) = recorded(settings, headers["X-Correlation-ID"])
+        assert (actor, role, operation) == (
+            headers["X-Test-Subject"],
+            "receptionist",
+            "patient.list",
+        )
+        assert patients == shown
+    empty = as_user(tokens, Role.RECEPTIONIST)
+    nothing = await reads.get("/patients", params={"name": uuid.uuid4().hex}, headers=empty)
+    assert nothing.json()["patients"] == []
+    assert recorded(settings, empty["X-Correlation-ID"]) == []
+
+
+@pytest.fixture
+async def writes(settings, store, tokens) -> AsyncIterator[AsyncTestClient[Any]]:
+    from commands.api import create_app as commands_app
+
+    async with AsyncTestClient(app=commands_app(settings, store, tokens.verifier)) as client:
+        client.headers.update(tokens.headers(Role.ADMIN))
+        yield client
+
+
+async def test_appointment_reads_that_show_a_reason_are_recorded(
+    reads, writes, settings, store, tokens
+):
+    doctor, person = await clinician(writes), await patient(writes)
+    booked = await book(writes, person, doctor, monday(5, hour=9))
+    assert booked.status_code == 201, booked.text
+    appointment = booked.json()["id"]
+    await Model(settings, store).catch_up()
+
+    seen = as_user(tokens, Role.RECEPTIONIST)
+    one = await reads.get(f"/appointments/{appointment}", headers=seen)
+    assert one.json()["reason"] == "annual check-up"
+    assert recorded(settings, seen["X-Correlation-ID"]) == [
+        (seen["X-Test-Subject"], "receptionist", "appointment.get", [uuid.UUID(person)])
+    ]
+    listed = as_user(tokens, Role.ADMIN)
+    page = await reads.get("/appointments", params={"clinicianId": doctor}, headers=listed)
+    assert [a["reason"] for a in page.json()["appointments"]] == ["annual check-up"]
+    assert recorded(settings, listed["X-Correlation-ID"]) == [
+        (listed["X-Test-Subject"], "admin", "appointment.list", [uuid.UUID(person)])
+    ]
+    # A role that reads no reasons is shown no personal data: nothing to record.
+    withheld = as_user(tokens, Role.ANALYST)
+    hidden = await reads.get(f"/appointments/{appointment}", headers=withheld)
+    assert hidden.status_code == 200 and hidden.json()["reason"] is None
+    assert recorded(settings, withheld["X-Correlation-ID"]) == []
+
+
+async def test_concurrent_reads_are_each_recorded_once(reads, directory, settings, tokens):
+    written = directory.service.register(details("Many Readers"), date(2024, 3, 1))
+    await directory.catch_up()
+    requests = [as_user(tokens, Role.ADMIN) for _ in range(40)]
+    answers = await asyncio.gather(
+        *(reads.get(f"/patients/{written.patient_id}", headers=h) for h in requests)
+    )
+    assert [a.status_code for a in answers] == [200] * 40
+    for headers in requests:
+        assert recorded(settings, headers["X-Correlation-ID"]) == [
+            (headers["X-Test-Subject"], "admin", "patient.get", [written.patient_id])
+        ]
+
+
+async def test_the_writer_stores_every_record_of_staggered_concurrent_callers(settings):
+    import random
+
+    run = f"writer-{uuid.uuid4()}"
+    rng = random.Random(14)
+    pool = await open_pool(settings.database_url, max_size=2, autocommit=True)
+    writer = audit.GroupedWriter(pool, parallel=2)
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(rng.random() / 50)  # arrivals spread over the INSERTs in flight
+        await writer.record(audit.Disclosure(run, "admin", "patient.get", (uuid.uuid4(),), f"{i}"))
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(400))), 120)
+    finally:
+        await pool.close()
+    with psycopg.connect(settings.database_url) as conn:
+        stored = conn.execute(
+            "SELECT correlation_id FROM audit.disclosures WHERE actor = %s", [run]
+        ).fetchall()
+    assert sorted(int(c) for (c,) in stored) == list(range(400))
+
+
+async def test_a_read_whose_record_cannot_be_written_is_503_and_shows_nothing(
+    reads, directory, settings, tokens
+):
+    tag = uuid.uuid4().hex[:10]
+    name = f"Unaudited {tag}"
+    written = directory.service.register(details(name), date(2024, 3, 1))
+    await directory.catch_up()
+    warm = as_user(tokens, Role.ADMIN)  # puts the patient and the page in the cache
+    assert (await reads.get(f"/patients/{written.patient_id}", headers=warm)).status_code == 200
+    assert (await reads.get("/patients", params={"name": tag}, headers=warm)).status_code == 200
+    with audit_table_gone(settings):
+        for path, params in (
+            (f"/patients/{written.patient_id}", {}),  # cached
+            ("/patients", {"name": tag}),  # cached
+            ("/patients", {"name": tag, "minPosition": 1}),  # read from the database
+        ):
+            refused = await reads.get(path, params=params, headers=as_user(tokens, Role.ADMIN))
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["content-type"].startswith("application/problem+json")
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["status"] == 503
+            assert tag not in refused.text and str(written.patient_id) not in refused.text
+    after = as_user(tokens, Role.ADMIN)
+    assert (await reads.get(f"/patients/{written.patient_id}", headers=after)).status_code == 200
+    assert len(recorded(settings, after["X-Correlation-ID"])) == 1
+
+
+def test_the_audit_table_refuses_update_delete_and_truncate(settings):
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        (row_id,) = conn.execute(
+            "INSERT INTO audit.disclosures (actor, role, operation, patient_ids, correlation_id)"
+            " VALUES ('someone', 'admin', 'patient.get', ARRAY[%s]::uuid[], 'c') RETURNING id",
+            [uuid.uuid4()],
+        ).fetchone()
+        for change in (
+            "UPDATE audit.disclosures SET actor = 'someone else' WHERE id = %s",
+            "DELETE FROM audit.disclosures WHERE id = %s",
+            "TRUNCATE audit.disclosures",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute(change, [row_id] if "%s" in change else None)
+        still = conn.execute("SELECT actor FROM audit.disclosures WHERE id = %s", [row_id])
+        assert still.fetchone() == ("someone",)
+
+
+async def test_get_audit_filters_and_pages_newest_first(reads, directory, settings, tokens):
+    written = directory.service.register(details("Paged Audit"), date(2024, 3, 1))
+    await directory.catch_up()
+    reader = str(uuid.uuid4())
+    correlations = []
+    for _ in range(5):
+        headers = as_user(tokens, Role.CLINICIAN, reader)
+        correlations.append(headers["X-Correlation-ID"])
+        assert (
+            await reads.get(f"/patients/{written.patient_id}", headers=headers)
+        ).status_code == 200
+    admin = tokens.headers(Role.ADMIN)
+    seen, cursor, pages = [], None, 0
+    while True:
+        params: dict[str, Any] = {"patientId": str(written.patient_id), "limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = await reads.get("/audit", params=params, headers=admin)
+        assert page.status_code == 200, page.text
+        pages += 1
+        seen += page.json()["records"]
+        cursor = page.json()["next"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert [r["correlationId"] for r in seen] == correlations[::-1]
+    assert {(r["actorId"], r["role"], r["operation"]) for r in seen} == {
+        (reader, "clinician", "patient.get")
+    }
+    assert all(r["patientIds"] == [str(written.patient_id)] for r in seen)
+
+    by_actor = await reads.get("/audit", params={"actorId": reader}, headers=admin)
+    assert len(by_actor.json()["records"]) == 5
+    first = datetime.fromisoformat(seen[-1]["at"])
+    window = {"actorId": reader, "from": first.isoformat(), "to": first.isoformat()}
+    assert (await reads.get("/audit", params=window, headers=admin)).status_code == 400
+    later = {"actorId": reader, "from": (first + timedelta(days=1)).isoformat()}
+    assert (await reads.get("/audit", params=later, headers=admin)).json()["records"] == []
+    earlier = {"actorId": reader, "to": (first - timedelta(days=1)).isoformat()}
+    assert (await reads.get("/audit", params=earlier, headers=admin)).json()["records"] == []
+    around = {
+        "actorId": reader,
+        "from": (first - timedelta(minutes=5)).isoformat(),
+        "to": (datetime.now(UTC) + timedelta(minutes=5)).isoformat(),
+    }
+    assert len((await reads.get("/audit", params=around, headers=admin)).json()["records"]) == 5
+
+
+async def test_get_audit_names_every_bad_parameter_and_is_for_admins_only(reads, tokens):
+    bad = await reads.get(
+        "/audit",
+        params={
+            "patientId": "not-a-uuid",
+            "from": "2024-01-01T00:00:00",
+            "limit": "0",
+            "cursor": "nonsense",
+            "colour": "blue",
+        },
+        headers=tokens.headers(Role.ADMIN),
+    )
+    assert bad.status_code == 400
+    assert set(bad.json()["errors"]) == {"patientId", "limit", "colour"}
+    semantic = await reads.get(
+        "/audit",
+        params={"from": "2024-01-01T00:00:00", "to": "2023-01-01T00:00:00Z", "cursor": "x"},
+        headers=tokens.headers(Role.ADMIN),
+    )
+    assert semantic.status_code == 400
+    assert set(semantic.json()["errors"]) == {"from", "cursor"}
+    for role in (Role.CLINICIAN, Role.RECEPTIONIST, Role.BILLING, Role.ANALYST):
+        assert (await reads.get("/audit", headers=tokens.headers(role))).status_code == 403
+    assert (await reads.get("/audit")).status_code == 401
+
+
+def test_revealing_at_the_command_line_is_recorded_first_or_not_at_all(own_settings, own_store):
+    from commands.service import PatientService
+
+    written = PatientService(own_store).register(details("Revealed Person"), date(2024, 1, 2))
+    patient_id = str(written.patient_id)
+    with audit_table_gone(own_settings):
+        refused = carelog(own_settings, "history", "patient", patient_id, "--reveal")
+    assert refused.returncode == 1
+    assert "Revealed" not in refused.stdout and "audit cannot be written" in refused.stderr
+    revealed = carelog(own_settings, "history", "patient", patient_id, "--reveal")
+    assert revealed.returncode == 0 and "Revealed Person" in revealed.stdout
+    with psycopg.connect(own_settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT actor, role, operation, patient_ids FROM audit.disclosures"
+        ).fetchall()
+    ((actor, role, operation, patients),) = rows
+    assert actor.startswith("os:") and role == "operator"
+    assert (operation, patients) == ("cli.history.reveal", [written.patient_id])
