@@ -171,9 +171,18 @@ def _message(exc: Exception) -> str:
     return text[0].lower() + text[1:] if text else "is invalid"
 
 
+QUERY_RULES = "query_rules"
+"""A route option: `opt={QUERY_RULES: fn}`, fn(typed query values) raising InvalidData for
+the rules beyond each parameter's type (a cursor this API gave out, `to` after `from`).
+The handler applies the same fn; when some parameter does not even fit its type, it runs
+over the others here, so one answer names every bad parameter."""
+
+
 def query_errors(request: Request[Any, Any, Any]) -> dict[str, str]:
-    """Every query parameter that is missing, unknown or does not fit its type, at once."""
+    """Every query parameter that is missing, unknown, does not fit its type, or breaks
+    one of the route's `QUERY_RULES`, at once."""
     fields = _query_fields(request)
+    typed: dict[str, Any] = {}
     errors = {
         wire: "is required"
         for wire, (_, required) in fields.items()
@@ -188,9 +197,15 @@ def query_errors(request: Request[Any, Any, Any]) -> dict[str, str]:
             errors[key] = "must not contain NUL characters"
             continue
         try:
-            msgspec.convert(value, type=fields[key][0], strict=False)
+            typed[key] = msgspec.convert(value, type=fields[key][0], strict=False)
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
             errors[key] = _message(exc)
+    rules = request.route_handler.opt.get(QUERY_RULES) if errors else None
+    if rules is not None:
+        try:
+            rules(typed)
+        except InvalidData as invalid:
+            errors = {**invalid.errors, **errors}
     return dict(sorted(errors.items()))
 
 

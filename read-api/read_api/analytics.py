@@ -3,6 +3,7 @@ personal data, bucketed in the practice's time zone (CARELOG_PRACTICE_TIMEZONE).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any, Literal
@@ -18,7 +19,7 @@ from domain.errors import InvalidData
 from domain.roles import ANALYTICS_READERS
 from read_api.waiting import await_position
 from readmodels import analytics as model
-from runtime.http import answers
+from runtime.http import QUERY_RULES, answers
 from runtime.security import requires
 
 MAX_DAYS = 3_700
@@ -101,6 +102,12 @@ def _range(start: date, end: date) -> None:
         raise InvalidData({"to": f"must be at most {MAX_DAYS} days after from"})
 
 
+def _range_rule(values: Mapping[str, Any]) -> None:
+    """`_range` over a request's typed parameters, when both dates are there and typed."""
+    if "from" in values and "to" in values:
+        _range(values["from"], values["to"])
+
+
 async def _wait(source: Analytics, position: int | None) -> None:
     await await_position(source.pool, source.tables.positions, position, source.read_wait_seconds)
 
@@ -117,6 +124,7 @@ def _answer(source: Analytics, body: dict[str, Any]) -> Response[bytes]:
     tags=["analytics"],
     guards=[requires(ANALYTICS_READERS)],
     responses=answers(RegistrationCounts, "Counts per bucket"),
+    opt={QUERY_RULES: _range_rule},
 )
 async def registrations(
     analytics: NamedDependency[Analytics],
@@ -160,6 +168,7 @@ async def age_bands(
     tags=["analytics"],
     guards=[requires(ANALYTICS_READERS)],
     responses=answers(AppointmentCounts, "Counts per bucket"),
+    opt={QUERY_RULES: _range_rule},
 )
 async def appointments(
     analytics: NamedDependency[Analytics],
@@ -184,6 +193,7 @@ async def appointments(
     tags=["analytics"],
     guards=[requires(ANALYTICS_READERS)],
     responses=answers(BillingSums, "Sums per currency and bucket"),
+    opt={QUERY_RULES: _range_rule},
 )
 async def billing(
     analytics: NamedDependency[Analytics],

@@ -29,7 +29,7 @@ from domain.errors import InvalidData, PatientNotFound
 from domain.roles import PATIENT_READERS
 from read_api import analytics, appointments, disclosures, history, notifications, waiting
 from read_api.cache import GuardedCache, redis_client
-from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
+from read_api.queries import build, page_from_rows, patient_query
 from read_api.waiting import await_position
 from readmodels.directory import (
     LIVE,
@@ -43,6 +43,7 @@ from runtime.db import open_pool
 from runtime.http import (
     DOCS,
     EMAIL_FORMAT,
+    QUERY_RULES,
     Documented,
     Problems,
     Soft,
@@ -117,7 +118,7 @@ class PatientPage(msgspec.Struct, kw_only=True):
     tags=["patients"],
     guards=[requires(PATIENT_READERS)],
     responses=answers(PatientPage, "A page of patients"),
-    opt={DOCS: Documented(problems=audit.UNAUDITED)},
+    opt={DOCS: Documented(problems=audit.UNAUDITED), QUERY_RULES: patient_query},
 )
 async def list_patients(
     request: Request[Any, Any, Any],
@@ -145,18 +146,19 @@ async def list_patients(
         Parameter(ge=1, description="Answer only once the read model reflects this position"),
     ] = None,
 ) -> Response[bytes]:
-    query = PatientQuery(
-        limit=limit,
-        sort=sort,
-        cursor=decode_cursor(cursor) if cursor else None,
-        name=name or None,
-        email=email or None,
-        date_of_birth_from=dateOfBirthFrom,
-        date_of_birth_to=dateOfBirthTo,
-        registered_from=registeredFrom,
-        registered_to=registeredTo,
+    query = patient_query(
+        {
+            "limit": limit,
+            "sort": sort,
+            "cursor": cursor,
+            "name": name,
+            "email": email,
+            "dateOfBirthFrom": dateOfBirthFrom,
+            "dateOfBirthTo": dateOfBirthTo,
+            "registeredFrom": registeredFrom,
+            "registeredTo": registeredTo,
+        }
     )
-    query.check()
     await _await_position(directory, minPosition)
     cache = directory.cache
     use_cache = minPosition is None

@@ -9,6 +9,7 @@ the clinician the caller signs in as.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
@@ -35,7 +36,7 @@ from domain.scheduling import (
 from read_api.waiting import await_position
 from readmodels import appointments as model
 from runtime import audit
-from runtime.http import DOCS, Documented, Problems, answers, problem
+from runtime.http import DOCS, QUERY_RULES, Documented, Problems, answers, problem
 from runtime.security import Claims, requires
 
 Status = Literal["booked", "checked-in", "completed", "cancelled", "no-show"]
@@ -110,6 +111,33 @@ MinPosition = Annotated[
 ]
 
 
+def _listing_errors(values: Mapping[str, Any]) -> dict[str, str]:
+    """What is wrong with a listing's parameters (typed, wire names), beyond their types."""
+    errors: dict[str, str] = {}
+    clinician = values.get("clinicianId")
+    if clinician is not None and clinician != "me":
+        try:
+            UUID(clinician)
+        except ValueError:
+            errors["clinicianId"] = "must be a UUID or me"
+    start, end = values.get("from"), values.get("to")
+    for name, moment in (("from", start), ("to", end)):
+        if moment is not None and moment.tzinfo is None:
+            errors[name] = "must include a UTC offset"
+    if start and end and start.tzinfo and end.tzinfo and end <= start:
+        errors["to"] = "must be after from"
+    cursor = values.get("cursor")
+    decoded = model.decode_cursor(cursor) if cursor else None
+    if cursor and (decoded is None or decoded.sort != values.get("sort", "start")):
+        errors["cursor"] = "is not a cursor of this listing; start again without it"
+    return errors
+
+
+def _listing_rules(values: Mapping[str, Any]) -> None:
+    if errors := _listing_errors(values):
+        raise InvalidData(errors)
+
+
 @get(
     "/appointments",
     summary="List appointments",
@@ -117,7 +145,7 @@ MinPosition = Annotated[
     tags=["appointments"],
     guards=[requires(SCHEDULE_READERS)],
     responses=answers(AppointmentsPage, "A page of appointments"),
-    opt={DOCS: Documented(problems=audit.UNAUDITED)},
+    opt={DOCS: Documented(problems=audit.UNAUDITED), QUERY_RULES: _listing_rules},
 )
 async def list_appointments(
     request: Request[Any, Any, Any],
@@ -137,27 +165,19 @@ async def list_appointments(
     minPosition: MinPosition = None,
 ) -> Response[bytes]:
     claims: Claims = request.state.claims
-    errors: dict[str, str] = {}
+    errors = _listing_errors(
+        {"clinicianId": clinicianId, "from": from_, "to": to, "sort": sort, "cursor": cursor}
+    )
     own = await _own_clinician(source, claims)
     clinician: UUID | None = None
     if clinicianId == "me":
         if own is None:
             errors["clinicianId"] = "you are not linked to a clinician"
-    elif clinicianId is not None:
-        try:
-            clinician = UUID(clinicianId)
-        except ValueError:
-            errors["clinicianId"] = "must be a UUID or me"
-    for name, moment in (("from", from_), ("to", to)):
-        if moment is not None and moment.tzinfo is None:
-            errors[name] = "must include a UTC offset"
-    if from_ and to and from_.tzinfo and to.tzinfo and to <= from_:
-        errors["to"] = "must be after from"
-    decoded = model.decode_cursor(cursor) if cursor else None
-    if cursor and (decoded is None or decoded.sort != sort):
-        errors["cursor"] = "is not a cursor of this listing; start again without it"
+    elif clinicianId is not None and "clinicianId" not in errors:
+        clinician = UUID(clinicianId)
     if errors:
         raise InvalidData(errors)
+    decoded = model.decode_cursor(cursor) if cursor else None
     await _await_position(source, minPosition)
     query = model.AppointmentQuery(
         limit=limit,
@@ -211,12 +231,24 @@ async def get_appointment(
     )
 
 
+def _clinicians_after(cursor: str | None) -> tuple[str, UUID] | None:
+    """The (name, id) a clinicians page starts after; InvalidData for a foreign cursor."""
+    if not cursor:
+        return None
+    try:
+        key, _, raw_id = cursor.rpartition("~")
+        return key, UUID(raw_id)
+    except ValueError:
+        raise InvalidData({"cursor": "is not a cursor of this listing"}) from None
+
+
 @get(
     "/clinicians",
     summary="List clinicians",
     tags=["clinicians"],
     guards=[requires(SCHEDULE_READERS)],
     responses=answers(CliniciansPage, "A page of clinicians"),
+    opt={QUERY_RULES: lambda values: _clinicians_after(values.get("cursor"))},
 )
 async def list_clinicians(
     source: NamedDependency[Appointments],
@@ -224,13 +256,7 @@ async def list_clinicians(
     cursor: Annotated[str | None, Parameter(description="`next` of the previous page")] = None,
     minPosition: MinPosition = None,
 ) -> Response[bytes]:
-    after: tuple[str, UUID] | None = None
-    if cursor:
-        try:
-            key, _, raw_id = cursor.rpartition("~")
-            after = (key, UUID(raw_id))
-        except ValueError:
-            raise InvalidData({"cursor": "is not a cursor of this listing"}) from None
+    after = _clinicians_after(cursor)
     await _await_position(source, minPosition)
     async with source.pool.connection() as conn:
         rows = await model.list_clinicians(conn, limit + 1, after, source.tables)

@@ -6,6 +6,7 @@ them is not itself recorded (docs/auth.md, "Audit").
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -19,7 +20,7 @@ from litestar.params import Parameter
 from domain.errors import InvalidData
 from domain.roles import AUDIT_READERS
 from runtime import audit
-from runtime.http import answers
+from runtime.http import QUERY_RULES, answers
 from runtime.security import requires
 
 _encoder = msgspec.json.Encoder()
@@ -32,6 +33,25 @@ class AuditPage(msgspec.Struct, kw_only=True):
     ]
 
 
+def _rules(values: Mapping[str, Any]) -> int | None:
+    """The record a page starts before; InvalidData naming each parameter that breaks a
+    rule beyond its type (values typed, wire names)."""
+    errors: dict[str, str] = {}
+    start, end = values.get("from"), values.get("to")
+    for name, moment in (("from", start), ("to", end)):
+        if moment is not None and moment.tzinfo is None:
+            errors[name] = "must include a UTC offset"
+    if start and end and start.tzinfo and end.tzinfo and end <= start:
+        errors["to"] = "must be after from"
+    cursor = values.get("cursor")
+    before = audit.decode_cursor(cursor) if cursor else None
+    if cursor and before is None:
+        errors["cursor"] = "is not a cursor of this listing; start again without it"
+    if errors:
+        raise InvalidData(errors)
+    return before
+
+
 @get(
     "/audit",
     summary="The disclosure audit, newest first",
@@ -39,6 +59,7 @@ class AuditPage(msgspec.Struct, kw_only=True):
     tags=["audit"],
     guards=[requires(AUDIT_READERS)],
     responses=answers(AuditPage, "A page of disclosures"),
+    opt={QUERY_RULES: _rules},
 )
 async def list_disclosures(
     pool: NamedDependency[psycopg_pool.AsyncConnectionPool[Any]],
@@ -53,17 +74,7 @@ async def list_disclosures(
     limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Parameter(description="`next` of the previous page")] = None,
 ) -> Response[bytes]:
-    errors: dict[str, str] = {}
-    for name, moment in (("from", from_), ("to", to)):
-        if moment is not None and moment.tzinfo is None:
-            errors[name] = "must include a UTC offset"
-    if from_ and to and from_.tzinfo and to.tzinfo and to <= from_:
-        errors["to"] = "must be after from"
-    before = audit.decode_cursor(cursor) if cursor else None
-    if cursor and before is None:
-        errors["cursor"] = "is not a cursor of this listing; start again without it"
-    if errors:
-        raise InvalidData(errors)
+    before = _rules({"from": from_, "to": to, "cursor": cursor})
     query = audit.AuditQuery(patientId, actorId, from_, to, limit, before)
     async with pool.connection() as conn:
         records, more = await audit.page(conn, query)

@@ -23,7 +23,7 @@ from domain.roles import HISTORY_READERS, HISTORY_VALUE_READERS
 from readmodels import history
 from readmodels.directory import get_record
 from runtime import audit
-from runtime.http import DOCS, Documented, answers
+from runtime.http import DOCS, QUERY_RULES, Documented, answers
 from runtime.security import Claims, requires
 
 _encoder = msgspec.json.Encoder()
@@ -113,7 +113,8 @@ def _shown(entry: history.Entry, values: bool) -> HistoryEntry:
     opt={
         DOCS: Documented(
             problems={404: "No such patient (or the id is not a UUID)", **audit.UNAUDITED}
-        )
+        ),
+        QUERY_RULES: lambda values: _after(values.get("cursor")),
     },
 )
 async def patient_history(

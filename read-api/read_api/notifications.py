@@ -16,7 +16,7 @@ from litestar.params import Parameter
 from domain.errors import InvalidData
 from domain.roles import NOTIFICATION_READERS
 from readmodels import notifications as ledger
-from runtime.http import answers
+from runtime.http import QUERY_RULES, answers
 from runtime.security import requires
 
 _encoder = msgspec.json.Encoder()
@@ -33,12 +33,25 @@ class NotificationsPage(msgspec.Struct, kw_only=True):
     next: str | None
 
 
+def _before(cursor: str | None) -> tuple[datetime, UUID] | None:
+    """The row a page starts before; InvalidData for a cursor this listing did not give."""
+    if not cursor:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        decoded = msgspec.json.decode(raw, type=_Cursor)
+    except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        raise InvalidData({"cursor": "is not a cursor of this listing"}) from None
+    return decoded.created_at, decoded.id
+
+
 @get(
     "/notifications",
     summary="The notification ledger, newest first",
     tags=["notifications"],
     guards=[requires(NOTIFICATION_READERS)],
     responses=answers(NotificationsPage, "A page of the ledger"),
+    opt={QUERY_RULES: lambda values: _before(values.get("cursor"))},
 )
 async def list_notifications(
     pool: NamedDependency[psycopg_pool.AsyncConnectionPool[Any]],
@@ -47,14 +60,7 @@ async def list_notifications(
     limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Parameter(description="`next` of the previous page")] = None,
 ) -> Response[bytes]:
-    before = None
-    if cursor:
-        try:
-            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-            decoded = msgspec.json.decode(raw, type=_Cursor)
-        except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
-            raise InvalidData({"cursor": "is not a cursor of this listing"}) from None
-        before = (decoded.created_at, decoded.id)
+    before = _before(cursor)
     async with pool.connection() as conn:
         rows = await ledger.list_notifications(conn, patientId, status, limit + 1, before)
     following = None

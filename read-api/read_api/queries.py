@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -57,6 +58,36 @@ class PatientQuery:
                 errors[field] = "must not be before the matching ...From date"
         if errors:
             raise InvalidData(errors)
+
+
+def patient_query(values: Mapping[str, Any]) -> PatientQuery:
+    """The query of a list request's typed parameters (wire names); InvalidData naming
+    every parameter that breaks a rule (the cursor's included) at once."""
+    errors: dict[str, str] = {}
+    cursor = None
+    if values.get("cursor"):
+        try:
+            cursor = decode_cursor(values["cursor"])
+        except InvalidData as invalid:
+            errors.update(invalid.errors)
+    query = PatientQuery(
+        limit=values.get("limit", 50),
+        sort=values.get("sort", "name"),
+        cursor=cursor,
+        name=values.get("name") or None,
+        email=values.get("email") or None,
+        date_of_birth_from=values.get("dateOfBirthFrom"),
+        date_of_birth_to=values.get("dateOfBirthTo"),
+        registered_from=values.get("registeredFrom"),
+        registered_to=values.get("registeredTo"),
+    )
+    try:
+        query.check()
+    except InvalidData as invalid:
+        errors.update(invalid.errors)
+    if errors:
+        raise InvalidData(errors)
+    return query
 
 
 def decode_cursor(raw: str) -> Cursor:

@@ -346,7 +346,11 @@ async def test_bad_query_parameters_are_400_naming_each(reads):
         params={"limit": 0, "status": "lost", "from": "yesterday", "clinicianId": "x", "bogus": 1},
     )
     assert answer.status_code == 400
-    assert set(answer.json()["errors"]) == {"limit", "status", "from", "bogus"}
+    assert set(answer.json()["errors"]) == {"limit", "status", "from", "clinicianId", "bogus"}
+    cursor = await reads.get("/appointments", params={"limit": "x", "cursor": "garbage"})
+    assert set(cursor.json()["errors"]) == {"limit", "cursor"}
+    clinicians = await reads.get("/clinicians", params={"limit": 0, "cursor": "garbage"})
+    assert set(clinicians.json()["errors"]) == {"limit", "cursor"}
     slots = await reads.get(
         f"/clinicians/{uuid.uuid4()}/slots", params={"date": "monday", "durationMinutes": 7}
     )

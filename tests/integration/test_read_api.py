@@ -174,12 +174,44 @@ async def test_filters_combine(client, directory):
             {"limit": "x", "dateOfBirthTo": "soon", "minPosition": 0, "a": 1, "b": 2},
             {"limit", "dateOfBirthTo", "minPosition", "a", "b"},
         ),
+        # Rules beyond a parameter's type are named alongside its type errors.
+        (
+            {"limit": "x", "cursor": "garbage", "registeredFrom": "2024-02-01"}
+            | {"registeredTo": "2024-01-01"},
+            {"limit", "cursor", "registeredTo"},
+        ),
     ],
 )
 async def test_bad_parameters_are_400_naming_them(client, params, fields):
     response = await client.get("/patients", params=params)
     assert response.status_code == 400, response.text
     assert response.headers["content-type"] == "application/problem+json"
+    assert set(response.json()["errors"]) == fields
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "fields"),
+    [
+        (
+            "/analytics/registrations",
+            {"from": "2024-02-01", "to": "2024-01-01", "interval": "hour"},
+            {"to", "interval"},
+        ),
+        (
+            "/audit",
+            {"limit": 0, "cursor": "garbage"}
+            | {"from": "2024-01-02T00:00:00Z", "to": "2024-01-01T00:00:00Z"},
+            {"limit", "cursor", "to"},
+        ),
+        (f"/patients/{uuid4()}/history", {"limit": 0, "cursor": "abc"}, {"limit", "cursor"}),
+        ("/notifications", {"limit": 0, "cursor": "garbage"}, {"limit", "cursor"}),
+    ],
+)
+async def test_every_listing_names_type_and_rule_errors_in_one_answer(
+    client, tokens, path, params, fields
+):
+    response = await client.get(path, params=params, headers=tokens.headers(Role.ADMIN))
+    assert response.status_code == 400, response.text
     assert set(response.json()["errors"]) == fields
 
 
