@@ -17,7 +17,7 @@ BENCH_ARGS ?=
 # Set (e.g. by .ci/run) to accept pytest's exit status 5, "no tests collected".
 NO_TESTS_OK ?=
 
-.PHONY: help install up infra down status logs reset observe observe-down test test-unit bench lint schemas proto synth clean
+.PHONY: help install up infra down status logs reset observe observe-down test test-unit fuzz bench lint schemas proto synth clean
 
 help: ## Show the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{ printf "  %-10s %s\n", $$1, $$2 }'
@@ -60,6 +60,13 @@ test: ## Start the stack, check the import contracts, run the whole pytest suite
 
 test-unit: ## Run the unit tests only (no services needed)
 	@uv run pytest tests/unit $(PYTEST_ARGS)
+
+# Random cases per operation in `make fuzz` (make test runs 15).
+FUZZ_EXAMPLES ?= 300
+
+fuzz: ## Start the stack, then fuzz every HTTP API longer than make test does (FUZZ_EXAMPLES per operation)
+	@$(STACK) $(STACK_UP)
+	@$(WITH_ENV) CARELOG_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) uv run pytest tests/security/test_fuzz.py $(PYTEST_ARGS)
 
 bench: ## Start the stack, then run the benchmarks (python -m bench)
 	@$(STACK) $(STACK_UP)

@@ -23,6 +23,7 @@ Retry-After) is the one 5xx answered by design; every other one fails the run.
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -46,9 +47,9 @@ from tests.support.tokens import TestTokens
 
 pytestmark = pytest.mark.e2e
 
-MAX_EXAMPLES = 15
-"""Random cases per operation, beside the examples and coverage cases: keeps the whole
-fuzz suite within a few minutes on two cores."""
+MAX_EXAMPLES = int(os.environ.get("CARELOG_FUZZ_EXAMPLES", "15"))
+"""Random cases per operation, beside the examples and coverage cases. 15 keeps the whole
+fuzz suite within a few minutes on two cores; `make fuzz` runs it with many more."""
 PASSWORD = "fuzz run's own password 1"
 CONFORMANCE = (
     status_code_conformance,
