@@ -4,7 +4,8 @@ openapi-python-client generates the patients and auth clients from `/api-docs/pa
 and `/api-docs/auth`, fetched from a gateway at test time; a warning from the generator
 (a schema it cannot read, an answer it drops) fails the test, since a client would lose
 that part of the contract. The generated functions then register, change and list a
-patient with a bearer token, and meet a 400, a 409 and a 412 as the typed problem model.
+patient with a bearer token, and meet a 400, a 409 and a 412 (and login's 401) as the
+typed problem model.
 
 The stack is this module's own (auth, command and query APIs, relay, directory
 projection and a gateway, on an isolated database and topic prefix), so the documents
@@ -205,3 +206,15 @@ def test_the_generated_client_meets_a_bad_body_and_a_duplicate_as_typed_problems
     assert isinstance(conflict, models.Problem)
     assert conflict.status == 409
     assert conflict.detail
+
+
+def test_the_generated_auth_client_meets_a_wrong_password_as_a_typed_401(stack, clients):
+    auth = clients["auth"]
+    models = part(auth, "models")
+    login = part(auth, "api.default.auth_login_login")
+    wrong = models.Credentials(email=f"gen-{uuid.uuid4().hex[:12]}@example.org", password="nope")
+    with auth.Client(base_url=stack.gateway, timeout=None) as anonymous:
+        answer = login.sync_detailed(client=anonymous, body=wrong)
+    assert answer.status_code == 401, answer.content
+    assert isinstance(answer.parsed, models.Problem)
+    assert answer.parsed.status == 401
