@@ -341,12 +341,14 @@ def create_app(
     built: list[tuple[PatientService, SchedulingService]] = []
 
     async def start(app: Litestar) -> None:
+        # SettingsError (CARELOG_CLAIM_KEY unset): the app refuses to start without it.
+        claim_key = settings.claim_secret()
         event_store = store
         if event_store is None:
             event_store = await anyio.to_thread.run_sync(
                 lambda: EventStore(settings.database_url, cache_size=CACHE_SIZE)
             )
-        patients = PatientService(event_store)
+        patients = PatientService(event_store, claim_key)
         # One group-commit queue for every write, so concurrent commands share commits.
         built.append((patients, SchedulingService(event_store, patients.writer)))
 

@@ -1,0 +1,131 @@
+"""Moving email claims to keyed ids: `carelog claims rekey` (also run by `carelog db migrate`).
+
+Claims were once `uuid5` ids of the normalised email, which anyone with the source
+can compute from an address. They are now an HMAC under CARELOG_CLAIM_KEY
+(`domain.patients.email_claim_id`). The step that moves a store over to the key it
+is given (from unkeyed claims, or from claims keyed under an earlier key):
+
+1. takes the keyed claim of every current patient's email (one save each, the
+   patient's version guarding it as any command's save does), so uniqueness holds
+   under the new ids before the old ones go;
+2. deletes, from the event store and its snapshots in one transaction, the rows of
+   every unkeyed claim (version-5 UUIDs; keyed ids are version 8) and of every keyed
+   claim that a patient holds under an id other than its email's under this key (so
+   made under an earlier key). A released claim of an earlier key holds nothing and
+   says nothing without that key: it stays, since a claim of this key that a patient
+   just released looks the same.
+
+Each step is idempotent, so a crash anywhere is mended by running it again. Claims
+are internal aggregates, never published (`domain.contracts.envelope_for` skips
+them), so their rows are no one's history; the relay and rebuilds read the store's
+log by position and pass over the gaps. The command API must not run the code from
+before keyed claims meanwhile: it would take unkeyed claims again (docs/replay.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from uuid import UUID
+
+import psycopg
+
+from commands.service import PatientService
+from commands.store import EventStore
+from domain.errors import EmailTaken, PatientNotFound
+from domain.patients import EmailClaim
+
+_REGISTERED = "domain.patients:Patient.Registered"
+_CLAIM_TOPICS = "domain.patients:EmailClaim%"
+"""Topics of a claim's events (`…EmailClaim.Created`, …) and snapshots (`…EmailClaim`)."""
+_UNKEYED = "substr(originator_id::text, 15, 1) = '5'"
+"""A version-5 (uuid5) id: the version digit of the UUID's text."""
+_KEYED = "substr(originator_id::text, 15, 1) = '8'"
+
+
+@dataclass(frozen=True)
+class Rekeyed:
+    """What a rekey did: patients looked at, claims taken, unkeyed rows deleted."""
+
+    patients: int
+    taken: int
+    deleted: int
+    conflicts: tuple[UUID, ...] = ()
+    """Current patients whose email another current patient's keyed claim holds."""
+
+
+def rekey(
+    store: EventStore,
+    database_url: str,
+    claim_key: bytes,
+    progress: Callable[[int, int], None] | None = None,
+) -> Rekeyed:
+    """Takes every current patient's keyed claim, then deletes every unkeyed claim."""
+    service = PatientService(store, claim_key)
+    with psycopg.connect(database_url, autocommit=True) as db:
+        patients = [
+            row[0]
+            for row in db.execute(
+                "SELECT originator_id FROM carelog_events"
+                " WHERE originator_version = 1 AND topic = %s ORDER BY notification_id",
+                [_REGISTERED],
+            )
+        ]
+    taken = 0
+    conflicts = []
+    for done, patient_id in enumerate(patients, 1):
+        try:
+            taken += service.keep_claim(patient_id)
+        except PatientNotFound:
+            pass  # removed: it holds no claim
+        except EmailTaken:
+            conflicts.append(patient_id)
+        if progress is not None and (done % 1000 == 0 or done == len(patients)):
+            progress(done, len(patients))
+    stale = _held_under_another_key(service, database_url)
+    with psycopg.connect(database_url) as db, db.transaction():
+        deleted = 0
+        for table in (store.events_table, "carelog_snapshots"):
+            deleted += db.execute(
+                f"DELETE FROM {table} WHERE topic LIKE %s"
+                f" AND ({_UNKEYED} OR originator_id = ANY(%s))",
+                [_CLAIM_TOPICS, stale],
+            ).rowcount
+    return Rekeyed(len(patients), taken, deleted, tuple(conflicts))
+
+
+def _held_under_another_key(service: PatientService, database_url: str) -> list[UUID]:
+    """Keyed claims a patient holds whose id is not their email's under `service`'s key."""
+    with psycopg.connect(database_url, autocommit=True) as db:
+        keyed = [
+            row[0]
+            for row in db.execute(
+                "SELECT originator_id FROM carelog_events"
+                f" WHERE originator_version = 1 AND topic LIKE %s AND {_KEYED}",
+                [_CLAIM_TOPICS],
+            )
+        ]
+    stale = []
+    for claim_id in keyed:
+        claim = service.store.load(claim_id)
+        if not isinstance(claim, EmailClaim) or claim.holder is None:
+            continue
+        try:
+            email = service.get(claim.holder).email
+        except PatientNotFound:
+            stale.append(claim_id)  # a removed patient's claim would have been released
+            continue
+        if service.claim_id(email) != claim_id:
+            stale.append(claim_id)
+    return stale
+
+
+def unkeyed_claims_remain(database_url: str) -> bool:
+    """Whether the store still holds an unkeyed claim (`rekey` has not run to its end)."""
+    with psycopg.connect(database_url, autocommit=True) as db:
+        row = db.execute(
+            "SELECT EXISTS (SELECT 1 FROM carelog_events"
+            f" WHERE originator_version = 1 AND topic LIKE %s AND {_UNKEYED})",
+            [_CLAIM_TOPICS],
+        ).fetchone()
+    return bool(row and row[0])

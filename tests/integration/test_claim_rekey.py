@@ -1,0 +1,137 @@
+"""Moving a store's email claims from unkeyed uuid5 ids to keyed ids (`carelog claims rekey`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import date
+from uuid import UUID
+
+import psycopg
+import pytest
+from litestar.testing import AsyncTestClient
+
+from commands.api import create_app
+from commands.store import EventStore
+from domain.patients import EmailClaim, Patient, email_claim_id, unkeyed_email_claim_id
+from domain.roles import Role
+from runtime.settings import Settings
+from tests.support.patients import body, details
+from tests.support.stack import ROOT, claim_key, env_for
+from tests.support.tokens import TestTokens
+
+pytestmark = pytest.mark.integration
+
+
+def carelog(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bootstrap", *args],
+        env=env_for(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def seed_unkeyed(store: EventStore, email: str, removed: bool = False) -> Patient:
+    """A patient registered by the code from before keyed claims: its claim is a uuid5."""
+    patient = Patient.register(details(email=email), date(2024, 1, 2))
+    claim = EmailClaim.take(unkeyed_email_claim_id(email), patient.id)
+    if removed:
+        patient.remove()
+        claim.release(patient.id)
+    store.save(patient, claim)
+    return patient
+
+
+def claim_ids(settings: Settings) -> set[UUID]:
+    with psycopg.connect(settings.database_url) as db:
+        rows = db.execute(
+            "SELECT originator_id FROM carelog_events"
+            " WHERE topic LIKE 'domain.patients:EmailClaim.%'"
+            " UNION SELECT originator_id FROM carelog_snapshots"
+            " WHERE topic LIKE 'domain.patients:EmailClaim%'"
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+async def test_rekey_moves_unkeyed_claims_and_uniqueness_still_holds(
+    own_settings: Settings, own_store: EventStore, tokens: TestTokens
+):
+    settings, store = own_settings, own_store
+    held = body()["email"]
+    freed = body()["email"]
+    holder = seed_unkeyed(store, held)
+    seed_unkeyed(store, freed, removed=True)
+    unkeyed = {unkeyed_email_claim_id(held), unkeyed_email_claim_id(freed)}
+    assert claim_ids(settings) == unkeyed
+
+    first = carelog(settings, "claims", "rekey")
+    assert first.returncode == 0, first.stdout + first.stderr
+    # Three rows: the held email's claim, and the freed one's (taken, then released).
+    assert "2 patient(s) looked at, 1 keyed claim(s) taken, 3 old claim row(s)" in first.stdout
+    assert held not in first.stdout + first.stderr
+    # Again, as `carelog db migrate` runs it: nothing left to do, and no harm done.
+    again = carelog(settings, "db", "migrate")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 keyed claim(s)" not in again.stdout
+    assert "0 keyed claim(s) taken, 0 old claim row(s) deleted" in again.stdout
+
+    # Only the keyed claim of the current patient's email is left.
+    assert claim_ids(settings) == {email_claim_id(held, claim_key())}
+
+    app = create_app(settings, store, verifier=tokens.verifier)
+    async with AsyncTestClient(app=app) as client:
+        client.headers.update(tokens.headers(Role.ADMIN))
+        taken = await client.post("/patients", json=body(email=held.upper()))
+        assert taken.status_code == 409, taken.text
+        reused = await client.post("/patients", json=body(email=freed))
+        assert reused.status_code == 201, reused.text
+        removed = await client.delete(f"/patients/{holder.id}")
+        assert removed.status_code == 204, removed.text
+        after = await client.post("/patients", json=body(email=held))
+        assert after.status_code == 201, after.text
+    assert not claim_ids(settings) & unkeyed
+
+
+async def test_the_command_api_refuses_to_start_while_unkeyed_claims_remain(
+    own_settings: Settings, own_store: EventStore
+):
+    seed_unkeyed(own_store, body()["email"])
+    refused = carelog(own_settings, "serve", "commands")
+    assert refused.returncode != 0
+    assert "carelog claims rekey" in refused.stderr
+
+
+async def test_rekey_under_a_new_key_moves_the_claims_of_the_old_one(
+    own_settings: Settings, own_store: EventStore, tokens: TestTokens
+):
+    old, new = "o" * 32 + "-old-claim-key", "n" * 32 + "-new-claim-key"
+    email, later = body()["email"], body()["email"]
+    app = create_app(own_settings.with_(claim_key=old), own_store, verifier=tokens.verifier)
+    async with AsyncTestClient(app=app) as client:
+        client.headers.update(tokens.headers(Role.ADMIN))
+        kept = await client.post("/patients", json=body(email=email))
+        assert kept.status_code == 201, kept.text
+        moved = await client.post("/patients", json=body())
+        assert moved.status_code == 201, moved.text
+        changed = await client.put(f"/patients/{moved.json()['id']}", json=body(email=later))
+        assert changed.status_code == 200, changed.text
+    before = claim_ids(own_settings)
+    assert email_claim_id(email, old.encode()) in before
+
+    rotated = own_settings.with_(claim_key=new)
+    done = carelog(rotated, "claims", "rekey")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 keyed claim(s) taken, 2 old claim row(s) deleted" in done.stdout
+    after = claim_ids(own_settings)
+    assert email_claim_id(email, old.encode()) not in after
+    assert email_claim_id(later, old.encode()) not in after
+    assert {email_claim_id(email, new.encode()), email_claim_id(later, new.encode())} <= after
+
+    app = create_app(rotated, own_store, verifier=tokens.verifier)
+    async with AsyncTestClient(app=app) as client:
+        client.headers.update(tokens.headers(Role.ADMIN))
+        taken = await client.post("/patients", json=body(email=email))
+        assert taken.status_code == 409, taken.text
