@@ -49,9 +49,17 @@ class PatientService:
         self._claim_key = claim_key
 
     def register(
-        self, details: PatientDetails, registered_date: date, correlation_id: str | None = None
+        self,
+        details: PatientDetails,
+        registered_date: date,
+        correlation_id: str | None = None,
+        patient_id: UUID | None = None,
     ) -> Written:
-        """Registers a new patient; EmailTaken if a current patient has the email."""
+        """Registers a new patient; EmailTaken if a current patient has the email.
+
+        With `patient_id` (an idempotent create's), a patient already stored under it is
+        the answer: this registration's earlier request saved it.
+        """
 
         tries = 0
         attempted: set[UUID] = set()
@@ -63,7 +71,9 @@ class PatientService:
                 landed = self._landed(details.email, attempted)
                 if landed is not None:
                     return landed
-            patient = Patient.register(details, registered_date)
+            if patient_id is not None and (stored := self._stored(patient_id)) is not None:
+                return stored
+            patient = Patient.register(details, registered_date, patient_id)
             attempted.add(patient.id)
             if tries == 1 and not self.store.knows(self.claim_id(details.email)):
                 # Most emails are new: take the claim without reading it first. If it
@@ -158,6 +168,18 @@ class PatientService:
             return None
         stored = self.get(claim.holder)
         return Written(stored.id, stored.version, None, stored)
+
+    def _stored(self, patient_id: UUID) -> Written | None:
+        """The patient stored under `patient_id`, as a registration answers it; None if
+        there is none yet; PatientNotFound if it has been removed since."""
+        try:
+            stored: object = self.store.load(patient_id)
+        except AggregateNotFoundError:
+            return None
+        if not isinstance(stored, Patient) or stored.removed:
+            raise PatientNotFound(str(patient_id))
+        position = self.store.position_of(stored.id, stored.version)
+        return Written(stored.id, stored.version, position, stored)
 
     def _current(self, patient_id: UUID, expected_version: int | None) -> Patient:
         patient = self.get(patient_id)
