@@ -222,12 +222,7 @@ def db(action: str) -> int:
         if action == "migrate":
             applied = database.migrate(settings.database_url)
             print("applied:", ", ".join(applied) if applied else "nothing (up to date)")
-            if not settings.claim_key:
-                print(
-                    "claims: not rekeyed (CARELOG_CLAIM_KEY is unset): run `carelog claims rekey`"
-                )
-                return 0
-            return _rekey(settings)
+            return _rekey_unkeyed(settings)
         rows = database.status(settings.database_url)
     except Exception as exc:
         print(f"carelog db {action}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
@@ -243,6 +238,20 @@ def db(action: str) -> int:
 def claims(action: str) -> int:
     settings = _settings("claims")
     _require_migrated(settings, "claims")
+    return _rekey(settings)
+
+
+def _rekey_unkeyed(settings: Settings) -> int:
+    """After the migrations: rekeys the claims if unkeyed ones remain (a store from before
+    keyed claims). A new key is rekeyed by hand (`carelog claims rekey`, docs/replay.md)."""
+    from commands.claims import unkeyed_claims_remain
+
+    if not unkeyed_claims_remain(settings.database_url):
+        print("claims: none unkeyed")
+        return 0
+    if not settings.claim_key:
+        print("claims: unkeyed claims remain, and no CARELOG_CLAIM_KEY to rekey them under")
+        return 0
     return _rekey(settings)
 
 

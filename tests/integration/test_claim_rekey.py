@@ -72,11 +72,13 @@ async def test_rekey_moves_unkeyed_claims_and_uniqueness_still_holds(
     # Three rows: the held email's claim, and the freed one's (taken, then released).
     assert "2 patient(s) looked at, 1 keyed claim(s) taken, 3 old claim row(s)" in first.stdout
     assert held not in first.stdout + first.stderr
-    # Again, as `carelog db migrate` runs it: nothing left to do, and no harm done.
-    again = carelog(settings, "db", "migrate")
+    # Again: nothing left to do, and no harm done; `carelog db migrate` sees none unkeyed.
+    again = carelog(settings, "claims", "rekey")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "1 keyed claim(s)" not in again.stdout
     assert "0 keyed claim(s) taken, 0 old claim row(s) deleted" in again.stdout
+    migrated = carelog(settings, "db", "migrate")
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    assert "claims: none unkeyed" in migrated.stdout
 
     # Only the keyed claim of the current patient's email is left.
     assert claim_ids(settings) == {email_claim_id(held, claim_key())}
@@ -93,6 +95,17 @@ async def test_rekey_moves_unkeyed_claims_and_uniqueness_still_holds(
         after = await client.post("/patients", json=body(email=held))
         assert after.status_code == 201, after.text
     assert not claim_ids(settings) & unkeyed
+
+
+async def test_carelog_db_migrate_rekeys_a_store_with_unkeyed_claims(
+    own_settings: Settings, own_store: EventStore
+):
+    email = body()["email"]
+    seed_unkeyed(own_store, email)
+    migrated = carelog(own_settings, "db", "migrate")
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    assert "1 keyed claim(s) taken, 1 old claim row(s) deleted" in migrated.stdout
+    assert claim_ids(own_settings) == {email_claim_id(email, claim_key())}
 
 
 async def test_the_command_api_refuses_to_start_while_unkeyed_claims_remain(
