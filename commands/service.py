@@ -67,12 +67,12 @@ class PatientService:
         def attempt() -> Written:
             nonlocal tries
             tries += 1
+            if patient_id is not None and (stored := self._stored(patient_id)) is not None:
+                return stored
             if tries > 1:
                 landed = self._landed(details.email, attempted)
                 if landed is not None:
                     return landed
-            if patient_id is not None and (stored := self._stored(patient_id)) is not None:
-                return stored
             patient = Patient.register(details, registered_date, patient_id)
             attempted.add(patient.id)
             if tries == 1 and not self.store.knows(self.claim_id(details.email)):
