@@ -53,8 +53,9 @@ def email_claim_id(email: str, key: bytes) -> UUID:
 
 
 def unkeyed_email_claim_id(email: str) -> UUID:
-    """The id claims had before they were keyed (a uuid5 anyone can compute): only
-    `carelog claims rekey` still needs it, to recognise what it removes."""
+    """The id claims had before they were keyed: a uuid5 anyone can compute from the
+    address. No command uses it; it describes the stores `carelog claims rekey` moves
+    (which it finds by their ids' version, 5)."""
     return uuid5(_CLAIMS, normalise_email(email))
 
 
