@@ -123,6 +123,22 @@ async def test_a_key_older_than_24_hours_is_a_new_key(client, settings):
     assert again.status_code == 422, again.text
 
 
+async def test_expired_keys_are_deleted(settings, store, tokens, client):
+    old = str(uuid.uuid4())
+    first = await client.post("/patients", json=body(), headers=keyed(old))
+    assert first.status_code == 201, first.text
+    expire(settings, old)
+    # A process deletes expired keys on its first keyed create, and now and then after.
+    app = create_app(settings, store, verifier=tokens.verifier)
+    async with AsyncTestClient(app=app) as fresh:
+        fresh.headers.update(tokens.headers(Role.ADMIN, subject=str(uuid.uuid4())))
+        answer = await fresh.post("/patients", json=body(), headers=keyed(str(uuid.uuid4())))
+    assert answer.status_code == 201, answer.text
+    with psycopg.connect(settings.database_url) as db:
+        left = db.execute("SELECT count(*) FROM idempotency_keys WHERE key = %s", [old]).fetchone()
+    assert left == (0,)
+
+
 async def test_a_key_is_the_callers_own(settings, store, tokens, client):
     key, since = str(uuid.uuid4()), mark(settings)
     mine = await client.post("/patients", json=body(), headers=keyed(key))
