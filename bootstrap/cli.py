@@ -183,23 +183,20 @@ def serve(which: str) -> None:
 
 
 def _require_claim_key(settings: Settings, service: str) -> None:
-    """Stops the command API without a claim key, or over claims it cannot see (unkeyed)."""
-    from commands.claims import unkeyed_claims_remain
+    """Stops the command API without a claim key, or over claims it cannot see (unkeyed, or
+    keyed under another key)."""
+    from commands.claims import ClaimsNotReady, require_ready
 
     try:
-        settings.claim_secret()
+        key = settings.claim_secret()
     except SettingsError as exc:
         sys.exit(f"carelog {service}: {exc}")
     try:
-        unkeyed = unkeyed_claims_remain(settings.database_url)
+        require_ready(settings.database_url, key)
+    except ClaimsNotReady as exc:
+        sys.exit(f"carelog {service}: {exc}: run `carelog db migrate` (or `carelog claims rekey`)")
     except Exception as exc:  # the database is away: the service retries and says so
         log.warning("email claims not checked", error=type(exc).__name__)
-        return
-    if unkeyed:
-        sys.exit(
-            f"carelog {service}: the event store still holds unkeyed email claims:"
-            " run `carelog claims rekey` (or `carelog db migrate`) first"
-        )
 
 
 def _require_migrated(settings: Settings, service: str) -> None:
@@ -222,7 +219,7 @@ def db(action: str) -> int:
         if action == "migrate":
             applied = database.migrate(settings.database_url)
             print("applied:", ", ".join(applied) if applied else "nothing (up to date)")
-            return _rekey_unkeyed(settings)
+            return _rekey_if_needed(settings)
         rows = database.status(settings.database_url)
     except Exception as exc:
         print(f"carelog db {action}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
@@ -241,17 +238,19 @@ def claims(action: str) -> int:
     return _rekey(settings)
 
 
-def _rekey_unkeyed(settings: Settings) -> int:
+def _rekey_if_needed(settings: Settings) -> int:
     """After the migrations: rekeys the claims if unkeyed ones remain (a store from before
-    keyed claims). A new key is rekeyed by hand (`carelog claims rekey`, docs/replay.md)."""
-    from commands.claims import unkeyed_claims_remain
+    keyed claims) or they are keyed under another key (CARELOG_CLAIM_KEY changed)."""
+    from commands.claims import not_ready
 
-    if not unkeyed_claims_remain(settings.database_url):
-        print("claims: none unkeyed")
-        return 0
     if not settings.claim_key:
-        print("claims: unkeyed claims remain, and no CARELOG_CLAIM_KEY to rekey them under")
+        print("claims: not checked (no CARELOG_CLAIM_KEY)")
         return 0
+    reason = not_ready(settings.database_url, settings.claim_secret())
+    if reason is None:
+        print("claims: keyed under CARELOG_CLAIM_KEY")
+        return 0
+    print(f"claims: {reason}: rekeying")
     return _rekey(settings)
 
 

@@ -20,10 +20,17 @@ are internal aggregates, never published (`domain.contracts.envelope_for` skips
 them), so their rows are no one's history; the relay and rebuilds read the store's
 log by position and pass over the gaps. The command API must not run the code from
 before keyed claims meanwhile: it would take unkeyed claims again (docs/replay.md).
+
+The key's fingerprint (`key_fingerprint`) is recorded in the `claim_key` table by the
+first command API to start on a store and by every rekey. A command API whose key is
+not the recorded one refuses to start, and `carelog db migrate` rekeys on finding the
+key changed: a wrong or new key never quietly lets an email be taken twice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
@@ -41,6 +48,16 @@ _CLAIM_TOPICS = "domain.patients:EmailClaim%"
 _UNKEYED = "substr(originator_id::text, 15, 1) = '5'"
 """A version-5 (uuid5) id: the version digit of the UUID's text."""
 _KEYED = "substr(originator_id::text, 15, 1) = '8'"
+_FINGERPRINT_LABEL = b"carelog email claim key"
+
+
+class ClaimsNotReady(Exception):
+    """The store's claims are not keyed under this key: `carelog claims rekey` first."""
+
+
+def key_fingerprint(claim_key: bytes) -> str:
+    """Names a claim key without telling anything of it: an HMAC of a fixed label under it."""
+    return hmac.new(claim_key, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,11 @@ def rekey(
                 f" AND ({_UNKEYED} OR originator_id = ANY(%s))",
                 [_CLAIM_TOPICS, stale],
             ).rowcount
+        db.execute(
+            "INSERT INTO claim_key (fingerprint) VALUES (%s) ON CONFLICT (singleton)"
+            " DO UPDATE SET fingerprint = EXCLUDED.fingerprint, recorded_at = now()",
+            [key_fingerprint(claim_key)],
+        )
     return Rekeyed(len(patients), taken, deleted, tuple(conflicts))
 
 
@@ -120,12 +142,33 @@ def _held_under_another_key(service: PatientService, database_url: str) -> list[
     return stale
 
 
-def unkeyed_claims_remain(database_url: str) -> bool:
-    """Whether the store still holds an unkeyed claim (`rekey` has not run to its end)."""
+def not_ready(database_url: str, claim_key: bytes) -> str | None:
+    """Why the store's claims are not keyed under `claim_key` (None: they are, or there
+    are none): unkeyed claims remain, or another key's fingerprint is recorded."""
     with psycopg.connect(database_url, autocommit=True) as db:
         row = db.execute(
             "SELECT EXISTS (SELECT 1 FROM carelog_events"
             f" WHERE originator_version = 1 AND topic LIKE %s AND {_UNKEYED})",
             [_CLAIM_TOPICS],
         ).fetchone()
-    return bool(row and row[0])
+        if row and row[0]:
+            return "the event store still holds unkeyed email claims"
+        row = db.execute("SELECT fingerprint FROM claim_key").fetchone()
+    if row is not None and row[0] != key_fingerprint(claim_key):
+        return "the email claims are keyed under another CARELOG_CLAIM_KEY"
+    return None
+
+
+def require_ready(database_url: str, claim_key: bytes) -> None:
+    """For a command API about to start: ClaimsNotReady unless the store's claims are keyed
+    under `claim_key`. A store that has recorded no key records this one."""
+    reason = not_ready(database_url, claim_key)
+    if reason is None:
+        with psycopg.connect(database_url, autocommit=True) as db:
+            db.execute(
+                "INSERT INTO claim_key (fingerprint) VALUES (%s) ON CONFLICT DO NOTHING",
+                [key_fingerprint(claim_key)],
+            )
+        reason = not_ready(database_url, claim_key)  # another key may have been first
+    if reason is not None:
+        raise ClaimsNotReady(reason)

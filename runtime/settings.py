@@ -58,7 +58,7 @@ fills in the local stack's addresses; production mode requires each of them.
 | | `*` (any origin but `null`) only in development |
 | CARELOG_CLAIM_KEY | the secret (at least 32 characters; `openssl rand -hex 32`) under which |
 | | email claims are keyed (docs/replay.md, "Keyed email claims"). Required by the command |
-| | API and `carelog claims rekey` in production; changing it needs `carelog claims rekey`. |
+| | API and `carelog claims rekey` in production; after a change, `carelog db migrate` rekeys. |
 | | Development default: .stack/secrets/claim.key (made by `make up`), else a fixed |
 | | development-only key |
 | CARELOG_OTLP_ENDPOINT | base URL of an OTLP/HTTP collector (http://collector:4318) to which |

@@ -12,6 +12,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from commands.api import create_app
+from commands.claims import ClaimsNotReady, key_fingerprint, require_ready
 from commands.store import EventStore
 from domain.patients import EmailClaim, Patient, email_claim_id, unkeyed_email_claim_id
 from domain.roles import Role
@@ -56,6 +57,13 @@ def claim_ids(settings: Settings) -> set[UUID]:
     return {row[0] for row in rows}
 
 
+def recorded(settings: Settings) -> str | None:
+    """The fingerprint of the key the store's claims are recorded as keyed under."""
+    with psycopg.connect(settings.database_url) as db:
+        row = db.execute("SELECT fingerprint FROM claim_key").fetchone()
+    return None if row is None else str(row[0])
+
+
 async def test_rekey_moves_unkeyed_claims_and_uniqueness_still_holds(
     own_settings: Settings, own_store: EventStore, tokens: TestTokens
 ):
@@ -72,13 +80,14 @@ async def test_rekey_moves_unkeyed_claims_and_uniqueness_still_holds(
     # Three rows: the held email's claim, and the freed one's (taken, then released).
     assert "2 patient(s) looked at, 1 keyed claim(s) taken, 3 old claim row(s)" in first.stdout
     assert held not in first.stdout + first.stderr
-    # Again: nothing left to do, and no harm done; `carelog db migrate` sees none unkeyed.
+    assert recorded(settings) == key_fingerprint(claim_key())
+    # Again: nothing left to do, and no harm done; `carelog db migrate` finds nothing to do.
     again = carelog(settings, "claims", "rekey")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 keyed claim(s) taken, 0 old claim row(s) deleted" in again.stdout
     migrated = carelog(settings, "db", "migrate")
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-    assert "claims: none unkeyed" in migrated.stdout
+    assert "claims: keyed under CARELOG_CLAIM_KEY" in migrated.stdout
 
     # Only the keyed claim of the current patient's email is left.
     assert claim_ids(settings) == {email_claim_id(held, claim_key())}
@@ -114,10 +123,26 @@ async def test_the_command_api_refuses_to_start_while_unkeyed_claims_remain(
     seed_unkeyed(own_store, body()["email"])
     refused = carelog(own_settings, "serve", "commands")
     assert refused.returncode != 0
+    assert "unkeyed email claims" in refused.stderr
     assert "carelog claims rekey" in refused.stderr
 
 
-async def test_rekey_under_a_new_key_moves_the_claims_of_the_old_one(
+async def test_the_first_key_to_start_on_a_store_is_recorded_and_another_is_refused(
+    own_settings: Settings,
+):
+    first, other = b"f" * 32, b"o" * 32
+    assert recorded(own_settings) is None
+    require_ready(own_settings.database_url, first)
+    assert recorded(own_settings) == key_fingerprint(first)
+    require_ready(own_settings.database_url, first)  # the same key again: still ready
+    with pytest.raises(ClaimsNotReady, match="another CARELOG_CLAIM_KEY"):
+        require_ready(own_settings.database_url, other)
+    assert recorded(own_settings) == key_fingerprint(first)
+    # The fingerprint tells nothing of the key.
+    assert first.decode() not in key_fingerprint(first)
+
+
+async def test_a_new_key_is_refused_until_migrate_rekeys_the_claims_of_the_old_one(
     own_settings: Settings, own_store: EventStore, tokens: TestTokens
 ):
     old, new = "o" * 32 + "-old-claim-key", "n" * 32 + "-new-claim-key"
@@ -134,10 +159,19 @@ async def test_rekey_under_a_new_key_moves_the_claims_of_the_old_one(
     before = claim_ids(own_settings)
     assert email_claim_id(email, old.encode()) in before
 
+    recorded_old = carelog(own_settings.with_(claim_key=old), "claims", "rekey")
+    assert recorded_old.returncode == 0, recorded_old.stdout + recorded_old.stderr
+    assert recorded(own_settings) == key_fingerprint(old.encode())
+
     rotated = own_settings.with_(claim_key=new)
-    done = carelog(rotated, "claims", "rekey")
+    refused = carelog(rotated, "serve", "commands")
+    assert refused.returncode != 0
+    assert "another CARELOG_CLAIM_KEY" in refused.stderr
+    done = carelog(rotated, "db", "migrate")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "keyed under another CARELOG_CLAIM_KEY: rekeying" in done.stdout
     assert "2 keyed claim(s) taken, 2 old claim row(s) deleted" in done.stdout
+    assert recorded(own_settings) == key_fingerprint(new.encode())
     after = claim_ids(own_settings)
     assert email_claim_id(email, old.encode()) not in after
     assert email_claim_id(later, old.encode()) not in after
