@@ -266,7 +266,12 @@ def _rekey(settings: Settings) -> int:
         return 1
     store = EventStore(settings.database_url)
     try:
-        done = rekey(store, settings.database_url, key)
+        done = rekey(
+            store,
+            settings.database_url,
+            key,
+            lambda done, of: print(f"claims: {done}/{of} patients", file=sys.stderr),
+        )
     finally:
         store.close()
     print(

@@ -62,7 +62,7 @@ def key_fingerprint(claim_key: bytes) -> str:
 
 @dataclass(frozen=True)
 class Rekeyed:
-    """What a rekey did: patients looked at, claims taken, unkeyed rows deleted."""
+    """What a rekey did: patients looked at, claims taken, old claims' rows deleted."""
 
     patients: int
     taken: int
@@ -77,7 +77,8 @@ def rekey(
     claim_key: bytes,
     progress: Callable[[int, int], None] | None = None,
 ) -> Rekeyed:
-    """Takes every current patient's keyed claim, then deletes every unkeyed claim."""
+    """Takes every current patient's keyed claim, then deletes the old claims' rows and
+    records the key; `progress(done, of)` every 1000 patients."""
     service = PatientService(store, claim_key)
     with psycopg.connect(database_url, autocommit=True) as db:
         patients = [
