@@ -15,7 +15,8 @@ carelog notify             emails patients from events, exactly once each (healt
 carelog react patient-removals  cancels removed patients' appointments (health on 4013)
 carelog topics             creates the Kafka topics
 carelog schemas write|check  the JSON Schemas of published events, and their AsyncAPI
-carelog db migrate|status  the database schema's versioned migrations
+carelog db migrate|status  the database schema's versioned migrations (migrate also rekeys)
+carelog claims rekey       moves email claims to ids keyed under CARELOG_CLAIM_KEY
 carelog projections list|rebuild|rollback|drop-old|discard  rebuild read models from the store
 carelog history patient|appointment|clinician ID  an aggregate's events, personal data redacted
 carelog dlq list|show ID|replay ID|--all  the events the read models' consumers set aside
@@ -166,6 +167,7 @@ def serve(which: str) -> None:
     elif which == "commands":
         from bootstrap import commands
 
+        _require_claim_key(settings, which)
         commands.run(settings)
     elif which == "auth":
         from bootstrap import auth
@@ -178,6 +180,23 @@ def serve(which: str) -> None:
             read_api.run(settings)
         except SettingsError as exc:
             sys.exit(f"carelog {which}: {exc}")
+
+
+def _require_claim_key(settings: Settings, service: str) -> None:
+    """Stops the command API without a claim key, or over claims it cannot see (unkeyed, or
+    keyed under another key)."""
+    from commands.claims import ClaimsNotReady, require_ready
+
+    try:
+        key = settings.claim_secret()
+    except SettingsError as exc:
+        sys.exit(f"carelog {service}: {exc}")
+    try:
+        require_ready(settings.database_url, key)
+    except ClaimsNotReady as exc:
+        sys.exit(f"carelog {service}: {exc}: run `carelog db migrate` (or `carelog claims rekey`)")
+    except Exception as exc:  # the database is away: the service retries and says so
+        log.warning("email claims not checked", error=type(exc).__name__)
 
 
 def _require_migrated(settings: Settings, service: str) -> None:
@@ -200,7 +219,7 @@ def db(action: str) -> int:
         if action == "migrate":
             applied = database.migrate(settings.database_url)
             print("applied:", ", ".join(applied) if applied else "nothing (up to date)")
-            return 0
+            return _rekey_if_needed(settings)
         rows = database.status(settings.database_url)
     except Exception as exc:
         print(f"carelog db {action}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
@@ -211,6 +230,57 @@ def db(action: str) -> int:
         )
         print(f"{row.id:<24} {when}")
     return 1 if any(r.applied_at is None for r in rows) else 0
+
+
+def claims(action: str) -> int:
+    settings = _settings("claims")
+    _require_migrated(settings, "claims")
+    return _rekey(settings)
+
+
+def _rekey_if_needed(settings: Settings) -> int:
+    """After the migrations: rekeys the claims if unkeyed ones remain (a store from before
+    keyed claims) or they are keyed under another key (CARELOG_CLAIM_KEY changed)."""
+    from commands.claims import not_ready
+
+    if not settings.claim_key:
+        print("claims: not checked (no CARELOG_CLAIM_KEY)")
+        return 0
+    reason = not_ready(settings.database_url, settings.claim_secret())
+    if reason is None:
+        print("claims: keyed under CARELOG_CLAIM_KEY")
+        return 0
+    print(f"claims: {reason}: rekeying")
+    return _rekey(settings)
+
+
+def _rekey(settings: Settings) -> int:
+    """Runs `commands.claims.rekey`; says what it did in one line (ids, never emails)."""
+    from commands.claims import rekey
+    from commands.store import EventStore
+
+    try:
+        key = settings.claim_secret()
+    except SettingsError as exc:
+        print(f"carelog claims rekey: {exc}", file=sys.stderr)
+        return 1
+    store = EventStore(settings.database_url)
+    try:
+        done = rekey(
+            store,
+            settings.database_url,
+            key,
+            lambda done, of: print(f"claims: {done}/{of} patients", file=sys.stderr),
+        )
+    finally:
+        store.close()
+    print(
+        f"claims: {done.patients} patient(s) looked at, {done.taken} keyed claim(s) taken,"
+        f" {done.deleted} old claim row(s) deleted"
+    )
+    for patient_id in done.conflicts:
+        print(f"claims: patient {patient_id}'s email is held by another patient", file=sys.stderr)
+    return 1 if done.conflicts else 0
 
 
 def projections(args: argparse.Namespace) -> int:
@@ -411,6 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     dlq_p.add_argument("--reveal", action="store_true", help="show the body (audited)")
     db_p = sub.add_parser("db", help="apply or list the database migrations")
     db_p.add_argument("action", choices=["migrate", "status"])
+    claims_p = sub.add_parser("claims", help="move email claims to keyed ids")
+    claims_p.add_argument("action", choices=["rekey"])
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -469,6 +541,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(schemas(args.action))
     elif args.command == "db":
         sys.exit(db(args.action))
+    elif args.command == "claims":
+        sys.exit(claims(args.action))
     elif args.command == "projections":
         sys.exit(projections(args))
     elif args.command == "dlq":

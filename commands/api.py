@@ -25,6 +25,8 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 from prometheus_client import Counter
 
+from commands import idempotency
+from commands.idempotency import IdempotencyKeys, KeyReused
 from commands.scheduling import SchedulingService
 from commands.service import PatientService, Written, today
 from commands.store import CACHE_SIZE, EventStore
@@ -178,19 +180,25 @@ def _headers(written: Written) -> dict[str, str]:
             etag=True,
             position=True,
             location=True,
+            idempotency_key=idempotency.KEY_PATTERN,
         ),
     },
 )
 async def register_patient(
     data: JSONBody[PatientInput],
     service: NamedDependency[PatientService],
+    keys: NamedDependency[IdempotencyKeys],
     request: Request[Any, Any, Any],
 ) -> Response[PatientOut]:
     correlation_id = correlation_of(request.scope)
+    key = idempotency.key_of(request.headers)
     details, registered = _parse(_fields(data), parse_registration)
-    written = await anyio.to_thread.run_sync(
-        lambda: service.register(details, registered, correlation_id)
-    )
+
+    def register() -> Written:
+        patient_id = once(keys, idempotency.REGISTER_PATIENT, key, request, data)
+        return service.register(details, registered, correlation_id, patient_id)
+
+    written = await anyio.to_thread.run_sync(register)
     COMMANDS.labels("RegisterPatient", "ok").inc()
     log.info("patient registered", patient_id=str(written.patient_id), position=written.position)
     headers = _headers(written)
@@ -297,6 +305,21 @@ async def set_preferences(
     return Response(body, headers=_headers(written))
 
 
+def once(
+    keys: IdempotencyKeys,
+    operation: str,
+    key: str | None,
+    request: Request[Any, Any, Any],
+    data: msgspec.Struct,
+) -> UUID | None:
+    """The id an idempotent create's resource gets (None without a key): reserved under
+    the caller's key, so a retry of the request gets the same one."""
+    if key is None:
+        return None
+    actor = str(request.state.claims.subject)
+    return keys.reserve(operation, actor, key, idempotency.body_hash(msgspec.json.encode(data)))
+
+
 def _counted(outcome: str, make: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def convert(exc: Any) -> Any:
         COMMANDS.labels("any", outcome).inc()
@@ -326,6 +349,14 @@ PROBLEMS: Problems = {
     IntegrityError: _counted(
         "conflict", lambda exc: problem(409, "a concurrent change won; read again and retry")
     ),
+    KeyReused: _counted(
+        "key-reused",
+        lambda exc: problem(
+            422,
+            "this Idempotency-Key came before with another body",
+            errors={idempotency.HEADER: "was used with another request body"},
+        ),
+    ),
 }
 
 
@@ -338,17 +369,20 @@ def create_app(
     """
     from commands import scheduling_api  # its routes use this module's shared pieces
 
-    built: list[tuple[PatientService, SchedulingService]] = []
+    built: list[tuple[PatientService, SchedulingService, IdempotencyKeys]] = []
 
     async def start(app: Litestar) -> None:
+        # SettingsError (CARELOG_CLAIM_KEY unset): the app refuses to start without it.
+        claim_key = settings.claim_secret()
         event_store = store
         if event_store is None:
             event_store = await anyio.to_thread.run_sync(
                 lambda: EventStore(settings.database_url, cache_size=CACHE_SIZE)
             )
-        patients = PatientService(event_store)
+        patients = PatientService(event_store, claim_key)
         # One group-commit queue for every write, so concurrent commands share commits.
-        built.append((patients, SchedulingService(event_store, patients.writer)))
+        scheduling = SchedulingService(event_store, patients.writer)
+        built.append((patients, scheduling, IdempotencyKeys(event_store)))
 
     async def stop(app: Litestar) -> None:
         if store is None and built:
@@ -359,6 +393,9 @@ def create_app(
 
     def scheduling_service() -> SchedulingService:
         return built[0][1]
+
+    def idempotency_keys() -> IdempotencyKeys:
+        return built[0][2]
 
     async def database() -> None:
         await anyio.to_thread.run_sync(built[0][0].store.recorder.max_notification_id)
@@ -380,6 +417,7 @@ def create_app(
         dependencies={
             "service": Provide(patient_service, sync_to_thread=False),
             "scheduling": Provide(scheduling_service, sync_to_thread=False),
+            "keys": Provide(idempotency_keys, sync_to_thread=False),
         },
         on_startup=[start],
         on_shutdown=[stop],

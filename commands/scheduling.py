@@ -131,10 +131,27 @@ class SchedulingService:
 
     # --- appointments -------------------------------------------------------------------
 
-    def book(self, booking: Booking, correlation_id: str | None = None) -> Saved:
-        """Books if the patient is current and both are free; saves it with its schedules."""
+    def book(
+        self,
+        booking: Booking,
+        correlation_id: str | None = None,
+        appointment_id: UUID | None = None,
+    ) -> Saved:
+        """Books if the patient is current and both are free; saves it with its schedules.
+
+        With `appointment_id` (an idempotent create's), an appointment already stored
+        under it is the answer: this booking's earlier request saved it.
+        """
 
         def attempt() -> Saved:
+            if appointment_id is not None:
+                try:
+                    stored = self._get(appointment_id, Appointment, AppointmentNotFound)
+                except AppointmentNotFound:
+                    pass
+                else:
+                    position = self.store.position_of(stored.id, stored.version)
+                    return Saved(stored.id, stored.version, position, stored)
             errors: dict[str, str] = {}
             try:
                 self._require_patient(booking.patient_id)
@@ -147,7 +164,7 @@ class SchedulingService:
             if errors:
                 raise InvalidData(errors)
             clinician.require_available(booking.start, booking.end)
-            appointment = Appointment.book(booking)
+            appointment = Appointment.book(booking, appointment_id)
             schedules = self._reserve(appointment)
             return self._save(appointment, *schedules)
 

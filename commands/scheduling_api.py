@@ -20,7 +20,9 @@ from litestar import Request, Response, delete, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
-from commands.api import COMMANDS, POSITION_HEADER, expected_version
+from commands import idempotency
+from commands.api import COMMANDS, POSITION_HEADER, expected_version, once
+from commands.idempotency import IdempotencyKeys
 from commands.scheduling import NotYourAppointment, Saved, SchedulingService, TimeOffNotFound
 from domain.roles import APPOINTMENT_ATTENDERS, APPOINTMENT_BOOKERS, CLINICIAN_ADMINS, Role
 from domain.scheduling import (
@@ -397,18 +399,29 @@ async def link_user(
     opt={
         BODY_ERRORS: every_error(BookingInput, _booking_of),
         DOCS: Documented(
-            problems={409: _APPOINTMENT_CONFLICT}, etag=True, position=True, location=True
+            problems={409: _APPOINTMENT_CONFLICT},
+            etag=True,
+            position=True,
+            location=True,
+            idempotency_key=idempotency.KEY_PATTERN,
         ),
     },
 )
 async def book_appointment(
     data: JSONBody[BookingInput],
     scheduling: NamedDependency[SchedulingService],
+    keys: NamedDependency[IdempotencyKeys],
     request: Request[Any, Any, Any],
 ) -> Response[AppointmentOut]:
     correlation_id = correlation_of(request.scope)
+    key = idempotency.key_of(request.headers)
     booking = _booking_of(_wire(data))
-    saved = await _run(lambda: scheduling.book(booking, correlation_id), "BookAppointment")
+
+    def book() -> Saved:
+        appointment_id = once(keys, idempotency.BOOK_APPOINTMENT, key, request, data)
+        return scheduling.book(booking, correlation_id, appointment_id)
+
+    saved = await _run(book, "BookAppointment")
     headers = {**_headers(saved), "Location": f"/appointments/{saved.id}"}
     return Response(appointment_view(saved.aggregate, saved), status_code=201, headers=headers)
 

@@ -42,14 +42,24 @@ def today() -> date:
 class PatientService:
     """Registers, changes and removes patients in the event store."""
 
-    def __init__(self, store: EventStore):
+    def __init__(self, store: EventStore, claim_key: bytes):
+        """`claim_key`: the secret email claims are keyed under (`email_claim_id`)."""
         self.store = store
         self.writer = GroupCommit(store)
+        self._claim_key = claim_key
 
     def register(
-        self, details: PatientDetails, registered_date: date, correlation_id: str | None = None
+        self,
+        details: PatientDetails,
+        registered_date: date,
+        correlation_id: str | None = None,
+        patient_id: UUID | None = None,
     ) -> Written:
-        """Registers a new patient; EmailTaken if a current patient has the email."""
+        """Registers a new patient; EmailTaken if a current patient has the email.
+
+        With `patient_id` (an idempotent create's), a patient already stored under it is
+        the answer: this registration's earlier request saved it.
+        """
 
         tries = 0
         attempted: set[UUID] = set()
@@ -57,16 +67,18 @@ class PatientService:
         def attempt() -> Written:
             nonlocal tries
             tries += 1
+            if patient_id is not None and (stored := self._stored(patient_id)) is not None:
+                return stored
             if tries > 1:
                 landed = self._landed(details.email, attempted)
                 if landed is not None:
                     return landed
-            patient = Patient.register(details, registered_date)
+            patient = Patient.register(details, registered_date, patient_id)
             attempted.add(patient.id)
-            if tries == 1 and not self.store.knows(email_claim_id(details.email)):
+            if tries == 1 and not self.store.knows(self.claim_id(details.email)):
                 # Most emails are new: take the claim without reading it first. If it
                 # exists after all, the save conflicts and the retry reads it.
-                claim = EmailClaim.take(details.email, patient.id)
+                claim = EmailClaim.take(self.claim_id(details.email), patient.id)
             else:
                 claim = self._claim(details.email, patient.id)
             return self._save(patient, claim)
@@ -85,7 +97,7 @@ class PatientService:
         def attempt() -> Written:
             patient = self._current(patient_id, expected_version)
             changed: list[Any] = [patient]
-            if email_claim_id(details.email) != email_claim_id(patient.email):
+            if self.claim_id(details.email) != self.claim_id(patient.email):
                 changed.append(self._claim(details.email, patient.id))
                 old = self._existing_claim(patient.email)
                 if old is not None:
@@ -130,6 +142,20 @@ class PatientService:
 
         return retrying(attempt, correlation_id, self.store.caches)
 
+    def keep_claim(self, patient_id: UUID) -> bool:
+        """Takes the claim on a current patient's email if it lacks one (after the claim
+        key changed); True if it took it. EmailTaken if another patient holds it."""
+
+        def attempt() -> bool:
+            patient = self.get(patient_id)
+            claim = self._claim(patient.email, patient.id)
+            if not claim.pending_events:
+                return False
+            self._save(patient, claim)
+            return True
+
+        return retrying(attempt, None, self.store.caches)
+
     def _landed(self, email: str, attempted: set[UUID]) -> Written | None:
         """The patient an earlier attempt of this registration stored, if one did.
 
@@ -142,6 +168,18 @@ class PatientService:
             return None
         stored = self.get(claim.holder)
         return Written(stored.id, stored.version, None, stored)
+
+    def _stored(self, patient_id: UUID) -> Written | None:
+        """The patient stored under `patient_id`, as a registration answers it; None if
+        there is none yet; PatientNotFound if it has been removed since."""
+        try:
+            stored: object = self.store.load(patient_id)
+        except AggregateNotFoundError:
+            return None
+        if not isinstance(stored, Patient) or stored.removed:
+            raise PatientNotFound(str(patient_id))
+        position = self.store.position_of(stored.id, stored.version)
+        return Written(stored.id, stored.version, position, stored)
 
     def _current(self, patient_id: UUID, expected_version: int | None) -> Patient:
         patient = self.get(patient_id)
@@ -159,9 +197,13 @@ class PatientService:
             raise PatientNotFound(str(patient_id))
         return patient
 
+    def claim_id(self, email: str) -> UUID:
+        """The id of the claim on `email`, keyed under this service's claim key."""
+        return email_claim_id(email, self._claim_key)
+
     def _existing_claim(self, email: str) -> EmailClaim | None:
         try:
-            claim: object = self.store.load(email_claim_id(email))
+            claim: object = self.store.load(self.claim_id(email))
         except AggregateNotFoundError:
             return None
         assert isinstance(claim, EmailClaim)
@@ -170,7 +212,7 @@ class PatientService:
     def _claim(self, email: str, patient_id: UUID) -> EmailClaim:
         claim = self._existing_claim(email)
         if claim is None:
-            return EmailClaim.take(email, patient_id)
+            return EmailClaim.take(self.claim_id(email), patient_id)
         claim.claim(patient_id)
         return claim
 

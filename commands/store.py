@@ -181,6 +181,20 @@ class EventStore(Application[Any]):
                 except Exception as exc:  # the save stands; the next interval snapshots
                     log.warning("snapshot not taken", error=type(exc).__name__)
 
+    def position_of(self, aggregate_id: UUID, version: int) -> int | None:
+        """The global position of an aggregate's event (None in a store in memory)."""
+        datastore = getattr(self.recorder, "datastore", None)
+        if datastore is None:
+            return None
+        with datastore.transaction(commit=False) as cursor:
+            cursor.execute(
+                f"SELECT notification_id FROM {self.events_table}"
+                " WHERE originator_id = %s AND originator_version = %s",
+                [aggregate_id, version],
+            )
+            row = cursor.fetchone()
+        return None if row is None else int(row["notification_id"])
+
     @property
     def events_table(self) -> str:
         return f"{self.name}_events"

@@ -1,13 +1,17 @@
 """The Patient aggregate and the email claims that keep emails unique.
 
 Uniqueness across aggregates is kept by an `EmailClaim` aggregate whose id is
-derived from the normalised email (uuid5). Registering or changing a patient
+derived from the normalised email: an HMAC-SHA256 under a secret key
+(`email_claim_id`), so an id in the store, on a wire or in an error says nothing
+about the address to anyone without the key. Registering or changing a patient
 saves the patient and the claims it takes or releases in one transaction, so two
 writers racing for one email conflict on the claim's version and one loses.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 from dataclasses import dataclass
 from datetime import date
@@ -37,8 +41,21 @@ def normalise_email(email: str) -> str:
     return email.strip().casefold()
 
 
-def email_claim_id(email: str) -> UUID:
-    """The id of the claim on an email address."""
+def email_claim_id(email: str, key: bytes) -> UUID:
+    """The id of the claim on an email address: HMAC-SHA256 of the normalised email
+    under `key`, its first 128 bits as a version-8 UUID (RFC 9562)."""
+    digest = bytearray(
+        hmac.new(key, normalise_email(email).encode("utf-8"), hashlib.sha256).digest()[:16]
+    )
+    digest[6] = (digest[6] & 0x0F) | 0x80  # version 8: "custom"
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 9562 variant
+    return UUID(bytes=bytes(digest))
+
+
+def unkeyed_email_claim_id(email: str) -> UUID:
+    """The id claims had before they were keyed: a uuid5 anyone can compute from the
+    address. No command uses it; it describes the stores `carelog claims rekey` moves
+    (which it finds by their ids' version, 5)."""
     return uuid5(_CLAIMS, normalise_email(email))
 
 
@@ -209,11 +226,17 @@ class Patient(TracedAggregate):
         return uuid4()
 
     @classmethod
-    def register(cls, details: PatientDetails, registered_date: date) -> Patient:
+    def register(
+        cls, details: PatientDetails, registered_date: date, patient_id: UUID | None = None
+    ) -> Patient:
+        """A new patient; `patient_id` chosen by the caller (an idempotent create) or new."""
         if registered_date < details.date_of_birth:
             raise InvalidData({"registeredDate": "must not be before dateOfBirth"})
         given, family = split_name(details.name)
-        return cls(
+        # `_create` is what calling the class does, with the id chosen here when given.
+        return cls._create(
+            cls.Registered,
+            id=patient_id,
             name=details.name,
             email=details.email,
             address=details.address,
@@ -298,8 +321,9 @@ class EmailClaim(TracedAggregate):
         return claim
 
     @classmethod
-    def take(cls, email: str, patient_id: UUID) -> EmailClaim:
-        return cls(claim=email_claim_id(email), patient_id=patient_id)
+    def take(cls, claim_id: UUID, patient_id: UUID) -> EmailClaim:
+        """The claim `claim_id` (`email_claim_id` of the email), held by `patient_id`."""
+        return cls(claim=claim_id, patient_id=patient_id)
 
     @event("Created")
     def __init__(self, claim: UUID, patient_id: UUID):

@@ -815,8 +815,12 @@ class Appointment(TracedAggregate):
         return uuid4()
 
     @classmethod
-    def book(cls, booking: Booking) -> Appointment:
-        return cls(
+    def book(cls, booking: Booking, appointment_id: UUID | None = None) -> Appointment:
+        """A new appointment; `appointment_id` chosen by the caller (an idempotent create)."""
+        # `_create` is what calling the class does, with the id chosen here when given.
+        return cls._create(
+            cls.Booked,  # type: ignore[attr-defined]  # made by @event("Booked")
+            id=appointment_id,
             patient_id=booking.patient_id,
             clinician_id=booking.clinician_id,
             start=booking.start,

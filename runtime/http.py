@@ -344,6 +344,9 @@ class Documented:
     """Answers the event store position of its write as `Event-Position`."""
     location: bool = False
     """Answers the new resource's path as `Location`."""
+    idempotency_key: str | None = None
+    """Reads an optional `Idempotency-Key` matching this pattern: a retry with the same key
+    and body answers what the first did; with another body, 422."""
 
 
 EMAIL_FORMAT: dict[str, Any] = {"extra": {"format": "email"}}
@@ -508,6 +511,24 @@ def _complete_operation(operation: dict[str, Any], handler: HTTPRouteHandler, me
         if code == 401:
             headers.append("WWW-Authenticate")
         responses[str(code)] = _problem(description, *headers)
+    if documented.idempotency_key is not None:
+        responses.setdefault("422", _problem("The Idempotency-Key came before with another body"))
+        operation.setdefault("parameters", []).append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "A key of your choosing (a UUID) that makes a retry safe: the"
+                " same key and body within 24 hours answer what the first request did, without"
+                " a second resource; the same key with another body is 422",
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 255,
+                    "pattern": documented.idempotency_key,
+                },
+            }
+        )
     if documented.if_match:
         operation.setdefault("parameters", []).append(
             {

@@ -56,6 +56,11 @@ fills in the local stack's addresses; production mode requires each of them.
 | | default: http://localhost and http://127.0.0.1 on ports 4004 (the gateway's own |
 | | pages), 3000, 5173 and 8080 (common front-end dev servers). `null` is refused; |
 | | `*` (any origin but `null`) only in development |
+| CARELOG_CLAIM_KEY | the secret (at least 32 characters; `openssl rand -hex 32`) under which |
+| | email claims are keyed (docs/replay.md, "Keyed email claims"). Required by the command |
+| | API and `carelog claims rekey` in production; after a change, `carelog db migrate` rekeys. |
+| | Development default: .stack/secrets/claim.key (made by `make up`), else a fixed |
+| | development-only key |
 | CARELOG_OTLP_ENDPOINT | base URL of an OTLP/HTTP collector (http://collector:4318) to which |
 | | each process exports its trace spans; unset: the standard OTEL_EXPORTER_OTLP_ENDPOINT; |
 | | neither: no tracing (see docs/observability.md) |
@@ -224,6 +229,7 @@ _NAMES = {
     "gateway_upstreams": "CARELOG_GATEWAY_UPSTREAMS",
     "cors_origins": "CARELOG_GATEWAY_CORS_ORIGINS",
     "otlp_endpoint": "CARELOG_OTLP_ENDPOINT",
+    "claim_key": "CARELOG_CLAIM_KEY",
 }
 _DEV_STACK = Path(__file__).resolve().parent.parent / ".stack"
 _SECRETS = _DEV_STACK / "secrets"
@@ -239,7 +245,12 @@ _DEV_DEFAULTS = {
     "CARELOG_KAFKA_BOOTSTRAP": "127.0.0.1:9092",
     "CARELOG_GATEWAY_DIR": str(_DEV_STACK / "gateway"),
     "CARELOG_GATEWAY_CORS_ORIGINS": " ".join(DEV_CORS_ORIGINS),
+    # Development only (production has no default): a checkout whose stack predates
+    # .stack/secrets/claim.key still starts.
+    "CARELOG_CLAIM_KEY": "carelog-development-only-claim-key-not-a-secret",
 }
+CLAIM_KEY_MIN = 32
+"""Characters a claim key needs at least (128 bits of hex)."""
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -298,6 +309,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Origins whose pages may call the API through the gateway; `*` in development only."""
     otlp_endpoint: str = ""
     """The OTLP/HTTP collector that receives trace spans; empty: spans are not recorded."""
+    claim_key: str = ""
+    """The secret email claims are keyed under (`claim_secret()`); empty: not configured."""
 
     def __post_init__(self) -> None:
         check_cors_origins(self.cors_origins, self.env)
@@ -320,6 +333,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             if name == service:
                 return host
         return self.http_host
+
+    def claim_secret(self) -> bytes:
+        """The claim key, for the processes that key email claims; SettingsError if unset."""
+        variable = _NAMES["claim_key"]
+        if not self.claim_key:
+            raise SettingsError(
+                f"{variable} is required in {self.env} mode: the secret email claims are"
+                " keyed under (at least 32 characters, such as `openssl rand -hex 32`)"
+            )
+        if len(self.claim_key) < CLAIM_KEY_MIN:
+            raise SettingsError(
+                f"{variable} is too short: expected at least {CLAIM_KEY_MIN} characters"
+            )
+        return self.claim_key.encode("utf-8")
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
@@ -454,6 +481,9 @@ def _stack_credentials(secrets: Path | None) -> dict[str, str]:
     password = secret("redis.password")
     if password:
         defaults["CARELOG_REDIS_URL"] = _with_password(_DEV_DEFAULTS["CARELOG_REDIS_URL"], password)
+    claim_key = secret("claim.key")
+    if claim_key:
+        defaults["CARELOG_CLAIM_KEY"] = claim_key
     user, password = secret("kafka.user"), secret("kafka.password")
     if user and password:
         defaults["CARELOG_KAFKA_SECURITY_PROTOCOL"] = "SASL_PLAINTEXT"

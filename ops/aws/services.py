@@ -18,6 +18,7 @@ REDIS = "redis"
 KAFKA = "kafka"
 SIGNING_KEYS = "signing-keys"
 MASTER_KEY = "master-key"
+CLAIM_KEY = "claim-key"
 SMTP = "smtp"
 
 SECRET_NAMES = {
@@ -27,6 +28,7 @@ SECRET_NAMES = {
     KAFKA: "AmazonMSK_carelog",
     SIGNING_KEYS: "carelog/auth/signing-keys",
     MASTER_KEY: "carelog/master-key",
+    CLAIM_KEY: "carelog/claim-key",
     SMTP: "carelog/notifier/smtp",
 }
 """Each secret's name in Secrets Manager."""
@@ -73,7 +75,7 @@ SERVICES: tuple[Service, ...] = (
         cpu=1024,
         memory=2048,
         max_tasks=10,
-        secrets=(*BACKEND, MASTER_KEY),
+        secrets=(*BACKEND, MASTER_KEY, CLAIM_KEY),
     ),
     Service(
         "read-api",

@@ -216,6 +216,15 @@ class CarelogStack(cdk.Stack):
                 password_length=64, exclude_punctuation=True
             ),
         )
+        self.claim_key = secretsmanager.Secret(
+            self,
+            "ClaimKey",
+            secret_name=table.SECRET_NAMES[table.CLAIM_KEY],
+            description="The key email claims are keyed under (CARELOG_CLAIM_KEY)",
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                password_length=64, exclude_punctuation=True
+            ),
+        )
         self.smtp = secretsmanager.Secret(
             self,
             "Smtp",
@@ -509,6 +518,7 @@ class CarelogStack(cdk.Stack):
             table.MASTER_KEY: {
                 "CARELOG_MASTER_KEY": ecs.Secret.from_secrets_manager(self.master_key)
             },
+            table.CLAIM_KEY: {"CARELOG_CLAIM_KEY": ecs.Secret.from_secrets_manager(self.claim_key)},
             table.SMTP: {
                 "CARELOG_SMTP_USERNAME": ecs.Secret.from_secrets_manager(self.smtp, "username"),
                 "CARELOG_SMTP_PASSWORD": ecs.Secret.from_secrets_manager(self.smtp, "password"),
@@ -589,7 +599,10 @@ class CarelogStack(cdk.Stack):
                 image=self.image,
                 command=["sh", "-c", ENTRY, "carelog", "carelog", "db", "migrate"],
                 environment=self._environment(),
-                secrets=self._secret_env(table.BACKEND),
+                # With the claim key (the command API's task), it also rekeys the claims.
+                secrets=self._secret_env(
+                    tuple(s for s in spec.secrets if s in (*table.BACKEND, table.CLAIM_KEY))
+                ),
                 logging=logging,
                 essential=False,
             )

@@ -28,6 +28,7 @@ SECRETS = (
     "carelog-kafka",
     "carelog-auth-keys",
     "carelog-smtp",
+    "carelog-claims",
 )
 """The Secrets created beside the manifests (docs/deploy.md), never committed."""
 

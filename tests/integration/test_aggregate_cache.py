@@ -22,6 +22,7 @@ from domain.patients import Patient
 from domain.scheduling import Booking, PatientRemoved, Timing, parse_clinician
 from runtime.settings import Settings
 from tests.support.patients import details
+from tests.support.stack import claim_key
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,7 @@ ALWAYS = {day: [["00:00", "24:00"]] for day in ("mon", "tue", "wed", "thu", "fri
 @pytest.fixture
 def two(own_settings: Settings) -> Iterator[tuple[PatientService, PatientService]]:
     stores = [EventStore(own_settings.database_url, 2, cache_size=CACHE_SIZE) for _ in range(2)]
-    yield PatientService(stores[0]), PatientService(stores[1])
+    yield PatientService(stores[0], claim_key()), PatientService(stores[1], claim_key())
     for store in stores:
         store.close()
 

@@ -35,7 +35,7 @@ from runtime.cache import redis_for
 from runtime.db import open_pool
 from runtime.settings import Settings
 from tests.support.patients import details, published
-from tests.support.stack import Process, eventually, free_port
+from tests.support.stack import Process, claim_key, eventually, free_port
 from tests.support.tokens import TestTokens, served_jwks
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -143,7 +143,7 @@ class Directory:
 
     def __init__(self, settings: Settings, store: EventStore):
         self.settings = settings
-        self.service = PatientService(store)
+        self.service = PatientService(store, claim_key())
         self.store = store
         self.projection = DirectoryProjection()
         self.projected = 0

@@ -25,7 +25,7 @@ from readmodels.directory import Tables, create_copy
 from runtime.db import open_pool
 from runtime.kafka import client_options
 from tests.support.patients import details, published
-from tests.support.stack import Process, eventually, read_topic
+from tests.support.stack import Process, claim_key, eventually, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ async def actual_directory(
 @pytest.fixture(scope="module")
 def history(store: EventStore) -> tuple[list[Any], set[str]]:
     """A few patients' full histories: registered, changed, some removed."""
-    service = PatientService(store)
+    service = PatientService(store, claim_key())
     start = (store.recorder.max_notification_id() or 0) + 1
     ids = set()
     for i in range(6):
@@ -173,7 +173,7 @@ async def test_a_killed_projection_restarts_and_applies_everything_once(
     """Relay and projection run as real processes; the projection is SIGKILLed mid-load."""
     settings, store = own_settings, own_store
     rng = random.Random(5)
-    service = PatientService(store)
+    service = PatientService(store, claim_key())
     relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
     projection = Process(
         ["project", "directory"], settings, "projection", tmp_path / "proj"
@@ -260,7 +260,9 @@ async def test_poison_messages_are_dead_lettered_and_the_projection_carries_on(
             await producer.send_and_wait(topic, msgspec.json.encode(refused), key=b"y")
         finally:
             await producer.stop()
-        written = PatientService(store).register(details("After Poison"), date(2024, 1, 1))
+        written = PatientService(store, claim_key()).register(
+            details("After Poison"), date(2024, 1, 1)
+        )
         async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
 
             async def projected() -> bool:

@@ -18,7 +18,7 @@ import psycopg
 from domain import contracts
 from runtime.kafka import ensure_topics, reliable_producer
 from runtime.settings import Settings
-from tests.support.stack import ROOT, Process, env_for
+from tests.support.stack import ROOT, Process, claim_key, env_for
 
 
 def carelog(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -134,7 +134,7 @@ def test_history_prints_events_in_order_redacted_unless_revealed(own_settings, o
     from commands.service import PatientService
     from tests.support.patients import details
 
-    service = PatientService(own_store)
+    service = PatientService(own_store, claim_key())
     written = service.register(details("Hidden Person"), date(2024, 1, 2), "corr-h1")
     service.change(written.patient_id, details("Hidden Person Two"), correlation_id="corr-h2")
     shown = carelog(own_settings, "history", "patient", str(written.patient_id))

@@ -20,8 +20,9 @@ from commands.group_commit import GroupCommit
 from commands.service import PatientService
 from commands.store import EventStore
 from domain.errors import EmailTaken
-from domain.patients import EmailClaim, Patient
+from domain.patients import EmailClaim, Patient, email_claim_id
 from tests.support.patients import details
+from tests.support.stack import claim_key
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +69,9 @@ def test_saves_made_during_a_commit_are_committed_together_each_with_its_own_rec
     saves = []
     for i in range(1 + followers):
         patient = Patient.register(details(f"Queued {i}"), date(2024, 1, 1))
-        saves.append((patient, EmailClaim.take(patient.email, patient.id)))
+        saves.append(
+            (patient, EmailClaim.take(email_claim_id(patient.email, claim_key()), patient.id))
+        )
 
     with ThreadPoolExecutor(1 + followers) as pool:
         leading = pool.submit(writer.save, *saves[0])
@@ -95,7 +98,7 @@ def test_saves_made_during_a_commit_are_committed_together_each_with_its_own_rec
 
 
 def test_concurrent_saves_each_get_their_own_recordings(store: EventStore):
-    service = PatientService(store)
+    service = PatientService(store, claim_key())
     start = threading.Barrier(24)
 
     def register(i: int):
@@ -114,7 +117,7 @@ def test_concurrent_saves_each_get_their_own_recordings(store: EventStore):
 
 
 def test_a_conflict_inside_a_batch_fails_only_the_loser(store: EventStore):
-    service = PatientService(store)
+    service = PatientService(store, claim_key())
     shared = details("Contested").email
     start = threading.Barrier(16)
 

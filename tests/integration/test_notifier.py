@@ -28,7 +28,7 @@ from notifications.sender import Sender
 from runtime.db import open_pool
 from runtime.settings import Settings
 from tests.support.patients import details, published
-from tests.support.stack import ROOT, Process, free_port
+from tests.support.stack import ROOT, Process, claim_key, free_port
 
 ALWAYS = {d: [["00:00", "24:00"]] for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
 
@@ -91,7 +91,7 @@ async def test_exactly_the_expected_messages_even_after_kill_9_and_a_replay(
     try:
         for process in processes:
             process.start()
-        patients = PatientService(store)
+        patients = PatientService(store, claim_key())
         made = [patients.register(details(), date(2024, 1, 2)).patient_id for _ in range(40)]
         notifier.start()
         await until(lambda: len(list(maildir.glob("new/*"))) >= 3)

@@ -17,7 +17,7 @@ from domain.events import Actor, acting_as
 from domain.scheduling import Appointment, Booking, Timing, parse_clinician
 from runtime.settings import Settings
 from tests.support.patients import details
-from tests.support.stack import Process
+from tests.support.stack import Process, claim_key
 
 ALWAYS = {day: [["00:00", "24:00"]] for day in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
 COUNT = 300
@@ -62,7 +62,7 @@ async def test_a_killed_process_manager_cancels_every_future_appointment_exactly
     own_settings: Settings, own_store: EventStore, tmp_path: Path
 ):
     settings, store = own_settings, own_store
-    patients, scheduling = PatientService(store), SchedulingService(store)
+    patients, scheduling = PatientService(store, claim_key()), SchedulingService(store)
     person = patients.register(details("Leaving Soon"), date(2024, 1, 1)).patient_id
     clinician = scheduling.register_clinician(
         parse_clinician(

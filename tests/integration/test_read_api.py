@@ -22,7 +22,7 @@ from readmodels.directory import DirectoryCache
 from runtime.db import open_pool
 from runtime.settings import Settings
 from tests.support.patients import details, published
-from tests.support.stack import free_port
+from tests.support.stack import claim_key, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ class Directory:
     """Writes through the real event store and projects into the real read model."""
 
     def __init__(self, settings: Settings, store: EventStore, pool: Any, redis: Redis):
-        self.service = PatientService(store)
+        self.service = PatientService(store, claim_key())
         self.store = store
         self.pool = pool
         self.cache = DirectoryCache(redis, prefix=settings.cache_prefix)

@@ -25,7 +25,7 @@ from domain.roles import Role
 from read_api.app import create_app as read_app
 from runtime.settings import Settings
 from tests.support.patients import details
-from tests.support.stack import ROOT, Process, env_for
+from tests.support.stack import ROOT, Process, claim_key, env_for
 from tests.support.tokens import TestTokens
 
 
@@ -97,7 +97,7 @@ async def test_a_rebuild_under_read_and_write_load_swaps_in_an_equal_copy(
     own_settings: Settings, own_store: EventStore, tokens: TestTokens, tmp_path: Path
 ):
     settings, store = own_settings, own_store
-    service = PatientService(store)
+    service = PatientService(store, claim_key())
     rng = random.Random(5)
     write_some(service, 300, rng)
     relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
@@ -158,7 +158,7 @@ async def test_killed_halfway_the_same_command_resumes_and_ends_equal(
     own_settings: Settings, own_store: EventStore, tmp_path: Path
 ):
     settings, store = own_settings, own_store
-    write_some(PatientService(store), 2500, random.Random(9))
+    write_some(PatientService(store, claim_key()), 2500, random.Random(9))
     relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
     projection = Process(["project", "directory"], settings, "projection", tmp_path / "p").start()
     try:
@@ -194,7 +194,7 @@ async def test_a_corrupted_row_is_caught_and_nothing_is_swapped_then_rollback(
     own_settings: Settings, own_store: EventStore, tmp_path: Path
 ):
     settings, store = own_settings, own_store
-    made = write_some(PatientService(store), 50, random.Random(3))
+    made = write_some(PatientService(store, claim_key()), 50, random.Random(3))
     relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
     projection = Process(["project", "directory"], settings, "projection", tmp_path / "p").start()
     try:
@@ -263,7 +263,7 @@ async def test_a_rebuild_over_v1_and_v2_events_equals_one_over_v2_only(
     from domain.patients import Patient
 
     settings, store = own_settings, own_store
-    write_some(PatientService(store), 120, random.Random(21))
+    write_some(PatientService(store, claim_key()), 120, random.Random(21))
     relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
     projection = Process(["project", "directory"], settings, "projection", tmp_path / "p").start()
     try:
@@ -318,7 +318,7 @@ async def test_analytics_rebuild_takes_money_from_billing_and_the_rest_from_the_
     from runtime.db import open_pool
 
     settings, store = own_settings, own_store
-    write_some(PatientService(store), 60, random.Random(4))
+    write_some(PatientService(store, claim_key()), 60, random.Random(4))
     relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
     analytics = Process(["project", "analytics"], settings, "analytics", tmp_path / "a").start()
     try:

@@ -17,7 +17,7 @@ from commands.service import PatientService
 from commands.store import EventStore
 from domain.contracts import PATIENT_STREAM, Envelope
 from tests.support.patients import details, published
-from tests.support.stack import Process, eventually, read_topic
+from tests.support.stack import Process, claim_key, eventually, read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -36,7 +36,7 @@ async def test_a_killed_relay_resumes_and_loses_nothing(
 ):
     settings, store = own_settings, own_store
     rng = random.Random(11)
-    service = PatientService(store)
+    service = PatientService(store, claim_key())
     relay = Process(["relay"], settings, "relay", tmp_path / "relay").start()
     async with httpx.AsyncClient() as client:
         ready = await client.get(f"http://127.0.0.1:{settings.ports['relay']}/health/ready")

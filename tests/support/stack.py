@@ -36,6 +36,11 @@ def base_settings() -> Settings:
     return Settings.from_env(env)
 
 
+def claim_key() -> bytes:
+    """The key the services of a test run key email claims under (their settings')."""
+    return base_settings().claim_secret()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,6 +117,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "CARELOG_KAFKA_PASSWORD": settings.kafka_password,
         "CARELOG_KAFKA_CA_FILE": settings.kafka_ca_file,
         "CARELOG_TOPIC_PREFIX": settings.topic_prefix,
+        "CARELOG_CLAIM_KEY": settings.claim_key,
         "CARELOG_COMMANDS_PORT": str(settings.ports["commands"]),
         "CARELOG_READ_API_PORT": str(settings.ports["read-api"]),
         "CARELOG_RELAY_PORT": str(settings.ports["relay"]),

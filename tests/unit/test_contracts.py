@@ -139,14 +139,14 @@ def test_the_correlation_id_is_a_declared_field_of_every_patient_event():
     import dataclasses
 
     from domain.events import correlated
-    from domain.patients import EmailClaim, Patient, PatientDetails
+    from domain.patients import EmailClaim, Patient, PatientDetails, email_claim_id
 
     for event_class in (Patient.Registered, Patient.DetailsChanged, Patient.Removed):
         assert "correlation_id" in {f.name for f in dataclasses.fields(event_class)}
     details = PatientDetails("Ada", "ada@example.org", "1 Street", date(1990, 1, 1))
     with correlated("corr-declared"):
         patient = Patient.register(details, date(2024, 1, 1))
-        claim = EmailClaim.take(details.email, patient.id)
+        claim = EmailClaim.take(email_claim_id(details.email, b"k" * 32), patient.id)
     patient.remove()
     recorded = [*patient.collect_events(), *claim.collect_events()]
     assert [e.correlation_id for e in recorded] == ["corr-declared", None, "corr-declared"]

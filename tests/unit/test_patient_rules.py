@@ -16,8 +16,10 @@ from domain.patients import (
     Patient,
     PatientDetails,
     email_claim_id,
+    normalise_email,
     parse_change,
     parse_registration,
+    unkeyed_email_claim_id,
 )
 
 TODAY = date(2026, 6, 15)
@@ -111,14 +113,44 @@ def test_a_change_may_carry_registered_date_but_it_must_be_a_date():
     assert raised.value.errors == {"registeredDate": "must be an ISO date (YYYY-MM-DD)"}
 
 
+KEY = b"unit-test-claim-key-of-at-least-32-bytes"
+
+
 def test_emails_are_compared_without_case_or_surrounding_space():
-    assert email_claim_id(" Ada@Example.org") == email_claim_id("ada@example.org")
-    assert email_claim_id("ada@example.org") != email_claim_id("ada@example.com")
+    assert email_claim_id(" Ada@Example.org", KEY) == email_claim_id("ada@example.org", KEY)
+    assert email_claim_id("ada@example.org", KEY) != email_claim_id("ada@example.com", KEY)
+
+
+@given(emails)
+def test_a_claim_id_depends_on_the_key_and_is_not_the_unkeyed_uuid5(email: str):
+    other = b"another-claim-key-also-32-bytes-long"
+    keyed = email_claim_id(email, KEY)
+    assert keyed != email_claim_id(email, other)
+    assert keyed != unkeyed_email_claim_id(email)
+    assert keyed.version == 8
+    assert unkeyed_email_claim_id(email).version == 5
+    # Nothing of the address shows: the id is the HMAC's bits, not the email's.
+    assert normalise_email(email).encode() not in keyed.bytes
+    assert keyed.hex not in normalise_email(email)
+
+
+def test_a_claim_id_is_the_hmac_sha256_of_the_normalised_email_under_the_key():
+    import hashlib
+    import hmac
+
+    digest = hmac.new(KEY, b"ada@example.org", hashlib.sha256).digest()
+    keyed = email_claim_id(" ADA@example.org ", KEY)
+    # Every bit but the six that mark the UUID's version and variant comes from the HMAC.
+    assert keyed.bytes[:6] == digest[:6]
+    assert keyed.bytes[6] & 0x0F == digest[6] & 0x0F
+    assert keyed.bytes[7] == digest[7]
+    assert keyed.bytes[8] & 0x3F == digest[8] & 0x3F
+    assert keyed.bytes[9:16] == digest[9:16]
 
 
 def test_a_claimed_email_cannot_be_claimed_by_another_patient_until_released():
     first, second = Patient.create_id(), Patient.create_id()
-    claim = EmailClaim.take("ada@example.org", first)
+    claim = EmailClaim.take(email_claim_id("ada@example.org", KEY), first)
     with pytest.raises(EmailTaken):
         claim.claim(second)
     claim.release(second)  # not the holder: changes nothing

@@ -28,6 +28,8 @@ from domain.patients import EmailClaim, Patient, email_claim_id, normalise_email
 from tests.support.patients import details, published
 
 REGISTERED = date(2024, 1, 2)
+KEY = b"unit-test-claim-key-of-at-least-32-bytes"
+"""The key this module's services key email claims under."""
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def store() -> Iterator[EventStore]:
 
 @pytest.fixture
 def service(store: EventStore) -> PatientService:
-    return PatientService(store)
+    return PatientService(store, KEY)
 
 
 def log_of(store: EventStore) -> list[Notification]:
@@ -58,7 +60,7 @@ def position_of(store: EventStore, aggregate_id: UUID, version: int) -> int:
 
 
 def claim_on(store: EventStore, email: str) -> EmailClaim:
-    claim: object = store.repository.get(email_claim_id(email))
+    claim: object = store.repository.get(email_claim_id(email, KEY))
     assert isinstance(claim, EmailClaim)
     return claim
 
@@ -82,7 +84,7 @@ def test_register_records_the_patient_and_its_email_claim_in_one_save(service: P
     log = log_of(service.store)
     assert [(n.topic, n.originator_id) for n in log] == [
         ("domain.patients:Patient.Registered", written.patient_id),
-        ("domain.patients:EmailClaim.Created", email_claim_id(ada.email)),
+        ("domain.patients:EmailClaim.Created", email_claim_id(ada.email, KEY)),
     ]
     assert written.version == 1
     assert written.position == position_of(service.store, written.patient_id, 1)
@@ -202,9 +204,9 @@ def test_an_unknown_patient_is_not_found(service: PatientService):
 
 def test_an_email_claims_id_is_not_a_patient(service: PatientService):
     ada = service.register(details(email="ada@example.org"), REGISTERED)
-    assert ada.patient_id != email_claim_id("ada@example.org")
+    assert ada.patient_id != email_claim_id("ada@example.org", KEY)
     with pytest.raises(PatientNotFound):
-        service.get(email_claim_id("ada@example.org"))
+        service.get(email_claim_id("ada@example.org", KEY))
 
 
 @pytest.mark.parametrize(
@@ -271,7 +273,7 @@ class RacedWriter:
 def test_a_registration_that_loses_the_email_to_a_concurrent_writer_is_refused(
     service: PatientService,
 ):
-    rival = PatientService(service.store)
+    rival = PatientService(service.store, KEY)
     won: list[Written] = []
     raced = RacedWriter(
         service,
@@ -292,7 +294,7 @@ def test_a_change_raced_by_another_writer_is_decided_again_and_found_stale(
     service: PatientService,
 ):
     ada = service.register(details("Ada"), REGISTERED)
-    rival = PatientService(service.store)
+    rival = PatientService(service.store, KEY)
     raced = RacedWriter(
         service, lambda: rival.change(ada.patient_id, details("Rival's", email=ada.patient.email))
     )
@@ -308,7 +310,7 @@ def test_a_change_raced_without_an_expected_version_is_retried_and_applied(
     service: PatientService,
 ):
     ada = service.register(details("Ada"), REGISTERED)
-    rival = PatientService(service.store)
+    rival = PatientService(service.store, KEY)
     raced = RacedWriter(
         service, lambda: rival.change(ada.patient_id, details("Rival's", email=ada.patient.email))
     )
@@ -399,7 +401,7 @@ def test_any_command_sequence_keeps_one_current_patient_per_email_and_replays_ex
     steps: list[tuple[Any, ...]],
 ):
     store = EventStore.in_memory()
-    service = PatientService(store)
+    service = PatientService(store, KEY)
     model: dict[UUID, dict[str, Any]] = {}
     order: list[UUID] = []
     live: dict[UUID, Patient] = {}
