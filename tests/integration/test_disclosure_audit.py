@@ -25,6 +25,7 @@ from tests.integration.test_appointments import Model, book, clinician, monday, 
 from tests.integration.test_dlq import carelog
 from tests.integration.test_read_api import Directory
 from tests.support.patients import details
+from tests.support.stack import claim_key
 from tests.support.tokens import TestTokens
 
 pytestmark = pytest.mark.integration
@@ -318,7 +319,9 @@ async def test_get_audit_names_every_bad_parameter_and_is_for_admins_only(reads,
 def test_revealing_at_the_command_line_is_recorded_first_or_not_at_all(own_settings, own_store):
     from commands.service import PatientService
 
-    written = PatientService(own_store).register(details("Revealed Person"), date(2024, 1, 2))
+    written = PatientService(own_store, claim_key()).register(
+        details("Revealed Person"), date(2024, 1, 2)
+    )
     patient_id = str(written.patient_id)
     with audit_table_gone(own_settings):
         refused = carelog(own_settings, "history", "patient", patient_id, "--reveal")

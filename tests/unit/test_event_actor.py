@@ -29,7 +29,7 @@ def test_events_record_the_actor_they_were_decided_under_and_none_outside_one():
 
 def test_a_use_case_in_a_worker_thread_records_the_callers_actor():
     store = EventStore.in_memory()
-    service = PatientService(store)
+    service = PatientService(store, b"unit-test-claim-key-of-at-least-32-bytes")
     seen: list[str | None] = []
     with acting_as(Actor("user-8", "clinician")):
         # As anyio.to_thread.run_sync does: the worker runs in a copy of the context.
