@@ -21,6 +21,7 @@ from psycopg import sql
 from commands.store import EventStore
 from domain.patients import Patient
 from domain.scheduling import Appointment, Clinician
+from runtime.crypto import Keyring
 from runtime.settings import Settings
 
 log = structlog.get_logger("carelog.audit")
@@ -56,7 +57,7 @@ def print_history(settings: Settings, kind: str, ident: str, reveal: bool) -> in
             aggregate_id=str(aggregate_id),
             operation="carelog history --reveal",
         )
-    store = EventStore(settings.database_url, 1)
+    store = EventStore(settings.database_url, 1, keyring=Keyring.from_settings(settings))
     try:
         stored = store.recorder.select_events(aggregate_id)
         events: list[Any] = [store.mapper.to_domain_event(s) for s in stored]

@@ -56,6 +56,11 @@ fills in the local stack's addresses; production mode requires each of them.
 | | default: http://localhost and http://127.0.0.1 on ports 4004 (the gateway's own |
 | | pages), 3000, 5173 and 8080 (common front-end dev servers). `null` is refused; |
 | | `*` (any origin but `null`) only in development |
+| CARELOG_MASTER_KEY | 32 random bytes in base64 (`openssl rand -base64 32`): wraps every |
+| | patient's data key (runtime/crypto.py); every process that seals or opens personal data |
+| | refuses to start without it in production; losing it loses every |
+| | sealed field. Development default: .stack/secrets/master.key, else a fixed key that |
+| | protects nothing |
 | CARELOG_OTLP_ENDPOINT | base URL of an OTLP/HTTP collector (http://collector:4318) to which |
 | | each process exports its trace spans; unset: the standard OTEL_EXPORTER_OTLP_ENDPOINT; |
 | | neither: no tracing (see docs/observability.md) |
@@ -63,6 +68,8 @@ fills in the local stack's addresses; production mode requires each of them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -224,6 +231,7 @@ _NAMES = {
     "gateway_upstreams": "CARELOG_GATEWAY_UPSTREAMS",
     "cors_origins": "CARELOG_GATEWAY_CORS_ORIGINS",
     "otlp_endpoint": "CARELOG_OTLP_ENDPOINT",
+    "master_key": "CARELOG_MASTER_KEY",
 }
 _DEV_STACK = Path(__file__).resolve().parent.parent / ".stack"
 _SECRETS = _DEV_STACK / "secrets"
@@ -239,6 +247,8 @@ _DEV_DEFAULTS = {
     "CARELOG_KAFKA_BOOTSTRAP": "127.0.0.1:9092",
     "CARELOG_GATEWAY_DIR": str(_DEV_STACK / "gateway"),
     "CARELOG_GATEWAY_CORS_ORIGINS": " ".join(DEV_CORS_ORIGINS),
+    # Development only, and only until `make up` has generated .stack/secrets/master.key.
+    "CARELOG_MASTER_KEY": "ZGV2ZWxvcG1lbnQtb25seS1ub3QtYS1zZWNyZXQtISE=",
 }
 
 
@@ -298,8 +308,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Origins whose pages may call the API through the gateway; `*` in development only."""
     otlp_endpoint: str = ""
     """The OTLP/HTTP collector that receives trace spans; empty: spans are not recorded."""
+    master_key: str = ""
+    """Base64 of the 32-byte key that wraps every patient's data key (runtime.crypto)."""
 
     def __post_init__(self) -> None:
+        check_master_key(self.master_key)
         check_cors_origins(self.cors_origins, self.env)
         check_gateway_upstreams(self.gateway_upstreams)
         check_broker_access(self)
@@ -359,6 +372,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 f"{_NAMES['kafka_ca_file']}={settings.kafka_ca_file!r} is not a readable file"
             )
         return settings
+
+
+def check_master_key(value: str) -> None:
+    """SettingsError unless the master key is empty (not configured) or 32 bytes in base64."""
+    if not value:
+        return
+    try:
+        key = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise SettingsError(
+            f"{_NAMES['master_key']} must be 32 bytes in base64 (`openssl rand -base64 32`)"
+        )
 
 
 _ORIGIN = re.compile(
@@ -454,6 +481,9 @@ def _stack_credentials(secrets: Path | None) -> dict[str, str]:
     password = secret("redis.password")
     if password:
         defaults["CARELOG_REDIS_URL"] = _with_password(_DEV_DEFAULTS["CARELOG_REDIS_URL"], password)
+    master = secret("master.key")
+    if master:
+        defaults["CARELOG_MASTER_KEY"] = master
     user, password = secret("kafka.user"), secret("kafka.password")
     if user and password:
         defaults["CARELOG_KAFKA_SECURITY_PROTOCOL"] = "SASL_PLAINTEXT"

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import anyio
 import msgspec
 import psycopg_pool
 import structlog
@@ -22,19 +23,21 @@ from litestar.params import FromPath, Parameter
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
-from domain.errors import InvalidData, PatientNotFound
+from domain.errors import InvalidData, PatientErased, PatientNotFound
 from domain.roles import PATIENT_READERS
 from read_api import analytics, appointments, notifications, waiting
 from read_api.cache import GuardedCache, redis_client
 from read_api.queries import PatientQuery, build, decode_cursor, page_from_rows
 from read_api.waiting import await_position
 from readmodels.directory import (
+    ERASED_ENTRY,
     LIVE,
     DirectoryCache,
     Tables,
     get_record,
     records,
 )
+from runtime.crypto import Keyring
 from runtime.db import open_pool
 from runtime.http import (
     DOCS,
@@ -166,7 +169,15 @@ async def list_patients(
     tags=["patients"],
     guards=[requires(PATIENT_READERS)],
     responses=answers(PatientView, "The patient"),
-    opt={DOCS: Documented(problems={404: "No such patient (or the id is not a UUID)"}, etag=True)},
+    opt={
+        DOCS: Documented(
+            problems={
+                404: "No such patient (or the id is not a UUID)",
+                410: "The patient was erased",
+            },
+            etag=True,
+        )
+    },
 )
 async def get_patient(
     patient_id: FromPath[str],
@@ -184,6 +195,8 @@ async def get_patient(
         if cached is not None:
             CACHE.labels("patient", "hit").inc()
             version, body = cached
+            if body == ERASED_ENTRY:
+                raise PatientErased(patient_id)
             if not body:
                 raise PatientNotFound(patient_id)
             return Response(body, media_type="application/json", headers={"ETag": f'"{version}"'})
@@ -194,6 +207,8 @@ async def get_patient(
         raise PatientNotFound(patient_id)
     body = record.cache_entry()
     await cache.put_patient(str(pid), record.version, body)
+    if body == ERASED_ENTRY:
+        raise PatientErased(patient_id)
     if not body:
         raise PatientNotFound(patient_id)
     return Response(body, media_type="application/json", headers={"ETag": f'"{record.version}"'})
@@ -202,6 +217,7 @@ async def get_patient(
 PROBLEMS: Problems = {
     InvalidData: lambda exc: problem(400, "invalid request", errors=exc.errors),
     PatientNotFound: lambda exc: problem(404, "no such patient"),
+    PatientErased: lambda exc: problem(410, "the patient was erased"),
 }
 
 
@@ -234,15 +250,19 @@ def create_app(
             (
                 Directory(pool, cache, tables, settings.read_wait_seconds),
                 redis,
-                appointments.Appointments(pool, settings.read_wait_seconds),
+                appointments.Appointments(
+                    pool, settings.read_wait_seconds, keyring=Keyring.from_settings(settings)
+                ),
                 analytics.Analytics(pool, settings.read_wait_seconds, settings.practice_timezone),
             )
         )
 
     async def stop(app: Litestar) -> None:
-        for directory, redis, _, _ in opened:
+        for directory, redis, schedule, _ in opened:
             await redis.aclose()
             await directory.pool.close()
+            if schedule.keyring is not None:
+                await anyio.to_thread.run_sync(schedule.keyring.close)
 
     def directory() -> Directory:
         return opened[0][0]

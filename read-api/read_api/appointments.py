@@ -13,6 +13,7 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
+import anyio
 import msgspec
 import psycopg_pool
 from litestar import Request, Response, get
@@ -20,6 +21,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, Parameter
 
 from domain.errors import InvalidData
+from domain.privacy import is_sealed
 from domain.roles import REASON_READERS, SCHEDULE_READERS, Role
 from domain.scheduling import (
     DURATION_MAX,
@@ -33,6 +35,7 @@ from domain.scheduling import (
 )
 from read_api.waiting import await_position
 from readmodels import appointments as model
+from runtime.crypto import Keyring
 from runtime.http import DOCS, Documented, Problems, answers, problem
 from runtime.security import Claims, requires
 
@@ -46,6 +49,8 @@ class Appointments:
     pool: psycopg_pool.AsyncConnectionPool[Any]
     read_wait_seconds: float
     tables: model.Tables = model.LIVE
+    keyring: Keyring | None = None
+    """Opens the sealed reasons the model keeps (an erased patient's open to None)."""
 
 
 _encoder = msgspec.json.Encoder()
@@ -64,14 +69,27 @@ async def _own_clinician(source: Appointments, claims: Claims) -> UUID | None:
         return await model.clinician_of_user(conn, user, source.tables)
 
 
-def _shown(rows: list[model.AppointmentRow], claims: Claims, own: UUID | None) -> None:
-    """Withholds reasons the caller may not see (in place)."""
+async def _shown(
+    rows: list[model.AppointmentRow], claims: Claims, own: UUID | None, source: Appointments
+) -> None:
+    """Withholds reasons the caller may not see, and opens the others (in place)."""
     for row in rows:
         if claims.role not in REASON_READERS or (
             claims.role == Role.CLINICIAN and row.clinician_id != own
         ):
             row.reason = None
             row.cancellation_reason = None
+    sealed = [row for row in rows if is_sealed(row.reason)]
+    if sealed:
+        keyring = source.keyring
+        if keyring is None:
+            raise RuntimeError("sealed reasons, and no keyring to open them")
+
+        def opened() -> None:
+            for row in sealed:
+                row.reason = keyring.open(str(row.reason), "reason")
+
+        await anyio.to_thread.run_sync(opened)
 
 
 class AppointmentsPage(msgspec.Struct, kw_only=True):
@@ -162,7 +180,7 @@ async def list_appointments(
     )
     async with source.pool.connection() as conn:
         rows, following = await model.list_appointments(conn, query, source.tables)
-    _shown(rows, claims, own)
+    await _shown(rows, claims, own, source)
     body = {
         "appointments": rows,
         "next": model.encode_cursor(following) if following else None,
@@ -194,7 +212,7 @@ async def get_appointment(
     if row is None:
         raise AppointmentNotFound(appointment_id)
     claims: Claims = request.state.claims
-    _shown([row], claims, await _own_clinician(source, claims))
+    await _shown([row], claims, await _own_clinician(source, claims), source)
     return Response(
         _encoder.encode(row), media_type="application/json", headers={"ETag": f'"{row.version}"'}
     )
