@@ -246,13 +246,13 @@ def create_app(
             failures=settings.cache_breaker_failures,
             reset_seconds=settings.cache_breaker_reset_seconds,
         )
+        keyring = Keyring.from_settings(settings)
+        keyring.listen()  # an erasure elsewhere drops the key here too
         opened.append(
             (
                 Directory(pool, cache, tables, settings.read_wait_seconds),
                 redis,
-                appointments.Appointments(
-                    pool, settings.read_wait_seconds, keyring=Keyring.from_settings(settings)
-                ),
+                appointments.Appointments(pool, settings.read_wait_seconds, keyring=keyring),
                 analytics.Analytics(pool, settings.read_wait_seconds, settings.practice_timezone),
             )
         )

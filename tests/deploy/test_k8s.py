@@ -28,6 +28,7 @@ SECRETS = (
     "carelog-kafka",
     "carelog-auth-keys",
     "carelog-smtp",
+    "carelog-master-key",
 )
 """The Secrets created beside the manifests (docs/deploy.md), never committed."""
 
