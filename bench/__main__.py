@@ -220,6 +220,7 @@ async def run_all() -> str:
     sections = [await patients(settings)]
     for name in (
         "bench.writes",
+        "bench.sealing",
         "bench.appointments",
         "bench.notifications",
         "bench.rebuild",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from copy import deepcopy
 from datetime import date
 from typing import Any
@@ -38,8 +38,10 @@ import structlog
 from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
 from eventsourcing.domain import Aggregate, DomainEventProtocol, Snapshot
 from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent, Transcoding
+from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import get_topic
 
+from domain.patients import Patient
 from domain.privacy import SNAPSHOTS, STORED, Personal
 from runtime.crypto import Keyring
 
@@ -95,6 +97,7 @@ def postgres_env(database_url: str, pool_size: int = 10, cache_size: int = 0) ->
         "POSTGRES_PRE_PING": "n",
         "CREATE_TABLE": "n",  # the migrations create the store
         "IS_SNAPSHOTTING_ENABLED": "y",
+        "APPLICATION_RECORDER_TOPIC": "commands.store:KeyedRecorder",
         **(
             {"AGGREGATE_CACHE_MAXSIZE": str(cache_size), "AGGREGATE_CACHE_FASTFORWARD": "n"}
             if cache_size
@@ -114,6 +117,36 @@ def _personal(domain_event: object) -> tuple[Personal, dict[str, Any]] | None:
         return None if personal is None else (personal, domain_event.state)
     personal = STORED.get(get_topic(type(domain_event)))
     return None if personal is None else (personal, vars(domain_event))
+
+
+def _new_subjects(objs: Iterable[Any]) -> Iterator[UUID]:
+    """The patients whose first event is among `objs` (events or aggregates): their keys
+    are new."""
+    for obj in objs:
+        for domain_event in getattr(obj, "pending_events", None) or [obj]:
+            if (
+                isinstance(domain_event, Patient.Registered)
+                and domain_event.originator_version == 1
+            ):
+                yield domain_event.originator_id
+
+
+class KeyedRecorder(PostgresApplicationRecorder):
+    """The store's recorder: also inserts new subjects' data keys, in the events'
+    transaction (a conflict fails the save, as a conflicting event would)."""
+
+    def _insert_events(
+        self,
+        curs: Any,
+        stored_events: Any,
+        subject_keys: Sequence[tuple[UUID, bytes]] = (),
+        **kwargs: Any,
+    ) -> None:
+        super()._insert_events(curs, stored_events, **kwargs)
+        if subject_keys:
+            curs.executemany(
+                "INSERT INTO subject_keys (subject_id, wrapped) VALUES (%s, %s)", subject_keys
+            )
 
 
 class SealingMapper(Mapper[UUID]):
@@ -172,6 +205,7 @@ class EventStore(Application[Any]):
         keyring: Keyring | None = None,
     ):
         self.keyring = keyring
+        self.keys_with_events = True
         super().__init__(env=postgres_env(database_url, pool_size, cache_size))
 
     @classmethod
@@ -183,6 +217,7 @@ class EventStore(Application[Any]):
         """
         store = cls.__new__(cls)
         store.keyring = keyring
+        store.keys_with_events = False  # no table to insert them in: made on first seal
         Application.__init__(store, env=MEMORY_ENV)
         return store
 
@@ -190,6 +225,19 @@ class EventStore(Application[Any]):
         if self.keyring is None:
             return super().construct_mapper()
         return SealingMapper(self.construct_transcoder(), self.keyring)
+
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        """Saves; new patients' data keys are stored in the same transaction as their first
+        events (no round trip of their own)."""
+        if self.keyring is None or not self.keys_with_events:
+            return super().save(*objs, **kwargs)
+        minted = self.keyring.mint(_new_subjects(objs))
+        try:
+            return super().save(*objs, subject_keys=minted, **kwargs)
+        except BaseException:
+            for subject, _ in minted:
+                self.keyring.forget(subject)
+            raise
 
     @property
     def sealed_mapper(self) -> Mapper[UUID]:

@@ -23,6 +23,7 @@ import binascii
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
@@ -169,6 +170,19 @@ class Keyring:
         self._remember(subject, key)
         return key
 
+    def mint(self, subjects: Iterable[UUID]) -> list[tuple[UUID, bytes]]:
+        """New data keys for new subjects (patients being registered), held in memory at
+        once: (subject, wrapped key) rows that the caller stores in the same transaction
+        as the first sealed values, or `forget`s if that transaction fails."""
+        rows = []
+        for subject in dict.fromkeys(subjects):
+            if self._cached(subject)[0]:
+                continue
+            key = AESGCM.generate_key(256)
+            self._remember(subject, AESGCM(key))
+            rows.append((subject, self._wrap(subject, key)))
+        return rows
+
     def erased(self, subject: UUID) -> bool:
         """Whether the subject's key has been destroyed."""
         known, key = self._cached(subject)
@@ -224,10 +238,19 @@ class Keyring:
 
     def seal_fields(self, personal: Personal, subject: UUID, state: dict[str, Any]) -> None:
         """Seals `personal`'s fields of `state` in place (values already sealed stay)."""
-        for field in personal.fields:
-            value = state.get(field)
-            if value is not None and not is_sealed(value):
-                state[field] = self.seal(subject, field, value)
+        fields = [
+            f for f in personal.fields if state.get(f) is not None and not is_sealed(state[f])
+        ]
+        if not fields:
+            return
+        key = self._key(subject, create=True)
+        if key is None:
+            raise SubjectErased(subject)
+        prefix, aad = f"{SEALED_PREFIX}{subject}:", subject.bytes
+        for field in fields:
+            nonce = os.urandom(_NONCE)
+            sealed = key.encrypt(nonce, as_text(state[field]).encode(), aad + field.encode())
+            state[field] = prefix + base64.b64encode(nonce + sealed).decode()
 
     def open_fields(self, personal: Personal, state: dict[str, Any]) -> bool:
         """Opens `personal`'s fields of `state` in place; False if the subject is erased
