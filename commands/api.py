@@ -278,7 +278,12 @@ def _preferences(body: dict[str, Any]) -> bool:
     opt={
         BODY_ERRORS: every_error(PreferencesInput, _preferences),
         DOCS: Documented(
-            problems={404: _WRITE[404], 409: "A concurrent change won", 412: _WRITE[412]},
+            problems={
+                404: _WRITE[404],
+                409: "A concurrent change won",
+                410: _WRITE[410],
+                412: _WRITE[412],
+            },
             if_match=True,
             etag=True,
             position=True,
