@@ -222,6 +222,7 @@ async def run_all() -> str:
     for name in (
         "bench.writes",
         "bench.audit",
+        "bench.sealing",
         "bench.appointments",
         "bench.notifications",
         "bench.rebuild",

@@ -31,6 +31,7 @@ from billing_grpc.store import SCHEMA
 from domain import contracts
 from domain.billing import BILLING_STREAM
 from runtime.consumers import subscribe
+from runtime.crypto import Keyring
 from runtime.db import open_pool
 from runtime.http import HealthServer, serve_health
 from runtime.kafka import ensure_topics, kafka_broker, reliable_producer, wait_for_kafka
@@ -53,6 +54,7 @@ class Running:
     producer: Any
     pool: Any
     verifier: TokenVerifier
+    keyring: Keyring | None = None
 
     async def stop(self) -> None:
         self.server.close()
@@ -64,6 +66,8 @@ class Running:
         await self.producer.stop()
         await self.http.stop()
         await self.pool.close()
+        if self.keyring is not None:
+            self.keyring.close()
 
 
 async def start(
@@ -92,7 +96,9 @@ async def start(
     relay = Publisher(source, producer)
 
     broker = kafka_broker(settings, group)
-    subscribe(broker, patient_topic, PatientEventsWorker(billing, broker, dlq), group)
+    keyring = Keyring.from_settings(settings)
+    keyring.listen()
+    subscribe(broker, patient_topic, PatientEventsWorker(billing, broker, dlq), group, keyring)
 
     async def database() -> None:
         async with pool.connection() as conn:
@@ -132,7 +138,7 @@ async def start(
         publishes=billing_topic,
         schema=SCHEMA,
     )
-    return Running(server, broker, relay, relay_task, http, producer, pool, verifier)
+    return Running(server, broker, relay, relay_task, http, producer, pool, verifier, keyring)
 
 
 async def run(settings: Settings, config: BillingConfig) -> None:

@@ -287,10 +287,11 @@ def projections(args: argparse.Namespace) -> int:
     from bootstrap import rebuild
     from bootstrap.progress import events_progress
     from commands.store import EventStore
+    from runtime.crypto import Keyring
 
     settings = _settings("projections")
     _require_migrated(settings, "projections")
-    store = EventStore(settings.database_url, 2)
+    store = EventStore(settings.database_url, 2, keyring=Keyring.from_settings(settings))
     try:
         if args.action == "list":
             rows = asyncio.run(rebuild.status(settings, store))

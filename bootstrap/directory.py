@@ -36,6 +36,7 @@ from projections.worker import GROUP, DirectoryWorker
 from readmodels.directory import LIVE, DirectoryCache, Tables
 from runtime.cache import redis_for
 from runtime.consumers import EventBatchWorker, subscribe
+from runtime.crypto import Keyring
 from runtime.db import open_pool
 from runtime.http import Check, broker_check, database_check, serve_health
 from runtime.kafka import ensure_topics, kafka_broker, wait_for_kafka
@@ -130,7 +131,9 @@ async def _run(
     await ensure_topics(settings, [dlq], partitions=1)
     pool = await open_pool(settings.database_url, min_size=1, max_size=4)
     broker = kafka_broker(settings, group)
-    subscribe(broker, topics, await build(pool, broker, dlq), group)
+    keyring = Keyring.from_settings(settings)
+    keyring.listen()
+    subscribe(broker, topics, await build(pool, broker, dlq), group, keyring)
 
     database, kafka = database_check(pool), broker_check(broker)
     checks: dict[str, Check] = {"database": database, "kafka": kafka}
@@ -149,3 +152,4 @@ async def _run(
     await server.stop()
     await broker.stop()
     await pool.close()
+    await anyio.to_thread.run_sync(keyring.close)

@@ -22,6 +22,7 @@ from commands.store import EventStore
 from domain.patients import Patient
 from domain.scheduling import Appointment, Clinician
 from runtime import audit
+from runtime.crypto import Keyring
 from runtime.settings import Settings
 
 log = structlog.get_logger("carelog.audit")
@@ -73,7 +74,7 @@ def print_history(settings: Settings, kind: str, ident: str, reveal: bool) -> in
     except ValueError:
         print(f"carelog history: {ident!r} is not an id", file=sys.stderr)
         return 2
-    store = EventStore(settings.database_url, 1)
+    store = EventStore(settings.database_url, 1, keyring=Keyring.from_settings(settings))
     try:
         stored = store.recorder.select_events(aggregate_id)
         events: list[Any] = [store.mapper.to_domain_event(s) for s in stored]

@@ -15,6 +15,7 @@ from notifications.config import NotifierConfig
 from notifications.intake import GROUP, IntakeWorker
 from notifications.sender import Sender, plan_reminders
 from runtime.consumers import subscribe
+from runtime.crypto import Keyring
 from runtime.db import open_pool
 from runtime.http import broker_check, database_check, serve_health
 from runtime.kafka import ensure_topics, kafka_broker, wait_for_kafka
@@ -38,7 +39,9 @@ async def run(settings: Settings, config: NotifierConfig) -> None:
     pool = await open_pool(settings.database_url, min_size=1, max_size=4)
     broker = kafka_broker(settings, group)
     intake = IntakeWorker(pool, broker, dlq, timedelta(hours=config.max_age_hours))
-    subscribe(broker, topics, intake, group)
+    keyring = Keyring.from_settings(settings)
+    keyring.listen()
+    subscribe(broker, topics, intake, group, keyring)
     sender = Sender(pool, config, settings.practice_timezone)
     stopping = asyncio.Event()
 
@@ -68,3 +71,4 @@ async def run(settings: Settings, config: NotifierConfig) -> None:
     await asyncio.gather(*tasks)
     await sender.close()
     await pool.close()
+    keyring.close()

@@ -59,6 +59,7 @@ from readmodels.swaps import swapping
 from readmodels.tracking import suffixed
 from runtime.cache import redis_for
 from runtime.consumers import UnappliableEvent
+from runtime.crypto import open_payload
 from runtime.kafka import end_offsets
 from runtime.settings import Settings
 
@@ -98,6 +99,8 @@ class Model:
     """Tables filled from another source than the event store (swapped and compared too)."""
     side: Callable[[psycopg.AsyncConnection[Any], str], Awaitable[None]] | None = None
     """Refills the side tables of a copy (suffix) from their source, inside the swap."""
+    opens_sealed: bool = True
+    """Whether its projection reads personal fields opened (as its consumer does)."""
 
     @property
     def version(self) -> str:
@@ -150,6 +153,7 @@ MODELS: dict[str, Model] = {
         name="appointments",
         streams=(contracts.APPOINTMENT_STREAM,),
         dead_letters=contracts.APPOINTMENT_STREAM,
+        opens_sealed=False,
         tables=(
             appointments_model.LIVE.appointments,
             appointments_model.LIVE.clinicians,
@@ -295,11 +299,16 @@ class Log:
         )
         batch = []
         for notification in notifications:
+            # As the relay publishes it (sealed), then opened as a consumer opens it: an
+            # erased patient's fields stay unreadable in the rebuilt model too.
             envelope = contracts.envelope_for(
-                self.store.mapper.to_domain_event(notification), notification.id
+                self.store.sealed_mapper.to_domain_event(notification), notification.id
             )
             if envelope is not None:
-                batch.append((envelope, envelope.data))
+                data = envelope.data
+                if self.model.opens_sealed:
+                    data = open_payload(self.store.keyring, data)
+                batch.append((envelope, data))
         return batch, (notifications[-1].id if notifications else after)
 
     def count(self, conn: psycopg.Connection[Any], after: int, upto: int | None = None) -> int:

@@ -30,9 +30,18 @@ from commands.idempotency import IdempotencyKeys, KeyReused
 from commands.scheduling import SchedulingService
 from commands.service import PatientService, Written, today
 from commands.store import CACHE_SIZE, EventStore
-from domain.errors import EmailTaken, InvalidData, PatientNotFound, StaleVersion
-from domain.patients import ADDRESS_MAX, EMAIL_MAX, NAME_MAX, parse_change, parse_registration
-from domain.roles import PATIENT_WRITERS
+from domain.errors import EmailTaken, InvalidData, PatientErased, PatientNotFound, StaleVersion
+from domain.patients import (
+    ADDRESS_MAX,
+    EMAIL_MAX,
+    ERASE_REASON_MAX,
+    NAME_MAX,
+    parse_change,
+    parse_erasure,
+    parse_registration,
+)
+from domain.roles import PATIENT_ERASERS, PATIENT_WRITERS
+from runtime.crypto import Keyring, SubjectErased
 from runtime.http import (
     BODY_ERRORS,
     DOCS,
@@ -99,6 +108,7 @@ class PreferencesOut(msgspec.Struct, kw_only=True):
 
 _WRITE = {
     404: "No such patient (or the id is not a UUID)",
+    410: "The patient was erased",
     409: "The email is in use by another patient, or a concurrent change won",
     412: "If-Match names a version that is no longer the patient's (ETag: the current one)",
 }
@@ -276,7 +286,12 @@ def _preferences(body: dict[str, Any]) -> bool:
     opt={
         BODY_ERRORS: every_error(PreferencesInput, _preferences),
         DOCS: Documented(
-            problems={404: _WRITE[404], 409: "A concurrent change won", 412: _WRITE[412]},
+            problems={
+                404: _WRITE[404],
+                409: "A concurrent change won",
+                410: _WRITE[410],
+                412: _WRITE[412],
+            },
             if_match=True,
             etag=True,
             position=True,
@@ -320,6 +335,61 @@ def once(
     return keys.reserve(operation, actor, key, idempotency.body_hash(msgspec.json.encode(data)))
 
 
+class ErasureInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Why the patient is erased: a request reference, never personal data (it is kept)."""
+
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=ERASE_REASON_MAX)]
+
+
+class ErasureOut(msgspec.Struct, kw_only=True):
+    """The erasure as recorded: the patient's new version and the event's position."""
+
+    id: UUID
+    erased: bool
+    version: int
+    position: int | None
+
+
+@post(
+    "/patients/{patient_id:str}/erase",
+    summary="Erase a patient (destroys their data key)",
+    description=(
+        "Destroys the patient's data key: every copy of their personal fields (event store,"
+        " snapshots, Kafka, read models) becomes unreadable for good, and reads of the patient"
+        " answer 410. The history (ids, event types, times) stays. `reason` is kept in the"
+        " erasure's event: give a request reference, never personal data."
+    ),
+    tags=["patients"],
+    status_code=200,
+    guards=[requires(PATIENT_ERASERS)],
+    opt={
+        BODY_ERRORS: every_error(ErasureInput, lambda b: parse_erasure(reason=b.get("reason"))),
+        DOCS: Documented(
+            problems={404: _WRITE[404], 409: "A concurrent change won", 410: _WRITE[410]},
+            etag=True,
+            position=True,
+        ),
+    },
+)
+async def erase_patient(
+    patient_id: FromPath[str],
+    data: JSONBody[ErasureInput],
+    request: Request[Any, Any, Any],
+    service: NamedDependency[PatientService],
+) -> Response[ErasureOut]:
+    correlation_id = correlation_of(request.scope)
+    pid = _patient_id(patient_id)
+    reason = parse_erasure(reason=data.reason)
+    erased_by = request.state.claims.subject
+    written = await anyio.to_thread.run_sync(
+        lambda: service.erase(pid, reason, erased_by, correlation_id)
+    )
+    COMMANDS.labels("ErasePatient", "ok").inc()
+    log.info("patient erased", patient_id=str(pid), position=written.position)
+    body = ErasureOut(id=pid, erased=True, version=written.version, position=written.position)
+    return Response(body, headers=_headers(written))
+
+
 def _counted(outcome: str, make: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def convert(exc: Any) -> Any:
         COMMANDS.labels("any", outcome).inc()
@@ -333,6 +403,8 @@ PROBLEMS: Problems = {
         "invalid", lambda exc: problem(400, "invalid request", errors=exc.errors)
     ),
     PatientNotFound: lambda exc: problem(404, "no such patient"),
+    PatientErased: lambda exc: problem(410, "the patient was erased"),
+    SubjectErased: lambda exc: problem(410, "the patient was erased"),
     EmailTaken: _counted(
         "conflict",
         lambda exc: problem(409, "email already registered", errors={"email": "is already in use"}),
@@ -376,8 +448,10 @@ def create_app(
         claim_key = settings.claim_secret()
         event_store = store
         if event_store is None:
+            keyring = Keyring.from_settings(settings)
+            keyring.listen()
             event_store = await anyio.to_thread.run_sync(
-                lambda: EventStore(settings.database_url, cache_size=CACHE_SIZE)
+                lambda: EventStore(settings.database_url, cache_size=CACHE_SIZE, keyring=keyring)
             )
         patients = PatientService(event_store, claim_key)
         # One group-commit queue for every write, so concurrent commands share commits.
@@ -387,6 +461,8 @@ def create_app(
     async def stop(app: Litestar) -> None:
         if store is None and built:
             await anyio.to_thread.run_sync(built[0][0].store.close)
+            if built[0][0].store.keyring is not None:
+                await anyio.to_thread.run_sync(built[0][0].store.keyring.close)
 
     def patient_service() -> PatientService:
         return built[0][0]
@@ -407,6 +483,7 @@ def create_app(
             change_patient,
             remove_patient,
             set_preferences,
+            erase_patient,
             *scheduling_api.ROUTES,
         ],
         title="commands",

@@ -77,7 +77,8 @@ class EventStoreLog:
         )
         events = []
         for notification in notifications:
-            event = self.store.mapper.to_domain_event(notification)
+            # Personal fields stay sealed: Kafka's copies are erased with the patient's key.
+            event = self.store.sealed_mapper.to_domain_event(notification)
             envelope = envelope_for(event, notification.id)
             if envelope is None:
                 continue  # an internal event, such as an email claim

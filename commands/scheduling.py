@@ -276,7 +276,7 @@ class SchedulingService:
             patient = self._get(patient_id, Patient, PatientNotFound, current=True)
         except PatientNotFound:
             raise InvalidData({"patientId": "no such patient"}) from None
-        if patient.removed:
+        if patient.removed or patient.erased:
             raise PatientRemoved(str(patient_id))
 
     def _get(

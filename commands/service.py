@@ -14,7 +14,7 @@ from eventsourcing.persistence import IntegrityError, PersistenceError
 
 from commands.group_commit import GroupCommit
 from commands.store import EventStore, fresh
-from domain.errors import EmailTaken, PatientNotFound, StaleVersion
+from domain.errors import EmailTaken, PatientErased, PatientNotFound, StaleVersion
 from domain.events import correlated
 from domain.patients import EmailClaim, Patient, PatientDetails, email_claim_id
 
@@ -67,7 +67,7 @@ class PatientService:
         def attempt() -> Written:
             nonlocal tries
             tries += 1
-            if patient_id is not None and (stored := self._stored(patient_id)) is not None:
+            if patient_id is not None and (stored := self._already_saved(patient_id)) is not None:
                 return stored
             if tries > 1:
                 landed = self._landed(details.email, attempted)
@@ -156,6 +156,30 @@ class PatientService:
 
         return retrying(attempt, None, self.store.caches)
 
+    def erase(
+        self, patient_id: UUID, reason: str, erased_by: str, correlation_id: str | None = None
+    ) -> Written:
+        """Erases a patient (removed or not): destroys their data key, then records who
+        erased them and why. PatientErased if they already are.
+
+        The key goes first: once it is gone the erasure holds, in every copy, even if the
+        event is never saved (a retry then saves it). The email is freed as on removal.
+        """
+
+        def attempt() -> Written:
+            patient = self._stored(patient_id)
+            claim = None
+            if not patient.removed and patient.email is not None:
+                claim = self._existing_claim(patient.email)
+                if claim is not None:
+                    claim.release(patient.id)
+            patient.erase(reason, erased_by)
+            if self.store.keyring is not None:
+                self.store.keyring.destroy(patient.id)
+            return self._save(patient, claim)
+
+        return retrying(attempt, correlation_id, self.store.caches)
+
     def _landed(self, email: str, attempted: set[UUID]) -> Written | None:
         """The patient an earlier attempt of this registration stored, if one did.
 
@@ -169,15 +193,15 @@ class PatientService:
         stored = self.get(claim.holder)
         return Written(stored.id, stored.version, None, stored)
 
-    def _stored(self, patient_id: UUID) -> Written | None:
+    def _already_saved(self, patient_id: UUID) -> Written | None:
         """The patient stored under `patient_id`, as a registration answers it; None if
-        there is none yet; PatientNotFound if it has been removed since."""
+        there is none yet; PatientNotFound if it has been removed since, PatientErased if
+        erased."""
         try:
-            stored: object = self.store.load(patient_id)
+            self.store.load(patient_id)
         except AggregateNotFoundError:
             return None
-        if not isinstance(stored, Patient) or stored.removed:
-            raise PatientNotFound(str(patient_id))
+        stored = self.get(patient_id)
         position = self.store.position_of(stored.id, stored.version)
         return Written(stored.id, stored.version, position, stored)
 
@@ -188,13 +212,23 @@ class PatientService:
         return patient
 
     def get(self, patient_id: UUID) -> Patient:
-        """The current patient; PatientNotFound if unknown or removed."""
+        """The current patient; PatientNotFound if unknown or removed, PatientErased if
+        erased."""
+        patient = self._stored(patient_id)
+        if patient.removed:
+            raise PatientNotFound(str(patient_id))
+        return patient
+
+    def _stored(self, patient_id: UUID) -> Patient:
+        """The patient, removed or not; PatientNotFound if unknown, PatientErased if erased."""
         try:
             patient: object = self.store.load(patient_id)
         except AggregateNotFoundError:
             raise PatientNotFound(str(patient_id)) from None
-        if not isinstance(patient, Patient) or patient.removed:
+        if not isinstance(patient, Patient):
             raise PatientNotFound(str(patient_id))
+        if patient.erased:
+            raise PatientErased(str(patient_id))
         return patient
 
     def claim_id(self, email: str) -> UUID:

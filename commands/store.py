@@ -13,6 +13,11 @@ says so: the store's version check refuses it (IntegrityError). The retry then r
 save, is loaded `current=True`: brought up to date from the store with the events
 after its cached version (one indexed query that usually returns nothing).
 
+Personal fields (`domain.privacy`) are sealed with their patient's data key on the way
+into the store and its snapshots, and opened on the way out (`SealingMapper`): the
+aggregates hold them in the clear, the tables never do. The relay reads through
+`sealed_mapper`, which leaves them sealed, so Kafka carries them sealed too.
+
 Reading an aggregate that is not cached replays its events after its newest
 snapshot: one is taken every SNAPSHOT_INTERVAL versions, so the cost of a read does
 not grow with history.
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from copy import deepcopy
 from datetime import date
 from typing import Any
@@ -31,8 +36,14 @@ from uuid import UUID
 
 import structlog
 from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
-from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import JSONTranscoder, Transcoding
+from eventsourcing.domain import Aggregate, DomainEventProtocol, Snapshot
+from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent, Transcoding
+from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.utils import get_topic
+
+from domain.patients import Patient
+from domain.privacy import SNAPSHOTS, STORED, Personal
+from runtime.crypto import Keyring
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +97,7 @@ def postgres_env(database_url: str, pool_size: int = 10, cache_size: int = 0) ->
         "POSTGRES_PRE_PING": "n",
         "CREATE_TABLE": "n",  # the migrations create the store
         "IS_SNAPSHOTTING_ENABLED": "y",
+        "APPLICATION_RECORDER_TOPIC": "commands.store:KeyedRecorder",
         **(
             {"AGGREGATE_CACHE_MAXSIZE": str(cache_size), "AGGREGATE_CACHE_FASTFORWARD": "n"}
             if cache_size
@@ -98,24 +110,141 @@ MEMORY_ENV = {"PERSISTENCE_MODULE": "eventsourcing.popo", "IS_SNAPSHOTTING_ENABL
 """The `eventsourcing` settings of a store held in this process's memory (for tests)."""
 
 
+def _personal(domain_event: object) -> tuple[Personal, dict[str, Any]] | None:
+    """The personal fields of an event (or snapshot) and the dict that holds them."""
+    if isinstance(domain_event, Snapshot):
+        personal = SNAPSHOTS.get(domain_event.topic)
+        return None if personal is None else (personal, domain_event.state)
+    personal = STORED.get(get_topic(type(domain_event)))
+    return None if personal is None else (personal, vars(domain_event))
+
+
+def _new_subjects(objs: Iterable[Any]) -> Iterator[UUID]:
+    """The patients whose first event is among `objs` (events or aggregates): their keys
+    are new."""
+    for obj in objs:
+        for domain_event in getattr(obj, "pending_events", None) or [obj]:
+            if (
+                isinstance(domain_event, Patient.Registered)
+                and domain_event.originator_version == 1
+            ):
+                yield domain_event.originator_id
+
+
+class KeyedRecorder(PostgresApplicationRecorder):
+    """The store's recorder: also inserts new subjects' data keys, in the events'
+    transaction (a conflict fails the save, as a conflicting event would)."""
+
+    def _insert_events(
+        self,
+        curs: Any,
+        stored_events: Any,
+        subject_keys: Sequence[tuple[UUID, bytes]] = (),
+        **kwargs: Any,
+    ) -> None:
+        super()._insert_events(curs, stored_events, **kwargs)
+        if subject_keys:
+            curs.executemany(
+                "INSERT INTO subject_keys (subject_id, wrapped) VALUES (%s, %s)", subject_keys
+            )
+
+
+class SealingMapper(Mapper[UUID]):
+    """Seals personal fields as events and snapshots are stored; opens them as they are
+    read (unless `opens` is False: the relay publishes them sealed).
+
+    A field of an erased patient opens to None: the aggregate keeps its history (ids,
+    types, times) and nothing personal.
+    """
+
+    def __init__(self, transcoder: Any, keyring: Keyring, opens: bool = True):
+        super().__init__(transcoder=transcoder)
+        self.keyring = keyring
+        self.opens = opens
+
+    def to_stored_event(self, domain_event: DomainEventProtocol[UUID]) -> StoredEvent:
+        found = _personal(domain_event)
+        if found is None:
+            return super().to_stored_event(domain_event)
+        personal, state = found
+        state = dict(state)
+        subject = personal.subject_of(domain_event.originator_id, state)
+        if subject is not None:
+            self.keyring.seal_fields(personal, subject, state)
+        copy = object.__new__(type(domain_event))
+        if isinstance(domain_event, Snapshot):
+            object.__setattr__(copy, "__dict__", {**vars(domain_event), "state": state})
+        else:
+            object.__setattr__(copy, "__dict__", state)
+        return super().to_stored_event(copy)
+
+    def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[UUID]:
+        domain_event = super().to_domain_event(stored_event)
+        if self.opens:
+            found = _personal(domain_event)
+            if found is not None:
+                self.keyring.open_fields(*found)
+        return domain_event
+
+
 class EventStore(Application[Any]):
-    """All of carelog's aggregates; its table is `carelog_events`."""
+    """All of carelog's aggregates; its table is `carelog_events`.
+
+    With a `keyring`, personal fields are stored sealed (see SealingMapper); without one
+    (the in-memory store of unit tests, and a benchmark's baseline) they are stored as
+    they are.
+    """
 
     name = "carelog"
 
-    def __init__(self, database_url: str, pool_size: int = 10, cache_size: int = 0):
+    def __init__(
+        self,
+        database_url: str,
+        pool_size: int = 10,
+        cache_size: int = 0,
+        keyring: Keyring | None = None,
+    ):
+        self.keyring = keyring
+        self.keys_with_events = True
         super().__init__(env=postgres_env(database_url, pool_size, cache_size))
 
     @classmethod
-    def in_memory(cls) -> EventStore:
+    def in_memory(cls, keyring: Keyring | None = None) -> EventStore:
         """An empty store in this process's memory: nothing is shared, nothing outlives it.
 
         Its positions (notification ids) count 1, 2, 3, ... with no gaps, where PostgreSQL's
         may skip numbers; it has no table, so nothing that reads SQL can use it.
         """
         store = cls.__new__(cls)
+        store.keyring = keyring
+        store.keys_with_events = False  # no table to insert them in: made on first seal
         Application.__init__(store, env=MEMORY_ENV)
         return store
+
+    def construct_mapper(self) -> Mapper[UUID]:
+        if self.keyring is None:
+            return super().construct_mapper()
+        return SealingMapper(self.construct_transcoder(), self.keyring)
+
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        """Saves; new patients' data keys are stored in the same transaction as their first
+        events (no round trip of their own)."""
+        if self.keyring is None or not self.keys_with_events:
+            return super().save(*objs, **kwargs)
+        minted = self.keyring.mint(_new_subjects(objs))
+        try:
+            return super().save(*objs, subject_keys=minted, **kwargs)
+        except BaseException:
+            for subject, _ in minted:
+                self.keyring.forget(subject)
+            raise
+
+    @property
+    def sealed_mapper(self) -> Mapper[UUID]:
+        """Reads stored events with their personal fields still sealed (for publishing)."""
+        if self.keyring is None:
+            return self.mapper
+        return Mapper(transcoder=self.mapper.transcoder)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)

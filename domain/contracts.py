@@ -11,12 +11,13 @@ import builtins
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 from uuid import UUID, uuid5
 
 import msgspec
 
 from domain.patients import Patient, split_name
+from domain.privacy import APPOINTMENT_REASON, PATIENT_DETAILS, Personal
 from domain.scheduling import Appointment, Clinician
 
 T = TypeVar("T")
@@ -92,6 +93,49 @@ class PatientDetailsChangedV1(msgspec.Struct, rename="camel", kw_only=True, froz
     date_of_birth: date
 
 
+Sealed = Annotated[
+    str,
+    msgspec.Meta(
+        description="A personal field sealed with its patient's data key"
+        " (sealed:v1:<patient id>:<base64 nonce and AES-GCM ciphertext>); erasing the patient"
+        " makes it unreadable for good. An event stored before sealing began carries the"
+        " value in the clear (its ISO form for a date)",
+        examples=["sealed:v1:0b6f2a8e-6a4e-4f7e-9a53-2b1f6c0d9e11:bm9uY2UuLi5jaXBoZXJ0ZXh0"],
+    ),
+]
+
+
+class PatientRegisteredV3(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    """Version 3: version 2's fields, the personal ones sealed (see `Sealed`)."""
+
+    name: Sealed
+    given_name: Sealed
+    family_name: Sealed
+    email: Sealed
+    address: Sealed
+    date_of_birth: Sealed
+    registered_date: date
+
+
+class PatientDetailsChangedV2(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    """Version 2: version 1's fields, sealed."""
+
+    name: Sealed
+    email: Sealed
+    address: Sealed
+    date_of_birth: Sealed
+
+
+class PatientErasedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    """The patient's data key is destroyed: every sealed field of theirs is unreadable.
+    Readers delete or blank whatever personal data of theirs they hold."""
+
+    reason: str
+    """Why, as the operator gave it (e.g. a request reference); never personal data."""
+    erased_by: str
+    """The user who erased the patient."""
+
+
 class PatientRemovedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
     pass
 
@@ -135,6 +179,16 @@ class AppointmentBookedV1(msgspec.Struct, rename="camel", kw_only=True, frozen=T
     start: datetime
     duration_minutes: int
     reason: str
+
+
+class AppointmentBookedV2(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    """Version 2: the reason sealed with the patient's data key."""
+
+    patient_id: UUID
+    clinician_id: UUID
+    start: datetime
+    duration_minutes: int
+    reason: Sealed
 
 
 class AppointmentRescheduledV1(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
@@ -187,10 +241,13 @@ PATIENT_STREAM = "patient.events"
 
 CONTRACTS: dict[type, Contract] = {
     Patient.Registered: Contract(
-        "PatientRegistered", 2, PatientRegisteredV2, "Patient", PATIENT_STREAM
+        "PatientRegistered", 3, PatientRegisteredV3, "Patient", PATIENT_STREAM
     ),
     Patient.DetailsChanged: Contract(  # type: ignore[attr-defined]
-        "PatientDetailsChanged", 1, PatientDetailsChangedV1, "Patient", PATIENT_STREAM
+        "PatientDetailsChanged", 2, PatientDetailsChangedV2, "Patient", PATIENT_STREAM
+    ),
+    Patient.Erased: Contract(  # type: ignore[attr-defined]
+        "PatientErased", 1, PatientErasedV1, "Patient", PATIENT_STREAM
     ),
     Patient.Removed: Contract(  # type: ignore[attr-defined]
         "PatientRemoved", 1, PatientRemovedV1, "Patient", PATIENT_STREAM
@@ -214,7 +271,6 @@ _SCHEDULING: list[tuple[type, str, type[msgspec.Struct], str]] = [
     (Clinician.TimeOffAdded, "ClinicianTimeOffAdded", ClinicianTimeOffAddedV1, "Clinician"),  # type: ignore[attr-defined]
     (Clinician.TimeOffRemoved, "ClinicianTimeOffRemoved", ClinicianTimeOffRemovedV1, "Clinician"),  # type: ignore[attr-defined]
     (Clinician.UserLinked, "ClinicianUserLinked", ClinicianUserLinkedV1, "Clinician"),  # type: ignore[attr-defined]
-    (Appointment.Booked, "AppointmentBooked", AppointmentBookedV1, "Appointment"),  # type: ignore[attr-defined]
     (Appointment.Rescheduled, "AppointmentRescheduled", AppointmentRescheduledV1, "Appointment"),  # type: ignore[attr-defined]
     (Appointment.Cancelled, "AppointmentCancelled", AppointmentCancelledV1, "Appointment"),  # type: ignore[attr-defined]
     (Appointment.CheckedIn, "AppointmentCheckedIn", AppointmentCheckedInV1, "Appointment"),  # type: ignore[attr-defined]
@@ -226,6 +282,9 @@ CONTRACTS.update(
         event_class: Contract(name, 1, payload, aggregate, APPOINTMENT_STREAM)
         for event_class, name, payload, aggregate in _SCHEDULING
     }
+)
+CONTRACTS[Appointment.Booked] = Contract(  # type: ignore[attr-defined]
+    "AppointmentBooked", 2, AppointmentBookedV2, "Appointment", APPOINTMENT_STREAM
 )
 
 BY_TYPE: dict[tuple[str, int], Contract] = {}
@@ -242,9 +301,30 @@ def publish(contracts: Iterable[Contract]) -> None:
 
 SUPERSEDED: list[Contract] = [
     Contract("PatientRegistered", 1, PatientRegisteredV1, "Patient", PATIENT_STREAM),
+    Contract("PatientRegistered", 2, PatientRegisteredV2, "Patient", PATIENT_STREAM),
+    Contract("PatientDetailsChanged", 1, PatientDetailsChangedV1, "Patient", PATIENT_STREAM),
+    Contract("AppointmentBooked", 1, AppointmentBookedV1, "Appointment", APPOINTMENT_STREAM),
 ]
-"""Versions no longer published but still read (messages already on the topics); each has
-an upcaster in UPCASTERS. Their schemas stay in `schemas/`."""
+"""Versions no longer published but still read (messages already on the topics). Each has
+an upcaster in UPCASTERS, or is what a sealed version opens to (SEALED). Their schemas stay
+in `schemas/`."""
+
+SEALED: dict[builtins.type[msgspec.Struct], tuple[builtins.type[msgspec.Struct], Personal]] = {
+    PatientRegisteredV3: (PatientRegisteredV2, PATIENT_DETAILS),
+    PatientDetailsChangedV2: (PatientDetailsChangedV1, PATIENT_DETAILS),
+    AppointmentBookedV2: (AppointmentBookedV1, APPOINTMENT_REASON),
+}
+"""A payload with sealed fields → the same payload in the clear, and which fields are sealed.
+Readers open sealed payloads with the keyring (`runtime.crypto.open_payload`) and so see the
+earlier, clear versions, or `Unreadable` once the patient is erased."""
+
+
+class Unreadable(msgspec.Struct, frozen=True):
+    """A sealed payload whose patient is erased: only its non-personal fields can be read.
+    Never published; what readers get in place of the clear payload."""
+
+    sealed: msgspec.Struct
+
 
 publish([*CONTRACTS.values(), *SUPERSEDED])
 

@@ -21,6 +21,10 @@ class PatientNotFound(DomainError):
     """No current patient has this id (never registered, or removed)."""
 
 
+class PatientErased(DomainError):
+    """The patient was erased: their personal data is gone for good (410 Gone)."""
+
+
 class EmailTaken(DomainError):
     """Another current patient already uses this email address."""
 

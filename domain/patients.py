@@ -19,12 +19,14 @@ from uuid import UUID, uuid4, uuid5
 
 from eventsourcing.domain import event
 
-from domain.errors import EmailTaken, InvalidData, PatientNotFound
+from domain.errors import EmailTaken, InvalidData, PatientErased, PatientNotFound
 from domain.events import TracedAggregate
 
 NAME_MAX = 100
 ADDRESS_MAX = 200
 EMAIL_MAX = 254
+ERASE_REASON_MAX = 200
+"""An erasure's reason is operator text (a request reference), never personal data."""
 MAX_AGE_YEARS = 150
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
@@ -201,8 +203,18 @@ def _date(errors: dict[str, str], field: str, value: object) -> date | None:
         return None
 
 
+def parse_erasure(*, reason: object) -> str:
+    """Checks an erasure's reason: required, one line, at most ERASE_REASON_MAX characters."""
+    errors: dict[str, str] = {}
+    clean = _text(errors, "reason", reason, ERASE_REASON_MAX)
+    if errors:
+        raise InvalidData(errors)
+    return clean
+
+
 class Patient(TracedAggregate):
-    """A person registered with the practice. Removal keeps the history."""
+    """A person registered with the practice. Removal keeps the history; erasure keeps
+    the history and makes every personal field in it unreadable (see domain.privacy)."""
 
     class Registered(TracedAggregate.Created):
         """Version 2 also records the name split into given and family names."""
@@ -308,7 +320,27 @@ class Patient(TracedAggregate):
     def _removed(self) -> None:
         self.removed = True
 
+    @property
+    def erased(self) -> bool:
+        return bool(getattr(self, "_erased", False))
+
+    def erase(self, reason: str, erased_by: str) -> None:
+        """Records the erasure (the data key is destroyed beside it). A removed patient can
+        be erased; an erased one is gone."""
+        if self.erased:
+            raise PatientErased(str(self.id))
+        self._erased_event(reason=reason, erased_by=erased_by)
+
+    @event("Erased")
+    def _erased_event(self, reason: str, erased_by: str) -> None:
+        self._erased = True
+        self.name = self.given_name = self.family_name = None  # type: ignore[assignment]
+        self.email = self.address = None  # type: ignore[assignment]
+        self.date_of_birth = None  # type: ignore[assignment]
+
     def _require_current(self) -> None:
+        if self.erased:
+            raise PatientErased(str(self.id))
         if self.removed:
             raise PatientNotFound(str(self.id))
 

@@ -24,6 +24,9 @@ PATIENT_READERS: frozenset[Role] = ALL_ROLES
 PATIENT_WRITERS: frozenset[Role] = frozenset({Role.ADMIN, Role.CLINICIAN, Role.RECEPTIONIST})
 """Register, change and remove patients (command API)."""
 
+PATIENT_ERASERS: frozenset[Role] = frozenset({Role.ADMIN})
+"""Erase a patient for good (crypto-shredding: their data key is destroyed)."""
+
 USER_ADMINS: frozenset[Role] = frozenset({Role.ADMIN})
 """Create, list, re-role and disable users (auth service)."""
 

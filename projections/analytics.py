@@ -55,6 +55,10 @@ class AnalyticsProjection:
             " removed_at = COALESCE(%(removed)s, removed_at)"
             " WHERE id = %(id)s AND version < %(version)s"
         )
+        self._forget_birth = (
+            f"UPDATE {t.patients} SET version = %(version)s, position = %(position)s,"
+            " date_of_birth = NULL WHERE id = %(id)s AND version < %(version)s"
+        )
         self._book = (
             f"INSERT INTO {t.appointments} (id, version, position, clinician_id, booked_at,"
             " start_at, status) VALUES (%(id)s, %(version)s, %(position)s, %(clinician)s,"
@@ -73,6 +77,21 @@ class AnalyticsProjection:
         self._applied = applied_statement(t.positions)
         self._track = track_statement(t.tracking)
 
+    def _unreadable(
+        self, base: dict[str, Any], sealed: Any, envelope: c.Envelope[Any]
+    ) -> tuple[str, dict[str, Any]] | None:
+        if isinstance(sealed, c.PatientRegisteredV3):
+            return self._register, base | {"registered": sealed.registered_date, "born": None}
+        if isinstance(sealed, c.PatientDetailsChangedV2):
+            return self._forget_birth, base
+        if isinstance(sealed, c.AppointmentBookedV2):
+            return self._book, base | {
+                "clinician": sealed.clinician_id,
+                "at": envelope.occurred_at,
+                "start": sealed.start,
+            }
+        return None
+
     def _statement(self, envelope: c.Envelope[Any], data: Any) -> tuple[str, dict[str, Any]] | None:
         base = {
             "id": envelope.aggregate_id,
@@ -88,6 +107,10 @@ class AnalyticsProjection:
             return self._patient, base | {"born": data.date_of_birth, "removed": None}
         if isinstance(data, c.PatientRemovedV1):
             return self._patient, base | {"born": None, "removed": envelope.occurred_at}
+        if isinstance(data, c.PatientErasedV1):
+            return self._forget_birth, base
+        if isinstance(data, c.Unreadable):  # an erased patient's: counted, nothing personal
+            return self._unreadable(base, data.sealed, envelope)
         if isinstance(data, c.AppointmentBookedV1):
             return self._book, base | {
                 "clinician": data.clinician_id,

@@ -120,7 +120,9 @@ class AppointmentsProjection:
             "version": envelope.aggregate_version,
             "position": envelope.position,
         }
-        if isinstance(data, c.AppointmentBookedV1):
+        # A reason is kept as published: sealed (the query API opens it; once the patient
+        # is erased it opens to nothing), or in the clear if booked before sealing began.
+        if isinstance(data, c.AppointmentBookedV1 | c.AppointmentBookedV2):
             await cur.execute(
                 self._book,
                 base
@@ -190,6 +192,8 @@ class AppointmentsProjection:
 
 class AppointmentsWorker(EventBatchWorker):
     """Applies batches of `appointment.events` to the appointments model."""
+
+    opens_sealed = False  # reasons stay sealed in the model; the query API opens them
 
     def __init__(
         self,

@@ -20,9 +20,13 @@ from psycopg import sql
 from domain.contracts import (
     Envelope,
     PatientDetailsChangedV1,
+    PatientDetailsChangedV2,
+    PatientErasedV1,
     PatientPreferencesChangedV1,
     PatientRegisteredV2,
+    PatientRegisteredV3,
     PatientRemovedV1,
+    Unreadable,
 )
 from domain.patients import normalise_email, split_name
 from readmodels.directory import COLUMNS, LIVE, NAME, Tables, records
@@ -87,6 +91,31 @@ class DirectoryProjection:
             sql.SQL(
                 "UPDATE {p} SET version = %(version)s, position = %(position)s, updated_at = now()"
                 " WHERE id = %(id)s AND version < %(version)s RETURNING id"
+            ).format(p=p)
+        )
+        # An erased patient's row: a tombstone with nothing personal left in it.
+        blank = (
+            " name = '', name_key = '', given_name = NULL, family_name = NULL, email = '',"
+            " email_key = '', address = '', date_of_birth = NULL, removed = true, erased = true,"
+            " updated_at = now()"
+        )
+        self._erase = rendered(
+            sql.SQL(
+                "UPDATE {p} SET version = %(version)s, position = %(position)s,"
+                + blank
+                + " WHERE id = %(id)s AND version < %(version)s RETURNING id"
+            ).format(p=p)
+        )
+        self._register_erased = rendered(
+            sql.SQL(
+                "INSERT INTO {p} (id, version, position, name, name_key, email, email_key, address,"
+                " date_of_birth, registered_date, removed, erased)"
+                " VALUES (%(id)s, %(version)s, %(position)s, '', '', '', '', '', NULL,"
+                " %(registered_date)s, true, true)"
+                " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,"
+                " position = EXCLUDED.position,"
+                + blank
+                + " WHERE {p}.version < EXCLUDED.version RETURNING id"
             ).format(p=p)
         )
         self._exists = rendered(sql.SQL("SELECT 1 FROM {p} WHERE id = %s").format(p=p))
@@ -156,6 +185,13 @@ class DirectoryProjection:
             return self._remove, params
         if isinstance(data, PatientPreferencesChangedV1):
             return self._touch, params  # nothing shown changes; the version moves on
+        if isinstance(data, PatientErasedV1):
+            return self._erase, params
+        # An erased patient's earlier events (a rebuild, or a late delivery): keep nothing.
+        if isinstance(data, Unreadable) and isinstance(data.sealed, PatientRegisteredV3):
+            return self._register_erased, params | {"registered_date": data.sealed.registered_date}
+        if isinstance(data, Unreadable) and isinstance(data.sealed, PatientDetailsChangedV2):
+            return self._erase, params
         raise UnappliableEvent(f"{envelope.type} is not a patient event")
 
     async def _rows(

@@ -11,7 +11,7 @@ from prometheus_client import Counter, Gauge
 from psycopg_pool import AsyncConnectionPool
 
 from projections.directory import DirectoryProjection
-from readmodels.directory import DirectoryCache
+from readmodels.directory import ERASED_ENTRY, DirectoryCache
 from runtime.consumers import Batch, EventBatchWorker
 
 log = structlog.get_logger(__name__)
@@ -49,6 +49,8 @@ class DirectoryWorker(EventBatchWorker):
         async with self.pool.connection() as conn:
             outcome = await self.projection.apply(conn, batch)
         await self.cache.changed(outcome.changed)
+        if any(body == ERASED_ENTRY for _, _, body in outcome.changed):
+            await self.cache.forget_pages()
         EVENTS.labels(self.name, "applied").inc(outcome.applied)
         EVENTS.labels(self.name, "duplicate").inc(outcome.duplicates)
         POSITION.labels(self.name).set(outcome.position)

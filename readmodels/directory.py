@@ -7,10 +7,11 @@ projection has applied, so a reader can wait for its own write (read-your-writes
 by asking the read model alone.
 
 The Redis cache holds single patients as `<version>|<json>` (an empty json is a
-tombstone for a removed patient), only ever replaced by a newer version, so a
-reader that fills the cache from an older database read can never overwrite the
-projection's newer write. Pages are cached under the directory's generation,
-which the projection bumps after every change: an old page is never looked up again.
+tombstone for a removed patient, ERASED_ENTRY one for an erased patient), only ever
+replaced by a newer version, so a reader that fills the cache from an older database
+read can never overwrite the projection's newer write. Pages are cached under the
+directory's generation, which the projection bumps after every change: an old page is
+never looked up again (and after an erasure every page is deleted).
 A cache that was out of reach may have missed write-throughs, so whoever finds it
 back forgets it (`forget_cached`) before reading from it again.
 """
@@ -30,6 +31,9 @@ from redis.asyncio import Redis
 
 NAME = "directory"
 
+ERASED_ENTRY = b"erased"
+"""The cache entry (and `cache_entry()`) of an erased patient: the query API answers 410."""
+
 
 class PatientRow(msgspec.Struct, rename="camel", kw_only=True):
     """One patient as the query API shows it."""
@@ -48,12 +52,17 @@ class DirectoryRecord(PatientRow, kw_only=True):
 
     removed: bool
     name_key: str
+    erased: bool = False
+    """An erased patient's row keeps no personal data (blank fields, no date of birth)."""
 
     def patient(self) -> PatientRow:
         return PatientRow(**{f: getattr(self, f) for f in PatientRow.__struct_fields__})
 
     def cache_entry(self) -> bytes:
-        """What the cache holds for this row: the patient's JSON, or b"" if removed."""
+        """What the cache holds for this row: the patient's JSON, b"" if removed, or
+        ERASED_ENTRY if erased."""
+        if self.erased:
+            return ERASED_ENTRY
         return b"" if self.removed else _encoder.encode(self.patient())
 
 
@@ -176,6 +185,19 @@ class DirectoryCache:
                 )
             pipe.incr(self.generation_key)
             await pipe.execute()
+
+    async def forget_pages(self, batch: int = 500) -> int:
+        """Deletes every cached page (after an erasure: an older page may show the patient)."""
+        removed = 0
+        keys: list[Any] = []
+        async for key in self.redis.scan_iter(match=f"{self.prefix}:page:*", count=batch):
+            keys.append(key)
+            if len(keys) >= batch:
+                removed += int(await self.redis.delete(*keys))
+                keys = []
+        if keys:
+            removed += int(await self.redis.delete(*keys))
+        return removed
 
     async def generation(self) -> int:
         value: Any = await self.redis.get(self.generation_key)

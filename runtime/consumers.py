@@ -27,6 +27,7 @@ from prometheus_client import Counter
 
 from domain import contracts
 from runtime import tracing
+from runtime.crypto import Keyring, open_payload
 from runtime.kafka import raw_bodies
 
 log = structlog.get_logger(__name__)
@@ -60,6 +61,11 @@ NEVER_APPLIES = (UnappliableEvent, psycopg.DataError)
 class EventBatchWorker(abc.ABC):
     """Decodes, applies and dead-letters batches of published events."""
 
+    keyring: Keyring | None = None
+    """Opens sealed personal fields (set by `subscribe`); see `opened`."""
+    opens_sealed = True
+    """False: the consumer keeps sealed fields sealed (and opens them when it reads)."""
+
     def __init__(self, name: str, broker: KafkaBroker, dead_letter_topic: str):
         self.name = name
         self.broker = broker
@@ -80,6 +86,8 @@ class EventBatchWorker(abc.ABC):
                 await self.dead_letter(body, f"undecodable: {exc}")
         if not decoded:
             return
+        if self.opens_sealed and any(type(data) in contracts.SEALED for _, data in decoded):
+            decoded = await asyncio.to_thread(self.opened, decoded)
         # Log lines about the batch name the requests that caused its events.
         causes = sorted({e.correlation_id for e, _ in decoded if e.correlation_id})
         with structlog.contextvars.bound_contextvars(correlation_id=" ".join(causes) or None):
@@ -103,6 +111,15 @@ class EventBatchWorker(abc.ABC):
                 except BaseException as exc:
                     tracing.mark_failed(span, exc)
                     raise
+
+    def opened(self, decoded: Batch) -> Batch:
+        """The batch with its sealed payloads opened: consumers see personal fields in the
+        clear, or `contracts.Unreadable` for an erased patient (and must keep nothing
+        personal of theirs). An erasure in the batch drops its patient's key first."""
+        for envelope, data in decoded:
+            if self.keyring is not None and isinstance(data, contracts.PatientErasedV1):
+                self.keyring.forget(envelope.aggregate_id)
+        return [(envelope, open_payload(self.keyring, data)) for envelope, data in decoded]
 
     async def _handle(self, decoded: Batch) -> None:
         try:
@@ -151,11 +168,17 @@ def _reason(exc: BaseException) -> str:
 
 
 def subscribe(
-    broker: KafkaBroker, topic: str | Sequence[str], worker: EventBatchWorker, group: str
+    broker: KafkaBroker,
+    topic: str | Sequence[str],
+    worker: EventBatchWorker,
+    group: str,
+    keyring: Keyring | None = None,
 ) -> None:
     """Feeds batches of `topic` (or topics) to the worker, as consumer group `group`, from
-    the start."""
+    the start; `keyring` opens their sealed personal fields."""
     topics = [topic] if isinstance(topic, str) else list(topic)
+    if keyring is not None:
+        worker.keyring = keyring
 
     @broker.subscriber(
         *topics,

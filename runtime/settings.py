@@ -61,6 +61,11 @@ fills in the local stack's addresses; production mode requires each of them.
 | | API and `carelog claims rekey` in production; after a change, `carelog db migrate` rekeys. |
 | | Development default: .stack/secrets/claim.key (made by `make up`), else a fixed |
 | | development-only key |
+| CARELOG_MASTER_KEY | 32 random bytes in base64 (`openssl rand -base64 32`): wraps every |
+| | patient's data key (runtime/crypto.py); every process that seals or opens personal data |
+| | refuses to start without it in production; losing it loses every |
+| | sealed field. Development default: .stack/secrets/master.key, else a fixed key that |
+| | protects nothing |
 | CARELOG_OTLP_ENDPOINT | base URL of an OTLP/HTTP collector (http://collector:4318) to which |
 | | each process exports its trace spans; unset: the standard OTEL_EXPORTER_OTLP_ENDPOINT; |
 | | neither: no tracing (see docs/observability.md) |
@@ -68,6 +73,8 @@ fills in the local stack's addresses; production mode requires each of them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -230,6 +237,7 @@ _NAMES = {
     "cors_origins": "CARELOG_GATEWAY_CORS_ORIGINS",
     "otlp_endpoint": "CARELOG_OTLP_ENDPOINT",
     "claim_key": "CARELOG_CLAIM_KEY",
+    "master_key": "CARELOG_MASTER_KEY",
 }
 _DEV_STACK = Path(__file__).resolve().parent.parent / ".stack"
 _SECRETS = _DEV_STACK / "secrets"
@@ -248,6 +256,8 @@ _DEV_DEFAULTS = {
     # Development only (production has no default): a checkout whose stack predates
     # .stack/secrets/claim.key still starts.
     "CARELOG_CLAIM_KEY": "carelog-development-only-claim-key-not-a-secret",
+    # Development only, and only until `make up` has generated .stack/secrets/master.key.
+    "CARELOG_MASTER_KEY": "ZGV2ZWxvcG1lbnQtb25seS1ub3QtYS1zZWNyZXQtISE=",
 }
 CLAIM_KEY_MIN = 32
 """Characters a claim key needs at least (128 bits of hex)."""
@@ -311,8 +321,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """The OTLP/HTTP collector that receives trace spans; empty: spans are not recorded."""
     claim_key: str = ""
     """The secret email claims are keyed under (`claim_secret()`); empty: not configured."""
+    master_key: str = ""
+    """Base64 of the 32-byte key that wraps every patient's data key (runtime.crypto)."""
 
     def __post_init__(self) -> None:
+        check_master_key(self.master_key)
         check_cors_origins(self.cors_origins, self.env)
         check_gateway_upstreams(self.gateway_upstreams)
         check_broker_access(self)
@@ -386,6 +399,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 f"{_NAMES['kafka_ca_file']}={settings.kafka_ca_file!r} is not a readable file"
             )
         return settings
+
+
+def check_master_key(value: str) -> None:
+    """SettingsError unless the master key is empty (not configured) or 32 bytes in base64."""
+    if not value:
+        return
+    try:
+        key = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise SettingsError(
+            f"{_NAMES['master_key']} must be 32 bytes in base64 (`openssl rand -base64 32`)"
+        )
 
 
 _ORIGIN = re.compile(
@@ -484,6 +511,9 @@ def _stack_credentials(secrets: Path | None) -> dict[str, str]:
     claim_key = secret("claim.key")
     if claim_key:
         defaults["CARELOG_CLAIM_KEY"] = claim_key
+    master = secret("master.key")
+    if master:
+        defaults["CARELOG_MASTER_KEY"] = master
     user, password = secret("kafka.user"), secret("kafka.password")
     if user and password:
         defaults["CARELOG_KAFKA_SECURITY_PROTOCOL"] = "SASL_PLAINTEXT"

@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from commands.store import EventStore
 from runtime.cache import redis_for
+from runtime.crypto import Keyring
 from runtime.settings import Settings
 from tests.support.stack import isolated_settings
 from tests.support.tokens import TestTokens
@@ -28,8 +29,16 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> TestTokens:
 
 
 @pytest.fixture(scope="session")
-def store(settings: Settings) -> Iterator[EventStore]:
-    event_store = EventStore(settings.database_url)
+def keyring(settings: Settings) -> Iterator[Keyring]:
+    """Seals and opens patients' personal fields, as the services do."""
+    ring = Keyring.from_settings(settings)
+    yield ring
+    ring.close()
+
+
+@pytest.fixture(scope="session")
+def store(settings: Settings, keyring: Keyring) -> Iterator[EventStore]:
+    event_store = EventStore(settings.database_url, keyring=keyring)
     yield event_store
     event_store.close()
 
@@ -50,6 +59,8 @@ def own_settings() -> Iterator[Settings]:
 
 @pytest.fixture
 def own_store(own_settings: Settings) -> Iterator[EventStore]:
-    event_store = EventStore(own_settings.database_url)
+    ring = Keyring.from_settings(own_settings)
+    event_store = EventStore(own_settings.database_url, keyring=ring)
     yield event_store
     event_store.close()
+    ring.close()

@@ -36,8 +36,11 @@ from domain.billing import (
 from domain.contracts import (
     Envelope,
     PatientDetailsChangedV1,
+    PatientErasedV1,
     PatientRegisteredV2,
+    PatientRegisteredV3,
     PatientRemovedV1,
+    Unreadable,
 )
 from domain.errors import PatientNotFound
 from domain.events import ACTOR, Actor, actor_of
@@ -286,6 +289,22 @@ class Billing:
                         _cause_actor(envelope),
                     )
                     closed += 1
+                elif isinstance(data, PatientErasedV1):
+                    await self.store.erase_patient(cur, patient_id)
+                    unchanged += 1
+                elif isinstance(data, Unreadable) and isinstance(data.sealed, PatientRegisteredV3):
+                    # An erased patient's registration (a replay): an account, no contact.
+                    await self._open(
+                        cur,
+                        patient_id,
+                        Contact("", ""),
+                        self.default_currency,
+                        OPENED_BY_EVENT,
+                        registered_at=envelope.occurred_at,
+                        patient_version=version,
+                        correlation_id=envelope.correlation_id,
+                    )
+                    unchanged += 1
                 else:
                     unchanged += 1  # a patient event billing has no use for
         return Applied(opened, closed, unchanged)

@@ -120,6 +120,14 @@ class BillingStore:
             "UPDATE {}.accounts SET name = %s, email = %s, patient_version = %s"
             " WHERE patient_id = %s AND patient_version < %s RETURNING id"
         ).format(s)
+        self._erase_contact = sql.SQL(
+            "UPDATE {}.accounts SET name = '', email = '' WHERE patient_id = %s"
+        ).format(s)
+        self._erase_lines = sql.SQL(
+            "UPDATE {s}.invoices SET lines = (SELECT coalesce(jsonb_agg(jsonb_set(line, '{{0}}',"
+            " '\"\"')), '[]'::jsonb) FROM jsonb_array_elements(lines) AS line)"
+            " WHERE account_id = (SELECT id FROM {s}.accounts WHERE patient_id = %s)"
+        ).format(s=s)
         invoice_cols = sql.SQL("id, account_id, currency, lines::text, total_minor, issued_at, seq")
         self._insert_invoice = sql.SQL(
             "INSERT INTO {}.invoices (id, account_id, currency, lines, total_minor, request_id,"
@@ -232,6 +240,12 @@ class BillingStore:
             self._contact, [contact.name, contact.email, version, patient_id, version]
         )
         return await cur.fetchone() is not None
+
+    async def erase_patient(self, cur: psycopg.AsyncCursor[Any], patient_id: UUID) -> None:
+        """Blanks what billing holds of an erased patient: the account's name and email and
+        the descriptions of its invoice lines (which may be clinical). Amounts stay."""
+        await cur.execute(self._erase_contact, [patient_id])
+        await cur.execute(self._erase_lines, [patient_id])
 
     # --- invoices and payments
 

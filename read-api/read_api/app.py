@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import anyio
 import msgspec
 import psycopg_pool
 import structlog
@@ -25,13 +26,14 @@ from litestar.params import FromPath, Parameter
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
-from domain.errors import InvalidData, PatientNotFound
+from domain.errors import InvalidData, PatientErased, PatientNotFound
 from domain.roles import PATIENT_READERS
 from read_api import analytics, appointments, disclosures, history, notifications, waiting
 from read_api.cache import GuardedCache, redis_client
 from read_api.queries import build, page_from_rows, patient_query
 from read_api.waiting import await_position
 from readmodels.directory import (
+    ERASED_ENTRY,
     LIVE,
     DirectoryCache,
     Tables,
@@ -39,6 +41,7 @@ from readmodels.directory import (
     records,
 )
 from runtime import audit
+from runtime.crypto import Keyring
 from runtime.db import open_pool
 from runtime.http import (
     DOCS,
@@ -194,7 +197,11 @@ async def list_patients(
     responses=answers(PatientView, "The patient"),
     opt={
         DOCS: Documented(
-            problems={404: "No such patient (or the id is not a UUID)", **audit.UNAUDITED},
+            problems={
+                404: "No such patient (or the id is not a UUID)",
+                410: "The patient was erased",
+                **audit.UNAUDITED,
+            },
             etag=True,
         )
     },
@@ -216,6 +223,8 @@ async def get_patient(
         if cached is not None:
             CACHE.labels("patient", "hit").inc()
             version, body = cached
+            if body == ERASED_ENTRY:
+                raise PatientErased(patient_id)
             if not body:
                 raise PatientNotFound(patient_id)
             await audit.disclosed(request, "patient.get", [pid])
@@ -227,6 +236,8 @@ async def get_patient(
         raise PatientNotFound(patient_id)
     body = record.cache_entry()
     await cache.put_patient(str(pid), record.version, body)
+    if body == ERASED_ENTRY:
+        raise PatientErased(patient_id)
     if not body:
         raise PatientNotFound(patient_id)
     await audit.disclosed(request, "patient.get", [pid])
@@ -236,6 +247,7 @@ async def get_patient(
 PROBLEMS: Problems = {
     InvalidData: lambda exc: problem(400, "invalid request", errors=exc.errors),
     PatientNotFound: lambda exc: problem(404, "no such patient"),
+    PatientErased: lambda exc: problem(410, "the patient was erased"),
 }
 
 
@@ -271,19 +283,23 @@ def create_app(
             reset_seconds=settings.cache_breaker_reset_seconds,
         )
         audit.open_writer(app.state, audit_writer(pool))
+        keyring = Keyring.from_settings(settings)
+        keyring.listen()  # an erasure elsewhere drops the key here too
         opened.append(
             (
                 Directory(pool, cache, tables, settings.read_wait_seconds),
                 redis,
-                appointments.Appointments(pool, settings.read_wait_seconds),
+                appointments.Appointments(pool, settings.read_wait_seconds, keyring=keyring),
                 analytics.Analytics(pool, settings.read_wait_seconds, settings.practice_timezone),
             )
         )
 
     async def stop(app: Litestar) -> None:
-        for directory, redis, _, _ in opened:
+        for directory, redis, schedule, _ in opened:
             await redis.aclose()
             await directory.pool.close()
+            if schedule.keyring is not None:
+                await anyio.to_thread.run_sync(schedule.keyring.close)
 
     def directory() -> Directory:
         return opened[0][0]

@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
+import anyio
 import msgspec
 import psycopg_pool
 from litestar import Request, Response, get
@@ -22,6 +23,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, Parameter
 
 from domain.errors import InvalidData
+from domain.privacy import is_sealed
 from domain.roles import REASON_READERS, SCHEDULE_READERS, Role
 from domain.scheduling import (
     DURATION_MAX,
@@ -36,6 +38,7 @@ from domain.scheduling import (
 from read_api.waiting import await_position
 from readmodels import appointments as model
 from runtime import audit
+from runtime.crypto import Keyring
 from runtime.http import DOCS, QUERY_RULES, Documented, Problems, answers, problem
 from runtime.security import Claims, requires
 
@@ -49,6 +52,8 @@ class Appointments:
     pool: psycopg_pool.AsyncConnectionPool[Any]
     read_wait_seconds: float
     tables: model.Tables = model.LIVE
+    keyring: Keyring | None = None
+    """Opens the sealed reasons the model keeps (an erased patient's open to None)."""
 
 
 _encoder = msgspec.json.Encoder()
@@ -67,9 +72,11 @@ async def _own_clinician(source: Appointments, claims: Claims) -> UUID | None:
         return await model.clinician_of_user(conn, user, source.tables)
 
 
-def _shown(rows: list[model.AppointmentRow], claims: Claims, own: UUID | None) -> list[UUID]:
-    """Withholds reasons the caller may not see (in place); the patients whose reasons
-    stay shown, which the disclosure audit records."""
+async def _shown(
+    rows: list[model.AppointmentRow], claims: Claims, own: UUID | None, source: Appointments
+) -> list[UUID]:
+    """Withholds reasons the caller may not see, and opens the others (in place); the
+    patients whose reasons stay shown, which the disclosure audit records."""
     patients = []
     for row in rows:
         if claims.role not in REASON_READERS or (
@@ -79,6 +86,17 @@ def _shown(rows: list[model.AppointmentRow], claims: Claims, own: UUID | None) -
             row.cancellation_reason = None
         elif row.reason is not None or row.cancellation_reason is not None:
             patients.append(row.patient_id)
+    sealed = [row for row in rows if is_sealed(row.reason)]
+    if sealed:
+        keyring = source.keyring
+        if keyring is None:
+            raise RuntimeError("sealed reasons, and no keyring to open them")
+
+        def opened() -> None:
+            for row in sealed:
+                row.reason = keyring.open(str(row.reason), "reason")
+
+        await anyio.to_thread.run_sync(opened)
     return list(dict.fromkeys(patients))
 
 
@@ -191,7 +209,7 @@ async def list_appointments(
     )
     async with source.pool.connection() as conn:
         rows, following = await model.list_appointments(conn, query, source.tables)
-    if disclosed := _shown(rows, claims, own):
+    if disclosed := await _shown(rows, claims, own, source):
         await audit.disclosed(request, "appointment.list", disclosed)
     body = {
         "appointments": rows,
@@ -224,7 +242,7 @@ async def get_appointment(
     if row is None:
         raise AppointmentNotFound(appointment_id)
     claims: Claims = request.state.claims
-    if disclosed := _shown([row], claims, await _own_clinician(source, claims)):
+    if disclosed := await _shown([row], claims, await _own_clinician(source, claims), source):
         await audit.disclosed(request, "appointment.get", disclosed)
     return Response(
         _encoder.encode(row), media_type="application/json", headers={"ETag": f'"{row.version}"'}

@@ -29,6 +29,7 @@ SECRETS = (
     "carelog-auth-keys",
     "carelog-smtp",
     "carelog-claims",
+    "carelog-master-key",
 )
 """The Secrets created beside the manifests (docs/deploy.md), never committed."""
 

@@ -284,6 +284,11 @@ async def test_a_rebuild_over_v1_and_v2_events_equals_one_over_v2_only(
                 old = json.loads(bytes(state))
                 for key in ("class_version", "given_name", "family_name"):
                     old.pop(key)
+                # Version 1 was stored before sealing began: its fields are in the clear.
+                assert store.keyring is not None
+                for key in ("name", "email", "address", "date_of_birth"):
+                    old[key] = store.keyring.open(old[key], key)
+                old["date_of_birth"] = {"_type_": "date_iso", "_data_": old["date_of_birth"]}
                 conn.execute(
                     f"UPDATE {store.events_table} SET state = %s"
                     " WHERE originator_id = %s AND originator_version = %s",

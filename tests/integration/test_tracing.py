@@ -94,6 +94,7 @@ async def test_a_registration_is_one_story_from_request_to_consumer(
 
     (record,) = await read_topic(settings, settings.topic(PATIENT_STREAM), 1)
     worker = Applied(settings)
+    worker.keyring = own_store.keyring  # opens the sealed fields, as `subscribe` arranges
     await worker.handle([record.value], [{k: v.decode() for k, v in record.headers}])
     assert [str(e.aggregate_id) for e, _ in worker.applied] == [patient_id]
 

@@ -9,6 +9,7 @@ from typing import Any
 from commands.store import EventStore
 from domain.contracts import Envelope, envelope_for
 from domain.patients import PatientDetails
+from runtime.crypto import open_payload
 
 
 def details(name: str = "Ada Lovelace", **overrides: Any) -> PatientDetails:
@@ -36,7 +37,8 @@ def body(**overrides: Any) -> dict[str, Any]:
 def published(
     store: EventStore, start: int = 1, stop: int | None = None
 ) -> list[tuple[Envelope[Any], Any]]:
-    """(envelope, payload) of every public event in the store from `start`, in order."""
+    """(envelope, payload) of every public event in the store from `start`, in order, as a
+    consumer reads it: published sealed, then opened."""
     out = []
     position = start
     while True:
@@ -44,7 +46,8 @@ def published(
         if not batch:
             return out
         for notification in batch:
-            envelope = envelope_for(store.mapper.to_domain_event(notification), notification.id)
+            event = store.sealed_mapper.to_domain_event(notification)
+            envelope = envelope_for(event, notification.id)
             if envelope is not None:
-                out.append((envelope, envelope.data))
+                out.append((envelope, open_payload(store.keyring, envelope.data)))
         position = batch[-1].id + 1

@@ -118,6 +118,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "CARELOG_KAFKA_CA_FILE": settings.kafka_ca_file,
         "CARELOG_TOPIC_PREFIX": settings.topic_prefix,
         "CARELOG_CLAIM_KEY": settings.claim_key,
+        "CARELOG_MASTER_KEY": settings.master_key,
         "CARELOG_COMMANDS_PORT": str(settings.ports["commands"]),
         "CARELOG_READ_API_PORT": str(settings.ports["read-api"]),
         "CARELOG_RELAY_PORT": str(settings.ports["relay"]),

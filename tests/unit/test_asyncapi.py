@@ -164,8 +164,9 @@ def test_each_topic_lists_every_type_and_version_and_who_sends_and_reads_it():
         if op["action"] == "send" and "groupId" not in op.get("bindings", {}).get("kafka", {})
     }
     relayed = [m["$ref"] for m in sent["#/channels/patient.events"]["messages"]]
-    assert "#/channels/patient.events/messages/PatientRegistered.v2" in relayed
-    assert "#/channels/patient.events/messages/PatientRegistered.v1" not in relayed, "superseded"
+    assert "#/channels/patient.events/messages/PatientRegistered.v3" in relayed
+    for superseded in ("PatientRegistered.v1", "PatientRegistered.v2"):
+        assert f"#/channels/patient.events/messages/{superseded}" not in relayed, "superseded"
     assert "#/channels/billing.events" in sent and "#/channels/appointment.events" in sent
     groups = {
         (op["channel"]["$ref"], op["bindings"]["kafka"]["groupId"]["const"])

@@ -26,6 +26,7 @@ def _events_of_every_type() -> list[object]:
     )
     patient.set_preferences(reminders=False)
     patient.remove()
+    patient.erase("request 42", "admin-1")
     return [*patient.collect_events(), *_scheduling_events()]
 
 
@@ -90,7 +91,8 @@ def test_every_event_round_trips_through_its_envelope(position: int):
         assert decoded.position == position
         assert decoded.correlation_id == "req-1"
         assert decoded.occurred_at == event.timestamp
-        assert data == envelope.data
+        # Unsealed (a store without a keyring), a date travels as its ISO text.
+        assert msgspec.json.encode(data) == msgspec.json.encode(envelope.data)
         assert json.loads(encoded)["data"] == json.loads(msgspec.json.encode(envelope.data))
 
 
@@ -175,7 +177,7 @@ def test_a_stored_version_1_registration_reads_as_version_2():
     event = store.mapper.to_domain_event(old)
     assert (event.given_name, event.family_name) == ("Ada King", "Lovelace")
     envelope = contracts.envelope_for(event, 1)
-    assert envelope is not None and envelope.schema_version == 2
+    assert envelope is not None and envelope.schema_version == 3
 
 
 def test_a_published_version_1_message_is_read_as_version_2():

@@ -252,3 +252,39 @@ class PatientLifecycle(RuleBasedStateMachine):
 
 TestPatientLifecycle = PatientLifecycle.TestCase
 TestPatientLifecycle.settings = settings(max_examples=60, stateful_step_count=15, deadline=None)
+
+
+def test_an_erased_patient_keeps_its_history_and_refuses_every_change():
+    from domain.errors import PatientErased
+    from domain.patients import parse_erasure
+
+    details = PatientDetails("Ada Lovelace", "ada@example.org", "1 St", date(1990, 1, 2))
+    patient = Patient.register(details, TODAY)
+    patient.remove()
+    patient.erase(parse_erasure(reason="  request R-7 "), "admin-1")  # a removed one too
+    assert patient.erased and patient.name is None and patient.email is None
+    events = patient.collect_events()
+    assert [type(e).__name__ for e in events] == ["Registered", "Removed", "Erased"]
+    assert (events[-1].reason, events[-1].erased_by) == ("request R-7", "admin-1")
+    with pytest.raises(PatientErased):
+        patient.erase("again", "admin-1")
+    with pytest.raises(PatientErased):
+        patient.change_details(details)
+    with pytest.raises(PatientErased):
+        patient.set_preferences(reminders=False)
+    replayed = None
+    for event in events:
+        replayed = event.mutate(replayed)
+    assert replayed is not None and replayed.erased and replayed.version == 3
+
+
+@pytest.mark.parametrize(
+    ("reason", "error"),
+    [(None, "is required"), ("  ", "must not be blank"), ("a\x00b", "control"), ("x" * 201, "200")],
+)
+def test_an_erasure_reason_is_required_short_and_one_line(reason: object, error: str):
+    from domain.patients import parse_erasure
+
+    with pytest.raises(InvalidData) as refused:
+        parse_erasure(reason=reason)
+    assert error in refused.value.errors["reason"]

@@ -1,0 +1,328 @@
+"""The keyring: one data key per patient (subject), for crypto-shredding.
+
+Personal fields (see `domain.privacy`) are sealed with AES-GCM under their subject's
+own 256-bit data key, with the subject and the field name as associated data, so a
+sealed value cannot be moved to another patient or field. Data keys live in the
+`subject_keys` table wrapped (AES-GCM again) under the master key from settings
+(CARELOG_MASTER_KEY): the database alone opens nothing.
+
+Erasing a subject deletes its wrapped key and keeps a tombstone row (so no key is ever
+made for it again), then NOTIFYs `carelog_subject_keys` so that every process drops
+the key it holds in memory. From then on every sealed copy of that subject's fields,
+in the store, its snapshots, Kafka's topics or any backup, opens to None.
+
+Keys are kept in a bounded in-memory cache. The first seal for a subject makes its key
+with INSERT ... ON CONFLICT DO NOTHING and reads back the row that won, so concurrent
+first registrations of one subject agree on one key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import psycopg
+import structlog
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from psycopg_pool import ConnectionPool
+
+from domain import contracts
+from domain.privacy import SEALED_PREFIX, Personal, as_text, in_clear, is_sealed
+from runtime.settings import Settings, SettingsError
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "carelog_subject_keys"
+"""The channel on which an erasure is announced (payload: the subject id)."""
+
+CACHE_SIZE = 50_000
+"""Data keys a process keeps in memory (about 100 bytes each)."""
+
+_NONCE = 12
+_WRAP_AAD = b"carelog:subject-key:"
+
+
+class SubjectErased(Exception):
+    """The subject's key is destroyed: nothing can be sealed for it any more."""
+
+    def __init__(self, subject: UUID):
+        super().__init__(f"subject {subject} is erased")
+        self.subject = subject
+
+
+class UnreadableToken(Exception):
+    """A value that looks sealed but cannot be opened (damaged, or another master key)."""
+
+
+def parse_master_key(encoded: str) -> bytes:
+    """The 32-byte master key from its base64 form; ValueError if it is not one."""
+    try:
+        key = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be 32 bytes in base64 (e.g. `openssl rand -base64 32`)") from None
+    if len(key) != 32:
+        raise ValueError("must be 32 bytes in base64 (e.g. `openssl rand -base64 32`)")
+    return key
+
+
+class Keyring:
+    """Seals and opens subjects' personal fields; destroys a subject's key to erase it."""
+
+    def __init__(self, master_key: bytes, database_url: str, cache_size: int = CACHE_SIZE):
+        self._master = AESGCM(master_key)
+        self._database_url = database_url
+        self._pool: ConnectionPool[Any] | None = None
+        self._cache: OrderedDict[UUID, AESGCM | None] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keyring:
+        """The keyring of the settings' master key; SettingsError if there is none (production
+        has no default: see runtime.settings)."""
+        if not settings.master_key:
+            raise SettingsError(
+                "CARELOG_MASTER_KEY is required: 32 random bytes in base64"
+                " (`openssl rand -base64 32`), the same for every process"
+            )
+        return cls(parse_master_key(settings.master_key), settings.database_url)
+
+    # --- keys -------------------------------------------------------------------------
+
+    def _db(self) -> ConnectionPool[Any]:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ConnectionPool(
+                    self._database_url,
+                    min_size=1,
+                    max_size=4,
+                    kwargs={"autocommit": True},
+                    open=True,
+                )
+            return self._pool
+
+    def _cached(self, subject: UUID) -> tuple[bool, AESGCM | None]:
+        with self._lock:
+            if subject in self._cache:
+                self._cache.move_to_end(subject)
+                return True, self._cache[subject]
+        return False, None
+
+    def _remember(self, subject: UUID, key: AESGCM | None) -> None:
+        with self._lock:
+            self._cache[subject] = key
+            self._cache.move_to_end(subject)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    def forget(self, subject: UUID) -> None:
+        """Drops what this process holds about the subject's key (it is read again)."""
+        with self._lock:
+            self._cache.pop(subject, None)
+
+    def _wrap(self, subject: UUID, key: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return nonce + self._master.encrypt(nonce, key, _WRAP_AAD + subject.bytes)
+
+    def _unwrap(self, subject: UUID, wrapped: bytes) -> AESGCM:
+        try:
+            key = self._master.decrypt(
+                wrapped[:_NONCE], wrapped[_NONCE:], _WRAP_AAD + subject.bytes
+            )
+        except InvalidTag:
+            raise UnreadableToken("a data key does not open with this master key") from None
+        return AESGCM(key)
+
+    def _key(self, subject: UUID, create: bool) -> AESGCM | None:
+        """The subject's data key; None if erased, or unknown and not `create`."""
+        known, key = self._cached(subject)
+        if known:
+            return key
+        with self._db().connection() as conn:
+            if create:
+                raw = AESGCM.generate_key(256)
+                made = conn.execute(
+                    "INSERT INTO subject_keys (subject_id, wrapped) VALUES (%s, %s)"
+                    " ON CONFLICT (subject_id) DO NOTHING RETURNING subject_id",
+                    [subject, self._wrap(subject, raw)],
+                ).fetchone()
+                if made is not None:
+                    key = AESGCM(raw)
+                    self._remember(subject, key)
+                    return key
+            # Another writer made it first, or it is erased, or (not `create`) unknown.
+            row = conn.execute(
+                "SELECT wrapped FROM subject_keys WHERE subject_id = %s", [subject]
+            ).fetchone()
+        if row is None:
+            return None  # nothing was ever sealed for it; not remembered
+        key = None if row[0] is None else self._unwrap(subject, bytes(row[0]))
+        self._remember(subject, key)
+        return key
+
+    def mint(self, subjects: Iterable[UUID]) -> list[tuple[UUID, bytes]]:
+        """New data keys for new subjects (patients being registered), held in memory at
+        once: (subject, wrapped key) rows that the caller stores in the same transaction
+        as the first sealed values, or `forget`s if that transaction fails."""
+        rows = []
+        for subject in dict.fromkeys(subjects):
+            if self._cached(subject)[0]:
+                continue
+            key = AESGCM.generate_key(256)
+            self._remember(subject, AESGCM(key))
+            rows.append((subject, self._wrap(subject, key)))
+        return rows
+
+    def erased(self, subject: UUID) -> bool:
+        """Whether the subject's key has been destroyed."""
+        known, key = self._cached(subject)
+        if known:
+            return key is None
+        with self._db().connection() as conn:
+            row = conn.execute(
+                "SELECT wrapped IS NULL FROM subject_keys WHERE subject_id = %s", [subject]
+            ).fetchone()
+        return bool(row and row[0])
+
+    def destroy(self, subject: UUID) -> None:
+        """Erases the subject: deletes its data key for good and tells every process."""
+        with self._db().connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO subject_keys (subject_id, wrapped, erased_at) VALUES (%s, NULL, now())"
+                " ON CONFLICT (subject_id) DO UPDATE SET wrapped = NULL,"
+                " erased_at = coalesce(subject_keys.erased_at, now())",
+                [subject],
+            )
+            conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, str(subject)])
+        self._remember(subject, None)
+
+    # --- values -----------------------------------------------------------------------
+
+    def seal(self, subject: UUID, field: str, value: object) -> str:
+        """The value sealed for the subject; SubjectErased if the subject is erased."""
+        key = self._key(subject, create=True)
+        if key is None:
+            raise SubjectErased(subject)
+        nonce = os.urandom(_NONCE)
+        sealed = key.encrypt(nonce, as_text(value).encode(), _aad(subject, field))
+        return f"{SEALED_PREFIX}{subject}:{base64.b64encode(nonce + sealed).decode()}"
+
+    def open(self, token: str, field: str) -> str | None:
+        """The sealed value in the clear; None if its subject is erased. A value that is
+        not sealed (stored before sealing began) is returned as it is."""
+        if not is_sealed(token):
+            return token
+        subject_text, _, body = token[len(SEALED_PREFIX) :].partition(":")
+        try:
+            subject = UUID(subject_text)
+            raw = base64.b64decode(body, validate=True)
+        except (ValueError, binascii.Error):
+            raise UnreadableToken("a sealed value is damaged") from None
+        key = self._key(subject, create=False)
+        if key is None:
+            return None
+        try:
+            return key.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(subject, field)).decode()
+        except InvalidTag:
+            raise UnreadableToken("a sealed value does not open with its subject's key") from None
+
+    def seal_fields(self, personal: Personal, subject: UUID, state: dict[str, Any]) -> None:
+        """Seals `personal`'s fields of `state` in place (values already sealed stay)."""
+        fields = [
+            f for f in personal.fields if state.get(f) is not None and not is_sealed(state[f])
+        ]
+        if not fields:
+            return
+        key = self._key(subject, create=True)
+        if key is None:
+            raise SubjectErased(subject)
+        prefix, aad = f"{SEALED_PREFIX}{subject}:", subject.bytes
+        for field in fields:
+            nonce = os.urandom(_NONCE)
+            sealed = key.encrypt(nonce, as_text(state[field]).encode(), aad + field.encode())
+            state[field] = prefix + base64.b64encode(nonce + sealed).decode()
+
+    def open_fields(self, personal: Personal, state: dict[str, Any]) -> bool:
+        """Opens `personal`'s fields of `state` in place; False if the subject is erased
+        (its fields are then None)."""
+        readable = True
+        for field in personal.fields:
+            value = state.get(field)
+            if isinstance(value, str):
+                opened = self.open(value, field)
+                if opened is None:
+                    readable = False
+                    state[field] = None
+                else:
+                    state[field] = in_clear(opened, field in personal.dates)
+        return readable
+
+    # --- erasures elsewhere -----------------------------------------------------------
+
+    def listen(self) -> None:
+        """Follows erasures announced by other processes (a daemon thread)."""
+        if self._listener is None:
+            self._listener = threading.Thread(target=self._follow, name="keyring", daemon=True)
+            self._listener.start()
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._database_url, autocommit=True) as conn:
+                    conn.execute(f'LISTEN "{CHANNEL}"')
+                    # Erasures announced while no one listened: drop every key once.
+                    with self._lock:
+                        self._cache.clear()
+                    while not self._stop.is_set():
+                        for notice in conn.notifies(timeout=1.0):
+                            try:
+                                self.forget(UUID(notice.payload))
+                            except ValueError:
+                                continue
+            except psycopg.Error as exc:
+                log.warning("keyring: not following erasures; retrying", error=type(exc).__name__)
+                self._stop.wait(1.0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.join(timeout=3)
+            self._listener = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+def open_payload(keyring: Keyring | None, data: Any) -> Any:
+    """A published payload in the clear: a sealed version (contracts.SEALED) opens to the
+    clear version before it, or to `contracts.Unreadable` if its patient is erased. Other
+    payloads are returned as they are. Without a keyring only values that were never
+    sealed (a store that does not seal) can be opened; UnreadableToken otherwise."""
+    entry = contracts.SEALED.get(type(data))
+    if entry is None:
+        return data
+    clear, personal = entry
+    values = msgspec.structs.asdict(data)
+    if keyring is None:
+        if any(is_sealed(values.get(field)) for field in personal.fields):
+            raise UnreadableToken("a sealed value, and no keyring to open it")
+        for field in personal.dates:
+            if isinstance(values.get(field), str):
+                values[field] = in_clear(values[field], True)
+    elif not keyring.open_fields(personal, values):
+        return contracts.Unreadable(sealed=data)
+    return clear(**{field: values[field] for field in clear.__struct_fields__})
+
+
+def _aad(subject: UUID, field: str) -> bytes:
+    return subject.bytes + field.encode()

@@ -1,0 +1,252 @@
+"""Crypto-shredding: personal fields are sealed in the store and on the way to Kafka, and
+erasing a patient destroys their key (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from eventsourcing.domain import Snapshot
+from litestar.testing import AsyncTestClient
+
+from commands.api import create_app
+from commands.relay import EventStoreLog
+from commands.store import EventStore
+from domain import contracts
+from domain.patients import Patient
+from domain.privacy import is_sealed
+from domain.roles import Role
+from runtime.crypto import Keyring, UnreadableToken, open_payload
+from runtime.settings import Settings
+from tests.support.tokens import TestTokens
+
+pytestmark = pytest.mark.integration
+
+
+def marked() -> tuple[str, dict[str, Any]]:
+    """A unique marker and a registration whose every personal field carries it."""
+    mark = uuid.uuid4().hex[:12]
+    return mark, {
+        "name": f"Ada Mk{mark} Lovelace",
+        "email": f"ada-{mark}@example.org",
+        "address": f"{mark} St James's Square",
+        "dateOfBirth": "1990-12-10",
+        "registeredDate": "2024-01-02",
+    }
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, store: EventStore, tokens: TestTokens
+) -> AsyncIterator[AsyncTestClient[Any]]:
+    app = create_app(settings, store, verifier=tokens.verifier)
+    async with AsyncTestClient(app=app) as test_client:
+        test_client.headers.update(tokens.headers(Role.ADMIN, subject="admin-erasing"))
+        yield test_client
+
+
+def stored_text(settings: Settings, table: str, patient_id: str) -> str:
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            f"SELECT topic, convert_from(state, 'UTF8') FROM {table}"
+            " WHERE originator_id = %s ORDER BY originator_version",
+            [patient_id],
+        ).fetchall()
+    return "\n".join(f"{topic} {state}" for topic, state in rows)
+
+
+def test_a_sealed_value_opens_only_for_its_subject_and_field(keyring: Keyring):
+    ada, grace = uuid.uuid4(), uuid.uuid4()
+    token = keyring.seal(ada, "name", "Ada Lovelace")
+    assert is_sealed(token) and "Ada" not in token
+    assert keyring.open(token, "name") == "Ada Lovelace"
+    with pytest.raises(UnreadableToken):
+        keyring.open(token, "email")  # moved to another field
+    moved = token.replace(str(ada), str(grace))
+    keyring.seal(grace, "name", "Grace Hopper")
+    with pytest.raises(UnreadableToken):
+        keyring.open(moved, "name")  # moved to another patient
+    assert keyring.open("stored before sealing", "name") == "stored before sealing"
+
+
+def test_concurrent_first_seals_of_one_subject_agree_on_one_key(settings: Settings):
+    subject = uuid.uuid4()
+    rings = [Keyring.from_settings(settings) for _ in range(6)]
+    tokens: list[str] = []
+    barrier = threading.Barrier(len(rings))
+
+    def seal(ring: Keyring) -> None:
+        barrier.wait()
+        tokens.append(ring.seal(subject, "name", "Ada"))
+
+    threads = [threading.Thread(target=seal, args=(ring,)) for ring in rings]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        fresh = Keyring.from_settings(settings)
+        assert [fresh.open(t, "name") for t in tokens] == ["Ada"] * len(rings)
+        fresh.close()
+    finally:
+        for ring in rings:
+            ring.close()
+
+
+def test_destroying_a_key_reaches_a_process_that_holds_it(settings: Settings):
+    subject = uuid.uuid4()
+    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    reader.listen()
+    try:
+        token = writer.seal(subject, "email", "a@example.org")
+        assert reader.open(token, "email") == "a@example.org"  # now cached by the reader
+        writer.destroy(subject)
+        assert writer.open(token, "email") is None
+        deadline = threading.Event()
+        for _ in range(100):
+            if reader.open(token, "email") is None:
+                break
+            deadline.wait(0.05)
+        assert reader.open(token, "email") is None
+        with pytest.raises(Exception, match="erased"):
+            writer.seal(subject, "email", "b@example.org")
+    finally:
+        writer.close()
+        reader.close()
+
+
+async def test_personal_fields_are_sealed_in_the_store_snapshots_and_what_is_published(
+    client, settings: Settings, store: EventStore
+):
+    mark, body = marked()
+    response = await client.post("/patients", json=body)
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == body["name"]  # the aggregate holds them in the clear
+    patient_id = response.json()["id"]
+    changed = await client.put(f"/patients/{patient_id}", json=body | {"address": f"{mark} Rd"})
+    assert changed.status_code == 200, changed.text
+    patient = store.repository.get(uuid.UUID(patient_id))
+    store.snapshots.put([Patient.Snapshot.take(patient)])  # type: ignore[union-attr]
+
+    events = stored_text(settings, "carelog_events", patient_id)
+    snapshots = stored_text(settings, "carelog_snapshots", patient_id)
+    assert "Patient.Registered" in events and "Patient.DetailsChanged" in events
+    assert "sealed:v1:" in events and "sealed:v1:" in snapshots
+    assert mark not in events and "1990-12-10" not in events
+    assert mark not in snapshots
+
+    source = EventStoreLog(store, settings.database_url)
+    source.position = int(response.headers["event-position"]) - 1
+    published = [o.envelope for o in (await source.read(50)).events]
+    mine = [e for e in published if str(e.aggregate_id) == patient_id]
+    assert [e.type for e in mine] == ["PatientRegistered", "PatientDetailsChanged"]
+    for envelope in mine:
+        assert mark not in str(envelope.data)
+        assert is_sealed(envelope.data.email) and is_sealed(envelope.data.date_of_birth)
+    opened = open_payload(store.keyring, mine[0].data)
+    assert isinstance(opened, contracts.PatientRegisteredV2)
+    assert (opened.name, opened.email) == (body["name"], body["email"])
+    assert opened.date_of_birth.isoformat() == "1990-12-10"
+
+
+async def test_erasing_answers_410_afterwards_and_keeps_the_history(
+    client, settings: Settings, store: EventStore
+):
+    _, body = marked()
+    registered = await client.post("/patients", json=body)
+    patient_id = registered.json()["id"]
+    source = EventStoreLog(store, settings.database_url)
+    source.position = int(registered.headers["event-position"]) - 1
+    sealed = next(o.envelope for o in (await source.read(5)).events)
+
+    erased = await client.post(f"/patients/{patient_id}/erase", json={"reason": "request R-1"})
+    assert erased.status_code == 200, erased.text
+    assert erased.json() == {
+        "id": patient_id,
+        "erased": True,
+        "version": 2,
+        "position": erased.json()["position"],
+    }
+    for method, path, payload in [
+        ("PUT", f"/patients/{patient_id}", body),
+        ("DELETE", f"/patients/{patient_id}", None),
+        ("PUT", f"/patients/{patient_id}/preferences", {"reminders": False}),
+        ("POST", f"/patients/{patient_id}/erase", {"reason": "again"}),
+    ]:
+        answer = await client.request(method, path, json=payload)
+        assert answer.status_code == 410, (method, path, answer.text)
+        assert answer.json()["detail"] == "the patient was erased"
+
+    # The email is free again, and the history stays: ids, types, times.
+    again = await client.post("/patients", json=body)
+    assert again.status_code == 201, again.text
+    with psycopg.connect(settings.database_url) as conn:
+        kinds = [
+            r[0]
+            for r in conn.execute(
+                "SELECT topic FROM carelog_events WHERE originator_id = %s"
+                " ORDER BY originator_version",
+                [patient_id],
+            )
+        ]
+    assert [k.rsplit(".", 1)[1] for k in kinds] == ["Registered", "Erased"]
+    erasure = stored_text(settings, "carelog_events", patient_id)
+    assert "request R-1" in erasure and "admin-erasing" in erasure
+
+    # A store (a rebuild, another process) opens nothing of theirs any more.
+    ring = Keyring.from_settings(settings)
+    fresh = EventStore(settings.database_url, keyring=ring)
+    try:
+        again_read = fresh.repository.get(uuid.UUID(patient_id))
+        assert again_read.erased and again_read.name is None and again_read.email is None
+        first = fresh.mapper.to_domain_event(fresh.recorder.select_events(uuid.UUID(patient_id))[0])
+        assert first.name is None and first.date_of_birth is None
+        assert isinstance(open_payload(ring, sealed.data), contracts.Unreadable)
+    finally:
+        fresh.close()
+        ring.close()
+
+
+async def test_an_erasure_needs_a_reason_and_the_admin_role(client, tokens: TestTokens):
+    _, body = marked()
+    patient_id = (await client.post("/patients", json=body)).json()["id"]
+    for bad, error in [
+        ({}, "is required"),
+        ({"reason": " "}, "must not be blank"),
+        ({"reason": "x" * 201}, "at most 200"),
+    ]:
+        answer = await client.post(f"/patients/{patient_id}/erase", json=bad)
+        assert answer.status_code == 400, answer.text
+        assert error in answer.json()["errors"]["reason"]
+    denied = await client.post(
+        f"/patients/{patient_id}/erase",
+        json={"reason": "r"},
+        headers=tokens.headers(Role.CLINICIAN),
+    )
+    assert denied.status_code == 403
+    unknown = await client.post(f"/patients/{uuid.uuid4()}/erase", json={"reason": "r"})
+    assert unknown.status_code == 404
+
+
+def test_a_snapshot_of_an_erased_patient_holds_nothing_readable(store: EventStore):
+    from datetime import date
+
+    from domain.patients import PatientDetails
+
+    patient = Patient.register(
+        PatientDetails("Snap Shot", "snap@example.org", "1 Lens St", date(1980, 1, 1)),
+        date(2024, 1, 1),
+    )
+    store.save(patient)
+    snapshot = Patient.Snapshot.take(patient)
+    store.snapshots.put([snapshot])  # type: ignore[union-attr]
+    assert store.keyring is not None
+    store.keyring.destroy(patient.id)
+    stored = store.snapshots.recorder.select_events(patient.id, desc=True, limit=1)  # type: ignore[union-attr]
+    again = store.mapper.to_domain_event(stored[0])
+    assert isinstance(again, Snapshot)
+    assert again.state["name"] is None and again.state["date_of_birth"] is None
