@@ -8,6 +8,11 @@ those fields' new values, never the old ones, in one jsonb column that erasure c
 The query API reads it through `page`; whoever may not see values gets the names only
 (docs/auth.md).
 
+An erasure keeps each row's version, position, type, time and actor, and what a
+registration or a preferences change set; it nulls every personal value and the field
+names of details changes (which only the values could tell). A rebuild from the store,
+where the erased patient's events are unreadable, writes the same rows.
+
 Applying is idempotent: a row is keyed by (patient, version) and never rewritten, and a
 change is compared only with an older version of the directory row.
 """
@@ -25,8 +30,11 @@ from psycopg import sql
 from domain.contracts import (
     Envelope,
     PatientDetailsChangedV1,
+    PatientErasedV1,
     PatientPreferencesChangedV1,
     PatientRegisteredV2,
+    PatientRegisteredV3,
+    Unreadable,
 )
 from readmodels.directory import LIVE, Tables
 from runtime.db import rendered
@@ -88,6 +96,20 @@ class HistoryStatements:
         )
         self._preferences = insert("jsonb_build_object('reminders', %(reminders)s::boolean)")
         self._nothing = insert("NULL")
+        # One statement: the erasure's own row, and every earlier row of the patient wiped.
+        self._erase = rendered(
+            sql.SQL(
+                "WITH wiped AS (UPDATE {h} SET"
+                " \"values\" = CASE WHEN type = 'PatientPreferencesChanged'"
+                ' THEN "values" END,'
+                " fields = CASE WHEN type = 'PatientDetailsChanged' THEN '{{}}' ELSE fields END"
+                " WHERE patient_id = %(id)s AND version < %(version)s)"
+                " INSERT INTO {h} (" + _COLUMNS + ") VALUES (%(id)s, %(version)s,"
+                " %(position)s, %(type)s, %(occurred_at)s, %(actor_id)s, %(actor_role)s,"
+                " %(correlation_id)s, %(fields)s, NULL)"
+                " ON CONFLICT (patient_id, version) DO NOTHING"
+            ).format(h=h)
+        )
         compared = sql.SQL(
             ", ".join(
                 f"('{wire}', {order}, p.{column} IS DISTINCT FROM %({column})s::{kind},"
@@ -139,7 +161,13 @@ class HistoryStatements:
         if isinstance(data, PatientPreferencesChangedV1):
             reminders = {"fields": ["reminders"], "reminders": data.reminders}
             return self._preferences, params | reminders
-        # A removal (or an event of a later version the directory learns about) sets no field.
+        if isinstance(data, PatientErasedV1):
+            return self._erase, params | {"fields": []}
+        if isinstance(data, Unreadable) and isinstance(data.sealed, PatientRegisteredV3):
+            # An erased patient's registration (a rebuild, a late delivery): what it set.
+            return self._nothing, params | {"fields": list(REGISTERED_FIELDS)}
+        # A removal, an erased patient's details change (what changed cannot be told), or
+        # an event of a later version the directory learns about: no field named.
         return self._nothing, params | {"fields": []}
 
 

@@ -86,7 +86,7 @@ def as_text(value: Any) -> str:
         raw = bytes(value)
         return raw.decode("utf-8", "replace") + raw.hex()
     if isinstance(value, dict | list):
-        return json.dumps(value)
+        return json.dumps(value, default=str)
     return str(value)
 
 
