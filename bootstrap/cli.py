@@ -258,13 +258,15 @@ def _rekey(settings: Settings) -> int:
     """Runs `commands.claims.rekey`; says what it did in one line (ids, never emails)."""
     from commands.claims import rekey
     from commands.store import EventStore
+    from runtime.crypto import Keyring
 
     try:
         key = settings.claim_secret()
     except SettingsError as exc:
         print(f"carelog claims rekey: {exc}", file=sys.stderr)
         return 1
-    store = EventStore(settings.database_url)
+    # The keyring opens each patient's sealed email, which the claim is keyed over.
+    store = EventStore(settings.database_url, keyring=Keyring.from_settings(settings))
     try:
         done = rekey(
             store,

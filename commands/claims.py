@@ -39,7 +39,7 @@ import psycopg
 
 from commands.service import PatientService
 from commands.store import EventStore
-from domain.errors import EmailTaken, PatientNotFound
+from domain.errors import EmailTaken, PatientErased, PatientNotFound
 from domain.patients import EmailClaim
 
 _REGISTERED = "domain.patients:Patient.Registered"
@@ -94,8 +94,8 @@ def rekey(
     for done, patient_id in enumerate(patients, 1):
         try:
             taken += service.keep_claim(patient_id)
-        except PatientNotFound:
-            pass  # removed: it holds no claim
+        except (PatientNotFound, PatientErased):
+            pass  # removed or erased: it holds no claim
         except EmailTaken:
             conflicts.append(patient_id)
         if progress is not None and (done % 1000 == 0 or done == len(patients)):
@@ -135,8 +135,8 @@ def _held_under_another_key(service: PatientService, database_url: str) -> list[
             continue
         try:
             email = service.get(claim.holder).email
-        except PatientNotFound:
-            stale.append(claim_id)  # a removed patient's claim would have been released
+        except (PatientNotFound, PatientErased):
+            stale.append(claim_id)  # a removed (or erased) patient's claim was released
             continue
         if service.claim_id(email) != claim_id:
             stale.append(claim_id)

@@ -182,3 +182,33 @@ async def test_a_new_key_is_refused_until_migrate_rekeys_the_claims_of_the_old_o
         client.headers.update(tokens.headers(Role.ADMIN))
         taken = await client.post("/patients", json=body(email=email))
         assert taken.status_code == 409, taken.text
+
+
+async def test_rekeying_reads_sealed_emails_and_skips_erased_patients(
+    own_settings: Settings, own_store: EventStore, tokens: TestTokens
+):
+    old, new = "o" * 32 + "-old-claim-key", "n" * 32 + "-new-claim-key"
+    kept_email, erased_email = body()["email"], body()["email"]
+    app = create_app(own_settings.with_(claim_key=old), own_store, verifier=tokens.verifier)
+    async with AsyncTestClient(app=app) as client:
+        client.headers.update(tokens.headers(Role.ADMIN))
+        assert (await client.post("/patients", json=body(email=kept_email))).status_code == 201
+        erased = await client.post("/patients", json=body(email=erased_email))
+        assert erased.status_code == 201, erased.text
+        gone = await client.post(
+            f"/patients/{erased.json()['id']}/erase", json={"reason": "request 17"}
+        )
+        assert gone.status_code == 200, gone.text
+    assert carelog(own_settings.with_(claim_key=old), "claims", "rekey").returncode == 0
+
+    rotated = own_settings.with_(claim_key=new)
+    done = carelog(rotated, "db", "migrate")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The kept patient's claim is keyed over their email as registered, not its sealed form.
+    assert email_claim_id(kept_email, new.encode()) in claim_ids(own_settings)
+    assert email_claim_id(erased_email, new.encode()) not in claim_ids(own_settings)
+    app = create_app(rotated, own_store, verifier=tokens.verifier)
+    async with AsyncTestClient(app=app) as client:
+        client.headers.update(tokens.headers(Role.ADMIN))
+        assert (await client.post("/patients", json=body(email=kept_email))).status_code == 409
+        assert (await client.post("/patients", json=body(email=erased_email))).status_code == 201
