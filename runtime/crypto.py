@@ -36,7 +36,7 @@ from psycopg_pool import ConnectionPool
 
 from domain import contracts
 from domain.privacy import SEALED_PREFIX, Personal, as_text, in_clear, is_sealed
-from runtime.settings import Settings, SettingsError
+from runtime.settings import Settings, SettingsError, master_key_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -63,14 +63,8 @@ class UnreadableToken(Exception):
 
 
 def parse_master_key(encoded: str) -> bytes:
-    """The 32-byte master key from its base64 form; ValueError if it is not one."""
-    try:
-        key = base64.b64decode(encoded.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("must be 32 bytes in base64 (e.g. `openssl rand -base64 32`)") from None
-    if len(key) != 32:
-        raise ValueError("must be 32 bytes in base64 (e.g. `openssl rand -base64 32`)")
-    return key
+    """The 32-byte master key from its base64 or hex form; ValueError if it is neither."""
+    return master_key_bytes(encoded)
 
 
 class Keyring:

@@ -61,7 +61,7 @@ fills in the local stack's addresses; production mode requires each of them.
 | | API and `carelog claims rekey` in production; after a change, `carelog db migrate` rekeys. |
 | | Development default: .stack/secrets/claim.key (made by `make up`), else a fixed |
 | | development-only key |
-| CARELOG_MASTER_KEY | 32 random bytes in base64 (`openssl rand -base64 32`): wraps every |
+| CARELOG_MASTER_KEY | 32 random bytes in base64 (`openssl rand -base64 32`) or hex: wraps every |
 | | patient's data key (runtime/crypto.py); every process that seals or opens personal data |
 | | refuses to start without it in production; losing it loses every |
 | | sealed field. Development default: .stack/secrets/master.key, else a fixed key that |
@@ -401,18 +401,32 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return settings
 
 
-def check_master_key(value: str) -> None:
-    """SettingsError unless the master key is empty (not configured) or 32 bytes in base64."""
-    if not value:
-        return
+MASTER_KEY_FORMS = "32 bytes in base64 (`openssl rand -base64 32`) or hex (`openssl rand -hex 32`)"
+
+
+def master_key_bytes(value: str) -> bytes:
+    """The 32-byte master key from its base64 or hex (64 digits) form; ValueError if it is
+    neither."""
+    text = value.strip()
     try:
-        key = base64.b64decode(value.strip(), validate=True)
+        hexadecimal = len(text) == 64
+        key = bytes.fromhex(text) if hexadecimal else base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != 32:
-        raise SettingsError(
-            f"{_NAMES['master_key']} must be 32 bytes in base64 (`openssl rand -base64 32`)"
-        )
+        raise ValueError(f"must be {MASTER_KEY_FORMS}")
+    return key
+
+
+def check_master_key(value: str) -> None:
+    """SettingsError unless the master key is empty (not configured) or in a form
+    `master_key_bytes` reads."""
+    if not value:
+        return
+    try:
+        master_key_bytes(value)
+    except ValueError:
+        raise SettingsError(f"{_NAMES['master_key']} must be {MASTER_KEY_FORMS}") from None
 
 
 _ORIGIN = re.compile(

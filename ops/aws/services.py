@@ -104,6 +104,7 @@ SERVICES: tuple[Service, ...] = (
         4011,
         max_tasks=EVENT_PARTITIONS,
         lag=Lag("carelog-directory", (PATIENT_STREAM,)),
+        secrets=(*BACKEND, MASTER_KEY),
     ),
     Service(
         "appointments",
@@ -111,6 +112,7 @@ SERVICES: tuple[Service, ...] = (
         4012,
         max_tasks=EVENT_PARTITIONS,
         lag=Lag("carelog-appointments", (APPOINTMENT_STREAM,)),
+        secrets=(*BACKEND, MASTER_KEY),
     ),
     Service(
         "patient-removals",
@@ -118,6 +120,7 @@ SERVICES: tuple[Service, ...] = (
         4013,
         max_tasks=EVENT_PARTITIONS,
         lag=Lag("carelog-patient-removals", (PATIENT_STREAM,)),
+        secrets=(*BACKEND, MASTER_KEY),
     ),
     Service(
         "analytics",
@@ -125,13 +128,14 @@ SERVICES: tuple[Service, ...] = (
         4014,
         max_tasks=EVENT_PARTITIONS,
         lag=Lag("carelog-analytics", (PATIENT_STREAM, APPOINTMENT_STREAM)),
+        secrets=(*BACKEND, MASTER_KEY),
     ),
     Service(
         "notifier",
         ("carelog", "notify"),
         4015,
         max_tasks=EVENT_PARTITIONS,
-        secrets=(*BACKEND, SMTP),
+        secrets=(*BACKEND, MASTER_KEY, SMTP),
         lag=Lag("carelog-notifier", (PATIENT_STREAM, APPOINTMENT_STREAM)),
     ),
     Service(
@@ -141,6 +145,7 @@ SERVICES: tuple[Service, ...] = (
         cpu=1024,
         memory=2048,
         max_tasks=EVENT_PARTITIONS,
+        secrets=(*BACKEND, MASTER_KEY),
         lag=Lag("carelog-billing", (PATIENT_STREAM,)),
         extra_ports=(9001,),
     ),

@@ -211,9 +211,13 @@ class CarelogStack(cdk.Stack):
             self,
             "MasterKey",
             secret_name=table.SECRET_NAMES[table.MASTER_KEY],
-            description="Master key for envelope encryption of personal data",
+            description="Master key that wraps every patient's data key (CARELOG_MASTER_KEY)",
+            # 32 random bytes as 64 hex digits, a form CARELOG_MASTER_KEY accepts.
             generate_secret_string=secretsmanager.SecretStringGenerator(
-                password_length=64, exclude_punctuation=True
+                password_length=64,
+                exclude_punctuation=True,
+                exclude_uppercase=True,
+                exclude_characters="ghijklmnopqrstuvwxyz",
             ),
         )
         self.claim_key = secretsmanager.Secret(

@@ -209,6 +209,33 @@ def test_the_signing_keys_reach_the_auth_service_alone(resources):
     assert readers == ["auth"]
 
 
+def test_the_master_key_reaches_every_process_that_opens_personal_data_and_no_other(resources):
+    key = secret_id(resources, table.SECRET_NAMES[table.MASTER_KEY])
+    readers = {
+        v["Properties"]["ServiceName"]
+        for v in of_type(resources, "AWS::ECS::Service").values()
+        if key
+        in secrets_read_by(
+            resources, ref(task_of(resources, v["Properties"]["ServiceName"])["ExecutionRoleArn"])
+        )
+    }
+    # docs/privacy.md: the relay publishes what is stored (sealed) and auth holds no patient.
+    assert readers == {s.name for s in table.SERVICES} - {"auth", "relay"}
+
+
+def test_the_generated_master_key_is_a_form_the_settings_accept(resources):
+    (master,) = [
+        v["Properties"]
+        for v in of_type(resources, "AWS::SecretsManager::Secret").values()
+        if v["Properties"].get("Name") == table.SECRET_NAMES[table.MASTER_KEY]
+    ]
+    generated = master["GenerateSecretString"]
+    # 64 characters from 0-9a-f: 32 bytes in hex.
+    assert generated["PasswordLength"] == 64
+    assert generated["ExcludeUppercase"] and generated["ExcludePunctuation"]
+    assert set("ghijklmnopqrstuvwxyz") <= set(generated["ExcludeCharacters"])
+
+
 def test_every_service_has_a_health_check_and_its_own_log_group(resources):
     services = of_type(resources, "AWS::ECS::Service")
     names = sorted(v["Properties"]["ServiceName"] for v in services.values())
