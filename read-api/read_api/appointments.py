@@ -35,6 +35,7 @@ from domain.scheduling import (
     free_slots_in,
     local_day_utc,
 )
+from read_api.queries import window_errors
 from read_api.waiting import await_position
 from readmodels import appointments as model
 from runtime import audit
@@ -138,12 +139,7 @@ def _listing_errors(values: Mapping[str, Any]) -> dict[str, str]:
             UUID(clinician)
         except ValueError:
             errors["clinicianId"] = "must be a UUID or me"
-    start, end = values.get("from"), values.get("to")
-    for name, moment in (("from", start), ("to", end)):
-        if moment is not None and moment.tzinfo is None:
-            errors[name] = "must include a UTC offset"
-    if start and end and start.tzinfo and end.tzinfo and end <= start:
-        errors["to"] = "must be after from"
+    errors |= window_errors(values)
     cursor = values.get("cursor")
     decoded = model.decode_cursor(cursor) if cursor else None
     if cursor and (decoded is None or decoded.sort != values.get("sort", "start")):

@@ -19,6 +19,7 @@ from litestar.params import Parameter
 
 from domain.errors import InvalidData
 from domain.roles import AUDIT_READERS
+from read_api.queries import window_errors
 from runtime import audit
 from runtime.http import QUERY_RULES, answers
 from runtime.security import requires
@@ -36,13 +37,7 @@ class AuditPage(msgspec.Struct, kw_only=True):
 def _rules(values: Mapping[str, Any]) -> int | None:
     """The record a page starts before; InvalidData naming each parameter that breaks a
     rule beyond its type (values typed, wire names)."""
-    errors: dict[str, str] = {}
-    start, end = values.get("from"), values.get("to")
-    for name, moment in (("from", start), ("to", end)):
-        if moment is not None and moment.tzinfo is None:
-            errors[name] = "must include a UTC offset"
-    if start and end and start.tzinfo and end.tzinfo and end <= start:
-        errors["to"] = "must be after from"
+    errors = window_errors(values)
     cursor = values.get("cursor")
     before = audit.decode_cursor(cursor) if cursor else None
     if cursor and before is None:

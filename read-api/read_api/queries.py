@@ -60,6 +60,19 @@ class PatientQuery:
             raise InvalidData(errors)
 
 
+def window_errors(values: Mapping[str, Any]) -> dict[str, str]:
+    """What is wrong with a listing's `from` and `to` times (typed): each must carry a UTC
+    offset, and `to` must come after `from`."""
+    errors: dict[str, str] = {}
+    start, end = values.get("from"), values.get("to")
+    for name, moment in (("from", start), ("to", end)):
+        if moment is not None and moment.tzinfo is None:
+            errors[name] = "must include a UTC offset"
+    if start and end and start.tzinfo and end.tzinfo and end <= start:
+        errors["to"] = "must be after from"
+    return errors
+
+
 def patient_query(values: Mapping[str, Any]) -> PatientQuery:
     """The query of a list request's typed parameters (wire names); InvalidData naming
     every parameter that breaks a rule (the cursor's included) at once."""

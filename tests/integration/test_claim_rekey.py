@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import date
 from uuid import UUID
 
@@ -17,22 +15,12 @@ from commands.store import EventStore
 from domain.patients import EmailClaim, Patient, email_claim_id, unkeyed_email_claim_id
 from domain.roles import Role
 from runtime.settings import Settings
+from tests.integration.test_dlq import carelog
 from tests.support.patients import body, details
-from tests.support.stack import ROOT, claim_key, env_for
+from tests.support.stack import claim_key
 from tests.support.tokens import TestTokens
 
 pytestmark = pytest.mark.integration
-
-
-def carelog(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bootstrap", *args],
-        env=env_for(settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def seed_unkeyed(store: EventStore, email: str, removed: bool = False) -> Patient:
