@@ -1,7 +1,8 @@
 """Process managers: commands decided in reaction to published events.
 
 `PatientRemovals` consumes `patient.events` and, for each `PatientRemoved`, cancels
-the patient's future appointments with the reason `patient-removed`.
+the patient's future appointments with the reason `patient-removed`; for each
+`PatientErased` (an erased patient keeps no appointment), with `patient-erased`.
 
 - Restart-safe: a batch is acknowledged only after every cancellation it causes is
   saved, so a crash (or kill) redelivers it and the work is done again.
@@ -32,7 +33,7 @@ from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
 from commands.scheduling import SchedulingService
-from domain.contracts import PatientRemovedV1
+from domain.contracts import PatientErasedV1, PatientRemovedV1
 from domain.events import acting_as, actor_of
 from domain.scheduling import AppointmentNotFound, InvalidTransition
 from readmodels import appointments as model
@@ -42,6 +43,9 @@ log = structlog.get_logger(__name__)
 
 GROUP = "carelog-patient-removals"
 REASON = "patient-removed"
+ERASED_REASON = "patient-erased"
+REASONS: dict[type, str] = {PatientRemovedV1: REASON, PatientErasedV1: ERASED_REASON}
+"""The events that end a patient's appointments, and the cancellation reason of each."""
 
 CANCELLED = Counter(
     "carelog_patient_removal_cancellations_total",
@@ -68,7 +72,8 @@ class PatientRemovals(EventBatchWorker):
 
     async def apply(self, batch: Batch) -> None:
         for envelope, data in batch:
-            if not isinstance(data, PatientRemovedV1):
+            reason = REASONS.get(type(data))
+            if reason is None:
                 continue
             await self._caught_up(envelope.position)
             async with self.pool.connection() as conn:
@@ -77,18 +82,19 @@ class PatientRemovals(EventBatchWorker):
             with acting_as(actor_of(envelope.actor_id, envelope.actor_role, GROUP)):
                 for appointment_id in future:
                     outcome = await anyio.to_thread.run_sync(
-                        self._cancel, appointment_id, envelope.correlation_id
+                        self._cancel, appointment_id, reason, envelope.correlation_id
                     )
                     CANCELLED.labels(outcome).inc()
             log.info(
-                "removed patient's appointments cancelled",
+                "patient's appointments cancelled",
                 patient_id=str(envelope.aggregate_id),
+                reason=reason,
                 appointments=len(future),
             )
 
-    def _cancel(self, appointment_id: Any, correlation_id: str | None) -> str:
+    def _cancel(self, appointment_id: Any, reason: str, correlation_id: str | None) -> str:
         try:
-            self.scheduling.cancel(appointment_id, REASON, None, correlation_id)
+            self.scheduling.cancel(appointment_id, reason, None, correlation_id)
         except (InvalidTransition, AppointmentNotFound):
             return "skipped"  # already cancelled, completed or gone: done before
         return "cancelled"

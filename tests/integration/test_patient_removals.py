@@ -108,3 +108,54 @@ async def test_a_killed_process_manager_cancels_every_future_appointment_exactly
         reactions.stop()
         model.stop()
         relay.stop()
+
+
+async def test_erasing_a_patient_cancels_their_future_appointments_and_no_others(
+    own_settings: Settings, own_store: EventStore, tmp_path: Path
+):
+    settings, store = own_settings, own_store
+    patients, scheduling = PatientService(store, claim_key()), SchedulingService(store)
+    erased = patients.register(details("Asked To Be Forgotten"), date(2024, 1, 1)).patient_id
+    kept = patients.register(details("Stays On"), date(2024, 1, 1)).patient_id
+    clinician = scheduling.register_clinician(
+        parse_clinician(
+            name="Dr Erasure", email="erasure@example.org", timezone="UTC", working_hours=ALWAYS
+        )
+    ).id
+    first = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=2)
+
+    def book(person: UUID, i: int) -> UUID:
+        timing = Timing(first + timedelta(minutes=30 * i), 30)
+        return scheduling.book(Booking(person, clinician, timing, "private reason")).id
+
+    theirs = [book(erased, i) for i in range(3)]
+    others = [book(kept, i) for i in range(3, 5)]
+    start = (store.recorder.max_notification_id() or 0) + 1
+    processes = [
+        Process(["relay"], settings, "relay", tmp_path / "relay").start(),
+        Process(
+            ["project", "appointments"], settings, "appointments", tmp_path / "appointments"
+        ).start(),
+        Process(
+            ["react", "patient-removals"], settings, "reactions", tmp_path / "reactions"
+        ).start(),
+    ]
+    try:
+        with acting_as(Actor("admin-7", "admin")):
+            patients.erase(erased, "request 2024-17", "admin-7", correlation_id="erasure-7")
+
+        def all_cancelled() -> list[tuple[UUID, str, str | None]] | None:
+            found = cancellations(store, start)
+            return found if len(found) >= len(theirs) else None
+
+        await wait_for(all_cancelled)
+        await asyncio.sleep(1.0)  # a cancellation of the other patient's would show by now
+        found = cancellations(store, start)
+        assert sorted(a for a, _, _ in found) == sorted(theirs)
+        assert {reason for _, reason, _ in found} == {"patient-erased"}
+        assert {corr for _, _, corr in found} == {"erasure-7"}
+        assert cancellers(store, start) == {("admin-7", "admin")}
+        assert not set(others) & {a for a, _, _ in found}
+    finally:
+        for process in reversed(processes):
+            process.stop()
