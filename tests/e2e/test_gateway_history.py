@@ -18,8 +18,8 @@ import pytest
 from auth.service import DEV_EMAIL, DEV_PASSWORD
 from domain.roles import Role
 from tests.support.patients import body
-from tests.support.revocation import Stack, revocation_stack
-from tests.support.stack import Process, eventually
+from tests.support.revocation import Stack, projected_stack
+from tests.support.stack import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -29,16 +29,8 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home: Path = tmp_path_factory.mktemp("gateway-history")
-    with revocation_stack(home, gateway=True) as up:
-        relay = Process(["relay"], up.settings, "relay", home / "relay").start()
-        projection = Process(
-            ["project", "directory"], up.settings, "projection", home / "projection"
-        ).start()
-        try:
-            yield up
-        finally:
-            projection.stop()
-            relay.stop()
+    with projected_stack(home) as up:
+        yield up
 
 
 @pytest.fixture

@@ -28,8 +28,7 @@ from typing import Any
 import pytest
 
 from auth.service import DEV_EMAIL, DEV_PASSWORD
-from tests.support.revocation import Stack, revocation_stack
-from tests.support.stack import Process
+from tests.support.revocation import Stack, projected_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -41,16 +40,8 @@ PATH (a missing formatter would otherwise be reported as a warning)."""
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home: Path = tmp_path_factory.mktemp("generated-client")
-    with revocation_stack(home, gateway=True) as up:
-        relay = Process(["relay"], up.settings, "relay", home / "relay").start()
-        projection = Process(
-            ["project", "directory"], up.settings, "projection", home / "projection"
-        ).start()
-        try:
-            yield up
-        finally:
-            projection.stop()
-            relay.stop()
+    with projected_stack(home) as up:
+        yield up
 
 
 def generate(gateway: str, document: str, out: Path) -> ModuleType:

@@ -32,7 +32,7 @@ import pytest
 from domain.roles import Role
 from runtime.settings import Settings
 from tests.support.patients import body
-from tests.support.stack import Process, eventually, free_port, isolated_settings
+from tests.support.stack import Process, eventually, isolated_settings, with_own_auth
 from tests.support.tokens import TestTokens
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -44,15 +44,7 @@ REGISTERED = "domain.patients:Patient.Registered"
 def command_api(tmp: Path) -> Iterator[tuple[Settings, Process, dict[str, str]]]:
     """An isolated database, auth (for the keys) and the command API as real processes."""
     with isolated_settings("ki") as settings:
-        settings = settings.with_(ports={**settings.ports, "auth": free_port()})
-        settings = settings.with_(
-            jwks_url=f"http://127.0.0.1:{settings.ports['auth']}/auth/.well-known/jwks.json"
-        )
-        env = {
-            "CARELOG_AUTH_PORT": str(settings.ports["auth"]),
-            "CARELOG_AUTH_KEYS_DIR": str(tmp / "keys"),
-            "CARELOG_JWKS_URL": settings.jwks_url,
-        }
+        settings, env = with_own_auth(settings, tmp / "keys")
         tokens = TestTokens(tmp / "keys")
         auth = Process(["serve", "auth"], settings, "auth", tmp / "auth", env=env).start()
         commands = Process(["serve", "commands"], settings, "commands", tmp / "commands", env=env)

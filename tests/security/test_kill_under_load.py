@@ -53,6 +53,7 @@ from tests.support.stack import (
     eventually,
     free_port,
     isolated_settings,
+    with_own_auth,
 )
 from tests.support.tokens import TestTokens
 
@@ -113,15 +114,7 @@ class Pipeline:
 @contextmanager
 def pipeline(settings: Settings, tmp: Path) -> Iterator[Pipeline]:
     """Auth (for the keys), the command API, the relay, the directory and billing."""
-    settings = settings.with_(ports={**settings.ports, "auth": free_port()})
-    settings = settings.with_(
-        jwks_url=f"http://127.0.0.1:{settings.ports['auth']}/auth/.well-known/jwks.json"
-    )
-    env = {
-        "CARELOG_AUTH_PORT": str(settings.ports["auth"]),
-        "CARELOG_AUTH_KEYS_DIR": str(tmp / "keys"),
-        "CARELOG_JWKS_URL": settings.jwks_url,
-    }
+    settings, env = with_own_auth(settings, tmp / "keys")
     tokens = TestTokens(tmp / "keys")
     processes: dict[str, Process] = {}
     try:

@@ -143,3 +143,19 @@ async def status_within(
         if time.monotonic() >= deadline:
             return response
         await asyncio.sleep(0.05)
+
+
+@contextmanager
+def projected_stack(home: Path) -> Iterator[Stack]:
+    """`revocation_stack` with a gateway, plus the relay and the directory projection, so
+    that what is written through the gateway can be read back through it."""
+    with revocation_stack(home, gateway=True) as up:
+        relay = Process(["relay"], up.settings, "relay", home / "relay").start()
+        projection = Process(
+            ["project", "directory"], up.settings, "projection", home / "projection"
+        ).start()
+        try:
+            yield up
+        finally:
+            projection.stop()
+            relay.stop()

@@ -47,6 +47,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def with_own_auth(settings: Settings, keys: Path) -> tuple[Settings, dict[str, str]]:
+    """`settings` for services that check tokens against an auth service of the test's own
+    (on a free port, signing with the keys under `keys`), and the environment that starts
+    that auth service and those services so."""
+    settings = settings.with_(ports={**settings.ports, "auth": free_port()})
+    settings = settings.with_(
+        jwks_url=f"http://127.0.0.1:{settings.ports['auth']}/auth/.well-known/jwks.json"
+    )
+    env = {
+        "CARELOG_AUTH_PORT": str(settings.ports["auth"]),
+        "CARELOG_AUTH_KEYS_DIR": str(keys),
+        "CARELOG_JWKS_URL": settings.jwks_url,
+    }
+    return settings, env
+
+
 def with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
