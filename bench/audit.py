@@ -39,6 +39,7 @@ from bench.wrk import get_script
 from bootstrap.database import migrate
 from read_api.app import create_app
 from runtime.audit import Disclosure
+from runtime.http import served
 from runtime.settings import Settings
 
 PATIENTS = 500
@@ -67,8 +68,10 @@ def unaudited_worker() -> Litestar:
     from bootstrap.cli import worker_settings
     from runtime.security import with_verifier
 
-    return with_verifier(
-        functools.partial(create_app, audit_writer=NoAudit), worker_settings("read-api")
+    return served(
+        with_verifier(
+            functools.partial(create_app, audit_writer=NoAudit), worker_settings("read-api")
+        )
     )
 
 

@@ -6,7 +6,7 @@ from litestar import Litestar
 
 from auth.app import create_app
 from auth.config import AuthSettings
-from runtime.http import serve
+from runtime.http import serve, served
 from runtime.settings import Settings
 
 
@@ -14,7 +14,7 @@ def worker() -> Litestar:
     """One worker process's app: `serve` has each worker import and call this."""
     from bootstrap.cli import auth_settings, worker_settings
 
-    return create_app(worker_settings("auth"), auth_settings("auth"))
+    return served(create_app(worker_settings("auth"), auth_settings("auth")))
 
 
 def run(settings: Settings, auth: AuthSettings) -> None:

@@ -33,7 +33,7 @@ from domain.billing import BILLING_STREAM
 from runtime.consumers import subscribe
 from runtime.crypto import Keyring
 from runtime.db import open_pool
-from runtime.http import HealthServer, serve_health
+from runtime.http import HealthServer, serve_health, settle_heap
 from runtime.kafka import ensure_topics, kafka_broker, reliable_producer, wait_for_kafka
 from runtime.publisher import Publisher
 from runtime.security import TokenVerifier
@@ -144,6 +144,7 @@ async def start(
 async def run(settings: Settings, config: BillingConfig) -> None:
     """Runs billing until SIGTERM or SIGINT."""
     running = await start(settings, config)
+    settle_heap()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from litestar import Litestar
 
 from commands.api import create_app
-from runtime.http import serve
+from runtime.http import serve, served
 from runtime.security import with_verifier
 from runtime.settings import Settings
 
@@ -19,7 +19,7 @@ def worker() -> Litestar:
     """One worker process's app: `serve` has each worker import and call this."""
     from bootstrap.cli import worker_settings
 
-    return app(worker_settings("commands"))
+    return served(app(worker_settings("commands")))
 
 
 def run(settings: Settings) -> None:

@@ -38,7 +38,7 @@ from runtime.cache import redis_for
 from runtime.consumers import EventBatchWorker, subscribe
 from runtime.crypto import Keyring
 from runtime.db import open_pool
-from runtime.http import Check, broker_check, database_check, serve_health
+from runtime.http import Check, broker_check, database_check, serve_health, settle_heap
 from runtime.kafka import ensure_topics, kafka_broker, wait_for_kafka
 from runtime.settings import Settings
 
@@ -145,6 +145,7 @@ async def _run(
         loop.add_signal_handler(sig, stopping.set)
     await broker.start()
     server = await serve_health(checks, settings.http_host, settings.ports[port])
+    settle_heap()
     log.info("projection started", topics=topics, group=group)
     started = time.monotonic()
     await stopping.wait()

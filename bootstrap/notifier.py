@@ -17,7 +17,7 @@ from notifications.sender import Sender, plan_reminders
 from runtime.consumers import subscribe
 from runtime.crypto import Keyring
 from runtime.db import open_pool
-from runtime.http import broker_check, database_check, serve_health
+from runtime.http import broker_check, database_check, serve_health, settle_heap
 from runtime.kafka import ensure_topics, kafka_broker, wait_for_kafka
 from runtime.settings import Settings
 
@@ -64,6 +64,7 @@ async def run(settings: Settings, config: NotifierConfig) -> None:
     server = await serve_health(
         {"database": database, "kafka": kafka}, settings.http_host, settings.ports["notifier"]
     )
+    settle_heap()
     log.info("notifier started", topics=topics, group=group, smtp_port=config.smtp_port)
     await stopping.wait()
     await server.stop()

@@ -10,7 +10,7 @@ import anyio
 
 from commands.relay import EventStoreLog
 from commands.store import EventStore
-from runtime.http import serve_health
+from runtime.http import serve_health, settle_heap
 from runtime.kafka import ensure_topics, reliable_producer, wait_for_kafka
 from runtime.publisher import Publisher
 from runtime.settings import Settings
@@ -44,6 +44,7 @@ async def run(settings: Settings) -> None:
         settings.http_host,
         settings.ports["relay"],
     )
+    settle_heap()
     try:
         await publisher.run()
     finally:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import select
 from typing import Any
 
 import structlog
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 log = structlog.get_logger(__name__)
@@ -21,16 +23,20 @@ async def open_pool(
     then costs no COMMIT round trip when the connection goes back.
 
     A server restart (or a terminated backend) leaves the pool holding connections
-    that are already closed; the check (one empty query) finds one before a request
-    does, and the pool hands out another. The first broken one also has every idle
-    connection checked at once, so the rest are replaced together rather than
-    discovered one request at a time.
+    that are already closed; the check finds one before a request does, and the pool
+    hands out another. The first broken one also has every idle connection checked at
+    once, so the rest are replaced together rather than discovered one request at a
+    time.
+
+    The check costs no round trip while the connection is quiet (see `_quiet`); one
+    the server has said anything on since gets an empty query.
     """
     sweeping: set[asyncio.Task[None]] = set()
 
     async def check(conn: Any) -> None:
         try:
-            await AsyncConnectionPool.check_connection(conn)
+            if not _quiet(conn):
+                await AsyncConnectionPool.check_connection(conn)
         except Exception:
             if not sweeping:
                 log.warning("pooled database connection broken; checking the others")
@@ -50,6 +56,21 @@ async def open_pool(
     )
     await pool.open(wait=True, timeout=30)
     return pool
+
+
+def _quiet(conn: Any) -> bool:
+    """True when an idle pooled connection has nothing waiting to be read.
+
+    A server that ends a backend (a restart, `pg_terminate_backend`) says so and closes
+    the socket, which makes it readable; so does anything else the server sends
+    unasked. A quiet socket is one the server has not touched since the connection went
+    back to the pool: handed out as it is, without the round trip of an empty query.
+    """
+    if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+        return False
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN | select.POLLPRI)
+    return not poller.poll(0)
 
 
 def rendered(statement: sql.Composable) -> bytes:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import gc
 import re
 import uuid
 import weakref
@@ -753,13 +754,40 @@ async def run_checks(checks: Mapping[str, Check | Soft], timeout: float = 2.0) -
     return dict(zip(names, outcomes, strict=True))
 
 
+def settle_heap() -> None:
+    """Takes what this process has built so far out of the cycle collector's way.
+
+    A service's modules, app, routes, schemas and pools live as long as the process,
+    yet CPython's full collections walk all of them each time: in the query API about
+    80 ms a time, twice a second under load, with every request in flight stalled
+    behind it (its p99). Called once a long-running process has started: garbage is
+    collected, then the survivors move to the permanent generation (`gc.freeze`), so
+    full collections walk only what came since. Only for the process that serves; a
+    test process would keep its fixtures' cycles for ever.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+async def _settled(app: Litestar) -> None:
+    settle_heap()
+
+
+def served(app: Litestar) -> Litestar:
+    """`app` as a served worker process runs it: its heap settled once it has started
+    (`settle_heap`). Each `serve` factory returns its app through this."""
+    app.on_startup.append(_settled)
+    return app
+
+
 def serve(factory: str, host: str, port: int, workers: int = 1) -> None:
     """Serves the app `factory` makes, with Granian, until SIGTERM or SIGINT.
 
-    `factory` is "module:function", a function without arguments that returns the app:
-    each of the `workers` processes imports and calls it (so settings come from the
-    environment, which the workers inherit). With more than one worker, metrics must be
-    shared before anything imports prometheus_client (`carelog serve` does that).
+    `factory` is "module:function", a function without arguments that returns the app
+    (through `served`): each of the `workers` processes imports and calls it (so
+    settings come from the environment, which the workers inherit). With more than one
+    worker, metrics must be shared before anything imports prometheus_client
+    (`carelog serve` does that).
     """
     from granian import Granian
     from granian.constants import Interfaces, Loops
