@@ -197,7 +197,6 @@ def _headers(written: Written) -> dict[str, str]:
 async def register_patient(
     data: JSONBody[PatientInput],
     service: NamedDependency[PatientService],
-    keys: NamedDependency[IdempotencyKeys],
     request: Request[Any, Any, Any],
 ) -> Response[PatientOut]:
     correlation_id = correlation_of(request.scope)
@@ -205,7 +204,7 @@ async def register_patient(
     details, registered = _parse(_fields(data), parse_registration)
 
     def register() -> Written:
-        patient_id = once(keys, idempotency.REGISTER_PATIENT, key, request, data)
+        patient_id = once(idempotency.REGISTER_PATIENT, key, request, data)
         return service.register(details, registered, correlation_id, patient_id)
 
     written = await anyio.to_thread.run_sync(register)
@@ -321,16 +320,18 @@ async def set_preferences(
 
 
 def once(
-    keys: IdempotencyKeys,
     operation: str,
     key: str | None,
     request: Request[Any, Any, Any],
     data: msgspec.Struct,
 ) -> UUID | None:
     """The id an idempotent create's resource gets (None without a key): reserved under
-    the caller's key, so a retry of the request gets the same one."""
+    the caller's key, so a retry of the request gets the same one. The keys are the
+    app's (`app.state`), not a dependency: a handler with two dependencies has Litestar
+    resolve them in a task group, a cost on every request."""
     if key is None:
         return None
+    keys: IdempotencyKeys = request.app.state[idempotency.STATE_KEY]
     actor = str(request.state.claims.subject)
     return keys.reserve(operation, actor, key, idempotency.body_hash(msgspec.json.encode(data)))
 
@@ -441,7 +442,7 @@ def create_app(
     """
     from commands import scheduling_api  # its routes use this module's shared pieces
 
-    built: list[tuple[PatientService, SchedulingService, IdempotencyKeys]] = []
+    built: list[tuple[PatientService, SchedulingService]] = []
 
     async def start(app: Litestar) -> None:
         # SettingsError (CARELOG_CLAIM_KEY unset): the app refuses to start without it.
@@ -456,7 +457,8 @@ def create_app(
         patients = PatientService(event_store, claim_key)
         # One group-commit queue for every write, so concurrent commands share commits.
         scheduling = SchedulingService(event_store, patients.writer)
-        built.append((patients, scheduling, IdempotencyKeys(event_store)))
+        built.append((patients, scheduling))
+        app.state[idempotency.STATE_KEY] = IdempotencyKeys(event_store)
 
     async def stop(app: Litestar) -> None:
         if store is None and built:
@@ -469,9 +471,6 @@ def create_app(
 
     def scheduling_service() -> SchedulingService:
         return built[0][1]
-
-    def idempotency_keys() -> IdempotencyKeys:
-        return built[0][2]
 
     async def database() -> None:
         await anyio.to_thread.run_sync(built[0][0].store.recorder.max_notification_id)
@@ -494,7 +493,6 @@ def create_app(
         dependencies={
             "service": Provide(patient_service, sync_to_thread=False),
             "scheduling": Provide(scheduling_service, sync_to_thread=False),
-            "keys": Provide(idempotency_keys, sync_to_thread=False),
         },
         on_startup=[start],
         on_shutdown=[stop],

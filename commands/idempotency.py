@@ -34,6 +34,8 @@ KEY_MAX = 255
 KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 """Printable ASCII without spaces, 1 to 255 characters (a UUID is the usual choice)."""
 _KEY = re.compile(KEY_PATTERN)
+STATE_KEY = "idempotency"
+"""Where the command API keeps its `IdempotencyKeys`: `app.state.idempotency`."""
 TTL = timedelta(hours=24)
 """How long a key stands for the resource it created."""
 CLEANUP_SECONDS = 600.0

@@ -22,7 +22,6 @@ from litestar.params import FromPath, JSONBody
 
 from commands import idempotency
 from commands.api import COMMANDS, POSITION_HEADER, expected_version, once
-from commands.idempotency import IdempotencyKeys
 from commands.scheduling import NotYourAppointment, Saved, SchedulingService, TimeOffNotFound
 from domain.roles import APPOINTMENT_ATTENDERS, APPOINTMENT_BOOKERS, CLINICIAN_ADMINS, Role
 from domain.scheduling import (
@@ -410,7 +409,6 @@ async def link_user(
 async def book_appointment(
     data: JSONBody[BookingInput],
     scheduling: NamedDependency[SchedulingService],
-    keys: NamedDependency[IdempotencyKeys],
     request: Request[Any, Any, Any],
 ) -> Response[AppointmentOut]:
     correlation_id = correlation_of(request.scope)
@@ -418,7 +416,7 @@ async def book_appointment(
     booking = _booking_of(_wire(data))
 
     def book() -> Saved:
-        appointment_id = once(keys, idempotency.BOOK_APPOINTMENT, key, request, data)
+        appointment_id = once(idempotency.BOOK_APPOINTMENT, key, request, data)
         return scheduling.book(booking, correlation_id, appointment_id)
 
     saved = await _run(book, "BookAppointment")
