@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import psycopg
+from eventsourcing.utils import resolve_topic
 from prometheus_client import Gauge
 
 from commands.store import EventStore
@@ -27,6 +28,18 @@ POSITION = Gauge("carelog_publisher_position", "Last position a publisher record
 
 WAIT_SECONDS = 1.0
 """Longest the relay waits for an announcement before reading the store anyway."""
+
+_public: dict[str, bool] = {}
+
+
+def published(topic: str) -> bool:
+    """Whether events stored under `topic` are published: others (an email claim's) are
+    not even decoded. The topic resolves as the store's mapper resolves it (so a class
+    stored under an older topic still counts), once per topic."""
+    known = _public.get(topic)
+    if known is None:
+        known = _public[topic] = resolve_topic(topic) in CONTRACTS
+    return known
 
 
 class EventStoreLog:
@@ -77,6 +90,8 @@ class EventStoreLog:
         )
         events = []
         for notification in notifications:
+            if not published(notification.topic):
+                continue  # an internal event, such as an email claim
             # Personal fields stay sealed: Kafka's copies are erased with the patient's key.
             event = self.store.sealed_mapper.to_domain_event(notification)
             envelope = envelope_for(event, notification.id)
