@@ -12,16 +12,18 @@ reason. Only one sender runs at a time (an advisory lock).
 A message carries a `Message-ID` derived from its ledger key and only what the
 patient needs: no diagnosis, no reason for the visit. After sending, the ledger
 keeps ids, purpose and state; the address and the text are never stored.
+
+The claimed batch's directory records are read in one query with the claim; each
+outcome is then one autocommitted UPDATE (no transaction held open across the SMTP
+exchange), recorded before the next message is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -38,8 +40,9 @@ from tenacity import RetryCallState, wait_exponential_jitter
 
 from notifications.config import NotifierConfig
 from notifications.intake import REMINDER, about, plan
+from notifications.mail import Headers, Mail, compose
 from readmodels import appointments as schedule
-from readmodels.directory import get_record
+from readmodels.directory import DirectoryRecord, get_records
 
 log = structlog.get_logger(__name__)
 
@@ -85,10 +88,21 @@ class Sender:
         self.pool = pool
         self.config = config
         self.zone = ZoneInfo(timezone)
-        self.templates = jinja2.Environment(
+        templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES),
             autoescape=jinja2.select_autoescape(["html.j2"]),
             undefined=jinja2.StrictUndefined,
+        )
+        self.templates = {
+            purpose: (
+                templates.get_template(f"{purpose}.txt.j2"),
+                templates.get_template(f"{purpose}.html.j2"),
+            )
+            for purpose in SUBJECTS
+        }
+        self.headers = Headers.of(
+            config.mail_from,
+            {p: s.format(practice=config.practice_name) for p, s in SUBJECTS.items()},
         )
         self._wait = wait_exponential_jitter(
             initial=config.first_retry_seconds, max=config.max_retry_seconds
@@ -141,24 +155,30 @@ class Sender:
                     [limit],
                 )
                 due = [Due(**row) for row in await cur.fetchall()]
-                if due:
-                    await cur.execute(
-                        "UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
-                        " updated_at = now() WHERE id = ANY(%s)",
-                        [[d.id for d in due]],
-                    )
+                if not due:
+                    return 0
+                await cur.execute(
+                    "UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
+                    " updated_at = now() WHERE id = ANY(%s)",
+                    [[d.id for d in due]],
+                )
+                records = await get_records(conn, [d.patient_id for d in due])
+            await conn.set_autocommit(True)
             try:
                 for item in due:
-                    await self._one(conn, item)
+                    await self._one(conn, item, records.get(item.patient_id))
             finally:
                 await self._hang_up()
+                if not conn.closed:
+                    await conn.set_autocommit(False)
         return len(due)
 
-    async def _one(self, conn: psycopg.AsyncConnection[Any], item: Due) -> None:
+    async def _one(
+        self, conn: psycopg.AsyncConnection[Any], item: Due, record: DirectoryRecord | None
+    ) -> None:
         attempt = item.attempts + 1
         try:
-            message = await self._compose(conn, item)
-            await self._deliver(message)
+            await self._deliver(await self._compose(conn, item, record))
         except Permanent as exc:
             await self._record(conn, item, "given-up", str(exc))
             GIVEN_UP.labels(str(exc).split(":", 1)[0]).inc()
@@ -196,7 +216,6 @@ class Sender:
             " details = CASE WHEN %s THEN NULL ELSE details END WHERE id = %s",
             [status, error, timedelta(seconds=retry_in), status == "sent", final, item.id],
         )
-        await conn.commit()
         SENT.labels(item.purpose, status).inc()
         log.info(
             "notification " + status,
@@ -206,8 +225,9 @@ class Sender:
             error=error,
         )
 
-    async def _compose(self, conn: psycopg.AsyncConnection[Any], item: Due) -> EmailMessage:
-        record = await get_record(conn, item.patient_id)
+    async def _compose(
+        self, conn: psycopg.AsyncConnection[Any], item: Due, record: DirectoryRecord | None
+    ) -> Mail:
         if record is None:
             raise NotYet("waiting: the directory does not know the patient yet")
         if record.removed:
@@ -238,18 +258,18 @@ class Sender:
                 "clinician": clinician.name,
                 "when": start.astimezone(self.zone).strftime("%A %d %B %Y at %H:%M"),
             }
-        message = EmailMessage()
-        message["From"] = self.config.mail_from
-        message["To"] = record.email
-        message["Subject"] = SUBJECTS[item.purpose].format(practice=self.config.practice_name)
-        message["Message-ID"] = f"<{item.id}@carelog>"
-        message["Date"] = email.utils.formatdate(localtime=False)
-        message["X-Carelog-Purpose"] = item.purpose
-        message.set_content(self.templates.get_template(f"{item.purpose}.txt.j2").render(context))
-        message.add_alternative(
-            self.templates.get_template(f"{item.purpose}.html.j2").render(context), subtype="html"
-        )
-        return message
+        text, html = self.templates[item.purpose]
+        try:
+            return compose(
+                self.headers,
+                recipient=record.email,
+                message_id=item.id,
+                purpose=item.purpose,
+                text=text.render(context),
+                html=html.render(context),
+            )
+        except ValueError:  # a line break in the address
+            raise Permanent("bad address") from None
 
     async def _session(self) -> aiosmtplib.SMTP:
         """One SMTP session for a batch of messages (connected, TLS, logged in)."""
@@ -272,10 +292,12 @@ class Sender:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await client.quit()
 
-    async def _deliver(self, message: EmailMessage) -> None:
+    async def _deliver(self, mail: Mail) -> None:
         try:
             client = await self._session()
-            await client.send_message(message)
+            await client.sendmail(
+                mail.mail_from, [mail.recipient], mail.data, mail_options=mail.options
+            )
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, OSError):
             self._smtp = None  # reconnect for the next message
             raise

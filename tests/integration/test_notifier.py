@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, date, datetime, timedelta
-from email import message_from_bytes
+from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -207,6 +207,55 @@ async def test_a_refusing_server_gives_retry_then_given_up(own_settings: Setting
         assert handler.calls == 2
         await asyncio.sleep(0.3)
         assert await sender.send_due() == 0  # given up: never tried again
+    finally:
+        await pool.close()
+        controller.stop()
+
+
+class Keeping:
+    """An SMTP handler that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.received.append((envelope.mail_from, envelope.rcpt_tos, envelope.original_content))
+        return "250 OK"
+
+
+async def test_a_message_reads_back_as_written_names_beyond_ascii_too(own_settings: Settings):
+    port = free_port()
+    handler = Keeping()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    patient, name, practice = uuid4(), "Zoë Ångström-Nguyễn", "Clínica Sør-Øst"
+    address = f"zoe-{patient.hex[:8]}@example.org"
+    pool = await open_pool(own_settings.database_url, min_size=1, max_size=2)
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
+                " email_key, address, date_of_birth, registered_date)"
+                " VALUES (%s, 1, 1, %s, 'zoe', %s, %s, 'x', '1990-01-01', '2024-01-01')",
+                [patient, name, address, address],
+            )
+            async with conn.cursor() as cur:
+                await plan(cur, f"event:{uuid4()}", WELCOME, patient, None)
+            await conn.commit()
+        config = NotifierConfig(smtp_port=port, practice_name=practice)
+        assert await Sender(pool, config, "UTC").send_due() == 1
+        assert ledger(own_settings)[-1][1] == "sent"
+        [(mail_from, recipients, raw)] = handler.received
+        assert (mail_from, recipients) == ("no-reply@carelog.invalid", [address])
+        message = message_from_bytes(raw, policy=policy.default)
+        assert message["Subject"] == f"Welcome to {practice}"
+        assert message["To"] == address
+        assert message["X-Carelog-Purpose"] == WELCOME
+        assert message["Message-ID"].endswith("@carelog>")
+        parts = {p.get_content_type(): p.get_content() for p in message.iter_parts()}
+        assert set(parts) == {"text/plain", "text/html"}
+        assert f"Dear {name}," in parts["text/plain"] and practice in parts["text/plain"]
+        assert f"Dear {name}," in parts["text/html"] and practice in parts["text/html"]
     finally:
         await pool.close()
         controller.stop()
