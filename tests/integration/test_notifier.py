@@ -16,6 +16,7 @@ from typing import Any
 from uuid import uuid4
 
 import psycopg
+import pytest
 from aiosmtpd.controller import Controller
 
 from commands.scheduling import SchedulingService
@@ -256,6 +257,51 @@ async def test_a_message_reads_back_as_written_names_beyond_ascii_too(own_settin
         assert set(parts) == {"text/plain", "text/html"}
         assert f"Dear {name}," in parts["text/plain"] and practice in parts["text/plain"]
         assert f"Dear {name}," in parts["text/html"] and practice in parts["text/html"]
+    finally:
+        await pool.close()
+        controller.stop()
+
+
+async def test_a_batch_that_stops_short_still_records_what_went_out(own_settings: Settings):
+    port = free_port()
+    handler = Keeping()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    patient = uuid4()
+    pool = await open_pool(own_settings.database_url, min_size=1, max_size=2)
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
+                " email_key, address, date_of_birth, registered_date)"
+                " VALUES (%s, 1, 1, 'Ann Short', 'ann short', 'ann@example.org',"
+                " 'ann@example.org', 'x', '1990-01-01', '2024-01-01')",
+                [patient],
+            )
+            async with conn.cursor() as cur:
+                await plan(cur, f"event:{uuid4()}", WELCOME, patient, None)
+                # Second in the batch, and broken: nothing the sender knows how to handle.
+                await plan(
+                    cur,
+                    f"event:{uuid4()}",
+                    "booking-confirmation",
+                    patient,
+                    {"appointmentId": "not an id"},
+                )
+                await cur.execute(
+                    "UPDATE notifications SET next_attempt_at = now() - interval '1 minute'"
+                    " WHERE purpose = %s",
+                    [WELCOME],
+                )
+            await conn.commit()
+        sender = Sender(pool, NotifierConfig(smtp_port=port), "UTC")
+        with pytest.raises(ValueError, match="badly formed"):
+            await sender.send_due()
+        assert len(handler.received) == 1
+        assert sorted(r[:2] for r in ledger(own_settings)) == [
+            ("booking-confirmation", "sending"),  # in doubt: given up by the next leader
+            (WELCOME, "sent"),
+        ]
     finally:
         await pool.close()
         controller.stop()
