@@ -13,8 +13,9 @@ from datetime import UTC, date, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
+import msgspec
 import psycopg
 import pytest
 from aiosmtpd.controller import Controller
@@ -22,6 +23,7 @@ from aiosmtpd.controller import Controller
 from commands.scheduling import SchedulingService
 from commands.service import PatientService
 from commands.store import EventStore
+from domain import contracts
 from domain.scheduling import Booking, Timing, parse_clinician
 from notifications.config import NotifierConfig
 from notifications.intake import WELCOME, NotificationIntake, plan
@@ -305,6 +307,39 @@ async def test_a_batch_that_stops_short_still_records_what_went_out(own_settings
     finally:
         await pool.close()
         controller.stop()
+
+
+async def test_a_batch_owes_each_message_once_even_with_an_event_twice_in_it(
+    own_settings: Settings,
+):
+    def registered(patient: UUID) -> tuple[contracts.Envelope[Any], Any]:
+        data = contracts.PatientRegisteredV2(
+            name="Ann Twice",
+            given_name="Ann",
+            family_name="Twice",
+            email="ann@example.org",
+            address="1 Road",
+            date_of_birth=date(1990, 1, 1),
+            registered_date=date(2024, 1, 1),
+        )
+        return contracts.envelope(
+            data,
+            aggregate_id=patient,
+            aggregate_version=1,
+            position=1,
+            occurred_at=datetime.now(UTC),
+        ), data
+
+    first, second, late = registered(uuid4()), registered(uuid4()), registered(uuid4())
+    late = (msgspec.structs.replace(late[0], occurred_at=datetime(2020, 1, 1, tzinfo=UTC)), late[1])
+    pool = await open_pool(own_settings.database_url, min_size=1, max_size=1)
+    try:
+        async with pool.connection() as conn:
+            assert await NotificationIntake().apply(conn, [first, second, first, late]) == 3
+            assert await NotificationIntake().apply(conn, [second]) == 1
+    finally:
+        await pool.close()
+    assert [r[:2] for r in ledger(own_settings)] == [(WELCOME, "pending")] * 2
 
 
 async def test_the_ledger_is_listed_to_admins_without_addresses(own_settings: Settings, tokens):
