@@ -8,10 +8,10 @@ and the next sender to start gives it up as "in doubt" rather than send it again
 outcomes are recorded together, in one statement, once its last message is done:
 a crash gives up at most the batch in flight, which it would anyway (what was
 claimed and not yet tried is in doubt too), and a message costs no round trip of
-its own to the database. Temporary failures (4xx replies, a server
-that does not answer) retry with exponential backoff and jitter; permanent ones
-(5xx replies, a refused address, a removed patient) are given up with their
-reason. Only one sender runs at a time (an advisory lock).
+its own to the database. Temporary failures (4xx replies, a server that does not
+answer) retry with exponential backoff and jitter; permanent ones (5xx replies, a
+refused address, a removed patient) are given up with their reason. Only one
+sender runs at a time (an advisory lock).
 
 A message carries a `Message-ID` derived from its ledger key and only what the
 patient needs: no diagnosis, no reason for the visit. After sending, the ledger
@@ -185,10 +185,12 @@ class Sender:
                     done.append(await self._one(conn, item, records.get(item.patient_id)))
             finally:
                 await self._hang_up()
-                if done:  # even if the batch stopped short: what went out is recorded
-                    await self._record(conn, done)
-                if not conn.closed:
-                    await conn.set_autocommit(False)
+                try:
+                    if done:  # even if the batch stopped short: what went out is recorded
+                        await self._record(conn, done)
+                finally:
+                    if not conn.closed:
+                        await conn.set_autocommit(False)
         return len(due)
 
     async def _one(
