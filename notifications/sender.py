@@ -4,24 +4,29 @@ A due row is claimed (`sending`, attempt counted) and that is committed before t
 SMTP transaction starts; the outcome is recorded after it. So a crash between the
 server accepting a message and the ledger recording it leaves the row `sending`,
 and the next sender to start gives it up as "in doubt" rather than send it again
-(visibly: given-up, with a metric). Temporary failures (4xx replies, a server
-that does not answer) retry with exponential backoff and jitter; permanent ones
-(5xx replies, a refused address, a removed patient) are given up with their
-reason. Only one sender runs at a time (an advisory lock).
+(visibly: given-up, with a metric). Rows are claimed in batches (20) and a batch's
+outcomes are recorded together, in one statement, once its last message is done:
+a crash gives up at most the batch in flight, which it would anyway (what was
+claimed and not yet tried is in doubt too), and a message costs no round trip of
+its own to the database. Temporary failures (4xx replies, a server that does not
+answer) retry with exponential backoff and jitter; permanent ones (5xx replies, a
+refused address, a removed patient) are given up with their reason. Only one
+sender runs at a time (an advisory lock).
 
 A message carries a `Message-ID` derived from its ledger key and only what the
 patient needs: no diagnosis, no reason for the visit. After sending, the ledger
 keeps ids, purpose and state; the address and the text are never stored.
+
+The claimed batch's directory records are read in one query with the claim, and no
+transaction stays open across the SMTP exchanges.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -38,8 +43,9 @@ from tenacity import RetryCallState, wait_exponential_jitter
 
 from notifications.config import NotifierConfig
 from notifications.intake import REMINDER, about, plan
+from notifications.mail import Headers, Mail, compose
 from readmodels import appointments as schedule
-from readmodels.directory import get_record
+from readmodels.directory import DirectoryRecord, get_records
 
 log = structlog.get_logger(__name__)
 
@@ -80,15 +86,38 @@ class Due:
     details: dict[str, Any] | None
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one claimed message, to be recorded with the rest of its batch."""
+
+    item: Due
+    status: str
+    error: str | None
+    retry_in: float = 0.0
+    given_up: str | None = None
+    """Why, for the given-up metric."""
+
+
 class Sender:
     def __init__(self, pool: AsyncConnectionPool[Any], config: NotifierConfig, timezone: str):
         self.pool = pool
         self.config = config
         self.zone = ZoneInfo(timezone)
-        self.templates = jinja2.Environment(
+        templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES),
             autoescape=jinja2.select_autoescape(["html.j2"]),
             undefined=jinja2.StrictUndefined,
+        )
+        self.templates = {
+            purpose: (
+                templates.get_template(f"{purpose}.txt.j2"),
+                templates.get_template(f"{purpose}.html.j2"),
+            )
+            for purpose in SUBJECTS
+        }
+        self.headers = Headers.of(
+            config.mail_from,
+            {p: s.format(practice=config.practice_name) for p, s in SUBJECTS.items()},
         )
         self._wait = wait_exponential_jitter(
             initial=config.first_retry_seconds, max=config.max_retry_seconds
@@ -141,73 +170,81 @@ class Sender:
                     [limit],
                 )
                 due = [Due(**row) for row in await cur.fetchall()]
-                if due:
-                    await cur.execute(
-                        "UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
-                        " updated_at = now() WHERE id = ANY(%s)",
-                        [[d.id for d in due]],
-                    )
+                if not due:
+                    return 0
+                await cur.execute(
+                    "UPDATE notifications SET status = 'sending', attempts = attempts + 1,"
+                    " updated_at = now() WHERE id = ANY(%s)",
+                    [[d.id for d in due]],
+                )
+                records = await get_records(conn, [d.patient_id for d in due])
+            await conn.set_autocommit(True)
+            done: list[Outcome] = []
             try:
                 for item in due:
-                    await self._one(conn, item)
+                    done.append(await self._one(conn, item, records.get(item.patient_id)))
             finally:
                 await self._hang_up()
+                try:
+                    if done:  # even if the batch stopped short: what went out is recorded
+                        await self._record(conn, done)
+                finally:
+                    if not conn.closed:
+                        await conn.set_autocommit(False)
         return len(due)
 
-    async def _one(self, conn: psycopg.AsyncConnection[Any], item: Due) -> None:
+    async def _one(
+        self, conn: psycopg.AsyncConnection[Any], item: Due, record: DirectoryRecord | None
+    ) -> Outcome:
         attempt = item.attempts + 1
         try:
-            message = await self._compose(conn, item)
-            await self._deliver(message)
+            await self._deliver(await self._compose(conn, item, record))
         except Permanent as exc:
-            await self._record(conn, item, "given-up", str(exc))
-            GIVEN_UP.labels(str(exc).split(":", 1)[0]).inc()
+            return Outcome(item, "given-up", str(exc), given_up=str(exc).split(":", 1)[0])
         except NotYet as exc:
             # A read model a moment behind: look again soon; only a long wait gives up.
             if attempt >= self.config.max_attempts * 20:
-                await self._record(conn, item, "given-up", f"gave up after {attempt}: {exc}")
-                GIVEN_UP.labels("attempts").inc()
-            else:
-                delay = min(0.1 * attempt, 5.0)
-                await self._record(conn, item, "failed-retrying", str(exc), retry_in=delay)
+                error = f"gave up after {attempt}: {exc}"
+                return Outcome(item, "given-up", error, given_up="attempts")
+            return Outcome(item, "failed-retrying", str(exc), retry_in=min(0.1 * attempt, 5.0))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             reason = f"temporary: {type(exc).__name__}"
             if attempt >= self.config.max_attempts:
-                await self._record(conn, item, "given-up", f"gave up after {attempt}: {reason}")
-                GIVEN_UP.labels("attempts").inc()
-            else:
-                delay = self._wait(_Attempt(attempt))
-                await self._record(conn, item, "failed-retrying", reason, retry_in=delay)
-        else:
-            await self._record(conn, item, "sent", None)
+                error = f"gave up after {attempt}: {reason}"
+                return Outcome(item, "given-up", error, given_up="attempts")
+            return Outcome(item, "failed-retrying", reason, retry_in=self._wait(_Attempt(attempt)))
+        return Outcome(item, "sent", None)
 
-    async def _record(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        item: Due,
-        status: str,
-        error: str | None,
-        retry_in: float = 0.0,
-    ) -> None:
-        final = status in ("sent", "given-up")
+    async def _record(self, conn: psycopg.AsyncConnection[Any], done: list[Outcome]) -> None:
         await conn.execute(
-            "UPDATE notifications SET status = %s, last_error = %s, updated_at = now(),"
-            " next_attempt_at = now() + %s, sent_at = CASE WHEN %s THEN now() END,"
-            " details = CASE WHEN %s THEN NULL ELSE details END WHERE id = %s",
-            [status, error, timedelta(seconds=retry_in), status == "sent", final, item.id],
+            "UPDATE notifications n SET status = o.status, last_error = o.error,"
+            " updated_at = now(), next_attempt_at = now() + make_interval(secs => o.retry_in),"
+            " sent_at = CASE WHEN o.status = 'sent' THEN now() END,"
+            " details = CASE WHEN o.status IN ('sent', 'given-up') THEN NULL ELSE n.details END"
+            " FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::float8[])"
+            " AS o(id, status, error, retry_in) WHERE n.id = o.id",
+            [
+                [o.item.id for o in done],
+                [o.status for o in done],
+                [o.error for o in done],
+                [o.retry_in for o in done],
+            ],
         )
-        await conn.commit()
-        SENT.labels(item.purpose, status).inc()
-        log.info(
-            "notification " + status,
-            notification_id=str(item.id),
-            purpose=item.purpose,
-            patient_id=str(item.patient_id),
-            error=error,
-        )
+        for o in done:
+            SENT.labels(o.item.purpose, o.status).inc()
+            if o.given_up:
+                GIVEN_UP.labels(o.given_up).inc()
+            log.info(
+                "notification " + o.status,
+                notification_id=str(o.item.id),
+                purpose=o.item.purpose,
+                patient_id=str(o.item.patient_id),
+                error=o.error,
+            )
 
-    async def _compose(self, conn: psycopg.AsyncConnection[Any], item: Due) -> EmailMessage:
-        record = await get_record(conn, item.patient_id)
+    async def _compose(
+        self, conn: psycopg.AsyncConnection[Any], item: Due, record: DirectoryRecord | None
+    ) -> Mail:
         if record is None:
             raise NotYet("waiting: the directory does not know the patient yet")
         if record.removed:
@@ -238,18 +275,18 @@ class Sender:
                 "clinician": clinician.name,
                 "when": start.astimezone(self.zone).strftime("%A %d %B %Y at %H:%M"),
             }
-        message = EmailMessage()
-        message["From"] = self.config.mail_from
-        message["To"] = record.email
-        message["Subject"] = SUBJECTS[item.purpose].format(practice=self.config.practice_name)
-        message["Message-ID"] = f"<{item.id}@carelog>"
-        message["Date"] = email.utils.formatdate(localtime=False)
-        message["X-Carelog-Purpose"] = item.purpose
-        message.set_content(self.templates.get_template(f"{item.purpose}.txt.j2").render(context))
-        message.add_alternative(
-            self.templates.get_template(f"{item.purpose}.html.j2").render(context), subtype="html"
-        )
-        return message
+        text, html = self.templates[item.purpose]
+        try:
+            return compose(
+                self.headers,
+                recipient=record.email,
+                message_id=item.id,
+                purpose=item.purpose,
+                text=text.render(context),
+                html=html.render(context),
+            )
+        except ValueError:  # a line break in the address
+            raise Permanent("bad address") from None
 
     async def _session(self) -> aiosmtplib.SMTP:
         """One SMTP session for a batch of messages (connected, TLS, logged in)."""
@@ -272,10 +309,12 @@ class Sender:
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await client.quit()
 
-    async def _deliver(self, message: EmailMessage) -> None:
+    async def _deliver(self, mail: Mail) -> None:
         try:
             client = await self._session()
-            await client.send_message(message)
+            await client.sendmail(
+                mail.mail_from, [mail.recipient], mail.data, mail_options=mail.options
+            )
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, OSError):
             self._smtp = None  # reconnect for the next message
             raise

@@ -10,17 +10,20 @@ import subprocess
 import sys
 import time
 from datetime import UTC, date, datetime, timedelta
-from email import message_from_bytes
+from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
+import msgspec
 import psycopg
+import pytest
 from aiosmtpd.controller import Controller
 
 from commands.scheduling import SchedulingService
 from commands.service import PatientService
 from commands.store import EventStore
+from domain import contracts
 from domain.scheduling import Booking, Timing, parse_clinician
 from notifications.config import NotifierConfig
 from notifications.intake import WELCOME, NotificationIntake, plan
@@ -210,6 +213,133 @@ async def test_a_refusing_server_gives_retry_then_given_up(own_settings: Setting
     finally:
         await pool.close()
         controller.stop()
+
+
+class Keeping:
+    """An SMTP handler that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.received.append((envelope.mail_from, envelope.rcpt_tos, envelope.original_content))
+        return "250 OK"
+
+
+async def test_a_message_reads_back_as_written_names_beyond_ascii_too(own_settings: Settings):
+    port = free_port()
+    handler = Keeping()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    patient, name, practice = uuid4(), "Zoë Ångström-Nguyễn", "Clínica Sør-Øst"
+    address = f"zoe-{patient.hex[:8]}@example.org"
+    pool = await open_pool(own_settings.database_url, min_size=1, max_size=2)
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
+                " email_key, address, date_of_birth, registered_date)"
+                " VALUES (%s, 1, 1, %s, 'zoe', %s, %s, 'x', '1990-01-01', '2024-01-01')",
+                [patient, name, address, address],
+            )
+            async with conn.cursor() as cur:
+                await plan(cur, f"event:{uuid4()}", WELCOME, patient, None)
+            await conn.commit()
+        config = NotifierConfig(smtp_port=port, practice_name=practice)
+        assert await Sender(pool, config, "UTC").send_due() == 1
+        assert ledger(own_settings)[-1][1] == "sent"
+        [(mail_from, recipients, raw)] = handler.received
+        assert (mail_from, recipients) == ("no-reply@carelog.invalid", [address])
+        message = message_from_bytes(raw, policy=policy.default)
+        assert message["Subject"] == f"Welcome to {practice}"
+        assert message["To"] == address
+        assert message["X-Carelog-Purpose"] == WELCOME
+        assert message["Message-ID"].endswith("@carelog>")
+        parts = {p.get_content_type(): p.get_content() for p in message.iter_parts()}
+        assert set(parts) == {"text/plain", "text/html"}
+        assert f"Dear {name}," in parts["text/plain"] and practice in parts["text/plain"]
+        assert f"Dear {name}," in parts["text/html"] and practice in parts["text/html"]
+    finally:
+        await pool.close()
+        controller.stop()
+
+
+async def test_a_batch_that_stops_short_still_records_what_went_out(own_settings: Settings):
+    port = free_port()
+    handler = Keeping()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    patient = uuid4()
+    pool = await open_pool(own_settings.database_url, min_size=1, max_size=2)
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
+                " email_key, address, date_of_birth, registered_date)"
+                " VALUES (%s, 1, 1, 'Ann Short', 'ann short', 'ann@example.org',"
+                " 'ann@example.org', 'x', '1990-01-01', '2024-01-01')",
+                [patient],
+            )
+            async with conn.cursor() as cur:
+                await plan(cur, f"event:{uuid4()}", WELCOME, patient, None)
+                # Second in the batch, and broken: nothing the sender knows how to handle.
+                await plan(
+                    cur,
+                    f"event:{uuid4()}",
+                    "booking-confirmation",
+                    patient,
+                    {"appointmentId": "not an id"},
+                )
+                await cur.execute(
+                    "UPDATE notifications SET next_attempt_at = now() - interval '1 minute'"
+                    " WHERE purpose = %s",
+                    [WELCOME],
+                )
+            await conn.commit()
+        sender = Sender(pool, NotifierConfig(smtp_port=port), "UTC")
+        with pytest.raises(ValueError, match="badly formed"):
+            await sender.send_due()
+        assert len(handler.received) == 1
+        assert sorted(r[:2] for r in ledger(own_settings)) == [
+            ("booking-confirmation", "sending"),  # in doubt: given up by the next leader
+            (WELCOME, "sent"),
+        ]
+    finally:
+        await pool.close()
+        controller.stop()
+
+
+async def test_a_batch_owes_each_message_once_even_with_an_event_twice_in_it(
+    own_settings: Settings,
+):
+    def registered(patient: UUID) -> tuple[contracts.Envelope[Any], Any]:
+        data = contracts.PatientRegisteredV2(
+            name="Ann Twice",
+            given_name="Ann",
+            family_name="Twice",
+            email="ann@example.org",
+            address="1 Road",
+            date_of_birth=date(1990, 1, 1),
+            registered_date=date(2024, 1, 1),
+        )
+        return contracts.envelope(
+            data,
+            aggregate_id=patient,
+            aggregate_version=1,
+            position=1,
+            occurred_at=datetime.now(UTC),
+        ), data
+
+    first, second, late = registered(uuid4()), registered(uuid4()), registered(uuid4())
+    late = (msgspec.structs.replace(late[0], occurred_at=datetime(2020, 1, 1, tzinfo=UTC)), late[1])
+    pool = await open_pool(own_settings.database_url, min_size=1, max_size=1)
+    try:
+        async with pool.connection() as conn:
+            assert await NotificationIntake().apply(conn, [first, second, first, late]) == 3
+            assert await NotificationIntake().apply(conn, [second]) == 1
+    finally:
+        await pool.close()
+    assert [r[:2] for r in ledger(own_settings)] == [(WELCOME, "pending")] * 2
 
 
 async def test_the_ledger_is_listed_to_admins_without_addresses(own_settings: Settings, tokens):
