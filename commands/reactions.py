@@ -57,6 +57,8 @@ CANCELLED = Counter(
 class PatientRemovals(EventBatchWorker):
     """Cancels a removed patient's future appointments."""
 
+    opens_sealed = False  # it acts on removals and erasures, which carry nothing sealed
+
     def __init__(
         self,
         scheduling: SchedulingService,

@@ -159,6 +159,9 @@ class AnalyticsProjection:
 class AnalyticsWorker(EventBatchWorker):
     """Applies batches of the three streams to the analytics facts."""
 
+    reads = frozenset({"date_of_birth"})
+    """Ages are the only personal fact it counts; names, contacts and reasons stay sealed."""
+
     def __init__(
         self,
         pool: AsyncConnectionPool[Any],

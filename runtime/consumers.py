@@ -27,7 +27,7 @@ from prometheus_client import Counter
 
 from domain import contracts
 from runtime import tracing
-from runtime.crypto import Keyring, open_payload
+from runtime.crypto import Keyring, open_payloads
 from runtime.kafka import raw_bodies
 
 log = structlog.get_logger(__name__)
@@ -64,7 +64,12 @@ class EventBatchWorker(abc.ABC):
     keyring: Keyring | None = None
     """Opens sealed personal fields (set by `subscribe`); see `opened`."""
     opens_sealed = True
-    """False: the consumer keeps sealed fields sealed (and opens them when it reads)."""
+    """False: the consumer keeps sealed payloads sealed (and opens them when it reads, or
+    never reads their personal fields); nothing is decrypted and no key is read."""
+    reads: frozenset[str] | None = None
+    """The personal fields the consumer uses (None: all). Sealed payloads still open to
+    their clear version, or `contracts.Unreadable` once the patient is erased, but the
+    fields not named stay sealed: decrypting them would be work thrown away."""
 
     def __init__(self, name: str, broker: KafkaBroker, dead_letter_topic: str):
         self.name = name
@@ -86,6 +91,9 @@ class EventBatchWorker(abc.ABC):
                 await self.dead_letter(body, f"undecodable: {exc}")
         if not decoded:
             return
+        self.forget_erased(decoded)
+        # Only a batch with something to open pays for the thread (keys are read from
+        # PostgreSQL with a blocking driver).
         if self.opens_sealed and any(type(data) in contracts.SEALED for _, data in decoded):
             decoded = await asyncio.to_thread(self.opened, decoded)
         # Log lines about the batch name the requests that caused its events.
@@ -112,14 +120,22 @@ class EventBatchWorker(abc.ABC):
                     tracing.mark_failed(span, exc)
                     raise
 
+    def forget_erased(self, decoded: Batch) -> None:
+        """An erasure in the batch drops its patient's key before anything is opened, by
+        every consumer that holds a keyring, whether or not it opens this batch."""
+        if self.keyring is None:
+            return
+        for envelope, data in decoded:
+            if isinstance(data, contracts.PatientErasedV1):
+                self.keyring.forget(envelope.aggregate_id)
+
     def opened(self, decoded: Batch) -> Batch:
         """The batch with its sealed payloads opened: consumers see personal fields in the
-        clear, or `contracts.Unreadable` for an erased patient (and must keep nothing
-        personal of theirs). An erasure in the batch drops its patient's key first."""
-        for envelope, data in decoded:
-            if self.keyring is not None and isinstance(data, contracts.PatientErasedV1):
-                self.keyring.forget(envelope.aggregate_id)
-        return [(envelope, open_payload(self.keyring, data)) for envelope, data in decoded]
+        clear (those in `reads`), or `contracts.Unreadable` for an erased patient (and must
+        keep nothing personal of theirs). The batch's keys are read in one round trip."""
+        self.forget_erased(decoded)
+        payloads = open_payloads(self.keyring, (data for _, data in decoded), self.reads)
+        return [(envelope, data) for (envelope, _), data in zip(decoded, payloads, strict=True)]
 
     async def _handle(self, decoded: Batch) -> None:
         try:

@@ -23,7 +23,7 @@ import binascii
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 from uuid import UUID
 
@@ -35,7 +35,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from psycopg_pool import ConnectionPool
 
 from domain import contracts
-from domain.privacy import SEALED_PREFIX, Personal, as_text, in_clear, is_sealed
+from domain.privacy import (
+    SEALED_PREFIX,
+    Personal,
+    as_text,
+    in_clear,
+    is_sealed,
+    subject_of_token,
+)
 from runtime.settings import Settings, SettingsError, master_key_bytes
 
 log = structlog.get_logger(__name__)
@@ -216,12 +223,7 @@ class Keyring:
         not sealed (stored before sealing began) is returned as it is."""
         if not is_sealed(token):
             return token
-        subject_text, _, body = token[len(SEALED_PREFIX) :].partition(":")
-        try:
-            subject = UUID(subject_text)
-            raw = base64.b64decode(body, validate=True)
-        except (ValueError, binascii.Error):
-            raise UnreadableToken("a sealed value is damaged") from None
+        subject, raw = _parse(token)
         key = self._key(subject, create=False)
         if key is None:
             return None
@@ -246,20 +248,58 @@ class Keyring:
             sealed = key.encrypt(nonce, as_text(state[field]).encode(), aad + field.encode())
             state[field] = prefix + base64.b64encode(nonce + sealed).decode()
 
-    def open_fields(self, personal: Personal, state: dict[str, Any]) -> bool:
+    def open_fields(
+        self, personal: Personal, state: dict[str, Any], only: Collection[str] | None = None
+    ) -> bool:
         """Opens `personal`'s fields of `state` in place; False if the subject is erased
-        (its fields are then None)."""
-        readable = True
+        (its fields are then None). With `only`, the other sealed fields stay sealed: a
+        reader that uses few fields decrypts only those, and still learns of an erasure."""
+        keys: dict[UUID, AESGCM | None] = {}
+        opened: list[tuple[str, UUID, bytes]] = []
         for field in personal.fields:
             value = state.get(field)
-            if isinstance(value, str):
-                opened = self.open(value, field)
-                if opened is None:
-                    readable = False
+            if not isinstance(value, str):
+                continue
+            if not is_sealed(value):
+                state[field] = in_clear(value, field in personal.dates)
+                continue
+            subject, raw = _parse(value)
+            if subject not in keys:
+                keys[subject] = self._key(subject, create=False)
+            if only is None or field in only:
+                opened.append((field, subject, raw))
+        if any(key is None for key in keys.values()):
+            for field in personal.fields:
+                if is_sealed(state.get(field)):
                     state[field] = None
-                else:
-                    state[field] = in_clear(opened, field in personal.dates)
-        return readable
+            return False
+        for field, subject, raw in opened:
+            key = keys[subject]
+            assert key is not None
+            try:
+                text = key.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(subject, field)).decode()
+            except InvalidTag:
+                raise UnreadableToken(
+                    "a sealed value does not open with its subject's key"
+                ) from None
+            state[field] = in_clear(text, field in personal.dates)
+        return True
+
+    def load(self, subjects: Iterable[UUID]) -> None:
+        """Reads the data keys of the subjects not held in memory, in one round trip: a
+        batch of events about new patients would otherwise cost a query each."""
+        with self._lock:
+            missing = [s for s in dict.fromkeys(subjects) if s not in self._cache]
+        if not missing:
+            return
+        with self._db().connection() as conn:
+            rows = conn.execute(
+                "SELECT subject_id, wrapped FROM subject_keys WHERE subject_id = ANY(%s)",
+                [missing],
+            ).fetchall()
+        for subject, wrapped in rows:
+            key = None if wrapped is None else self._unwrap(subject, bytes(wrapped))
+            self._remember(subject, key)
 
     # --- erasures elsewhere -----------------------------------------------------------
 
@@ -297,11 +337,14 @@ class Keyring:
             self._pool = None
 
 
-def open_payload(keyring: Keyring | None, data: Any) -> Any:
+def open_payload(keyring: Keyring | None, data: Any, only: Collection[str] | None = None) -> Any:
     """A published payload in the clear: a sealed version (contracts.SEALED) opens to the
     clear version before it, or to `contracts.Unreadable` if its patient is erased. Other
     payloads are returned as they are. Without a keyring only values that were never
-    sealed (a store that does not seal) can be opened; UnreadableToken otherwise."""
+    sealed (a store that does not seal) can be opened; UnreadableToken otherwise.
+
+    With `only`, personal fields not named stay sealed (strings) in the clear version:
+    for a reader that never uses them."""
     entry = contracts.SEALED.get(type(data))
     if entry is None:
         return data
@@ -313,9 +356,39 @@ def open_payload(keyring: Keyring | None, data: Any) -> Any:
         for field in personal.dates:
             if isinstance(values.get(field), str):
                 values[field] = in_clear(values[field], True)
-    elif not keyring.open_fields(personal, values):
+    elif not keyring.open_fields(personal, values, only):
         return contracts.Unreadable(sealed=data)
     return clear(**{field: values[field] for field in clear.__struct_fields__})
+
+
+def open_payloads(
+    keyring: Keyring | None, payloads: Iterable[Any], only: Collection[str] | None = None
+) -> list[Any]:
+    """`open_payload` of each, their subjects' keys read first in one round trip."""
+    payloads = list(payloads)
+    if keyring is not None:
+        keyring.load(s for s in map(_subject_of_payload, payloads) if s is not None)
+    return [open_payload(keyring, data, only) for data in payloads]
+
+
+def _subject_of_payload(data: Any) -> UUID | None:
+    entry = contracts.SEALED.get(type(data))
+    if entry is None:
+        return None
+    for field in entry[1].fields:
+        subject = subject_of_token(getattr(data, field))
+        if subject is not None:
+            return subject
+    return None
+
+
+def _parse(token: str) -> tuple[UUID, bytes]:
+    """A sealed value's subject and its nonce and ciphertext; UnreadableToken if damaged."""
+    subject_text, _, body = token[len(SEALED_PREFIX) :].partition(":")
+    try:
+        return UUID(subject_text), base64.b64decode(body, validate=True)
+    except (ValueError, binascii.Error):
+        raise UnreadableToken("a sealed value is damaged") from None
 
 
 def _aad(subject: UUID, field: str) -> bytes:

@@ -31,6 +31,9 @@ LAG = Gauge(
 class PatientEventsWorker(EventBatchWorker):
     """Opens and closes accounts for a batch of patient events, in one transaction."""
 
+    reads = frozenset({"name", "email"})
+    """An account's contact; the patient's other personal fields stay sealed."""
+
     def __init__(self, billing: Billing, broker: KafkaBroker, dead_letter_topic: str):
         super().__init__("billing", broker, dead_letter_topic)
         self.billing = billing

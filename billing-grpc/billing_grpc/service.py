@@ -122,18 +122,18 @@ class Billing:
         now = _now()
         account, event = Account.open(patient_id, currency, opened_by, now)
         # The unique patient id decides a race: the loser waits for the winner's commit,
-        # inserts nothing, and reads the winner's account.
+        # inserts nothing (no outbox row either), and reads the winner's account.
         if await self.store.insert(
-            cur, account, contact, opened_by, registered_at, patient_version
+            cur,
+            account,
+            contact,
+            opened_by,
+            registered_at,
+            patient_version,
+            event,
+            correlation_id or CORRELATION_ID.get(),
+            actor or ACTOR.get(),
         ):
-            await self.store.append(
-                cur,
-                account,
-                event,
-                now,
-                correlation_id or CORRELATION_ID.get(),
-                actor or ACTOR.get(),
-            )
             return Opened(account, created=True)
         existing = await self.store.of_patient(cur, patient_id)
         assert existing is not None

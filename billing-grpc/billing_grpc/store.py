@@ -106,12 +106,19 @@ class BillingStore:
         self._page = sql.SQL(
             "SELECT {} FROM {}.accounts WHERE id > %s ORDER BY id LIMIT %s"
         ).format(cols, s)
+        # The account and its first outbox row in one statement: the row only if the
+        # account was inserted.
         self._insert_account = sql.SQL(
-            "INSERT INTO {}.accounts (id, patient_id, currency, status, invoiced_minor,"
-            " paid_minor, version, name, email, patient_version, opened_by, registered_at,"
-            " opened_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT DO NOTHING RETURNING id"
-        ).format(s)
+            "WITH opened AS (INSERT INTO {s}.accounts (id, patient_id, currency, status,"
+            " invoiced_minor, paid_minor, version, name, email, patient_version, opened_by,"
+            " registered_at, opened_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT DO NOTHING RETURNING id, version)"
+            " INSERT INTO {s}.outbox (aggregate_id, aggregate_version, type, schema_version,"
+            " payload, occurred_at, correlation_id, actor_id, actor_role)"
+            " SELECT id, version, %s::text, %s::int, %s::bytea, %s::timestamptz, %s::text,"
+            " %s::text, %s::text FROM opened RETURNING aggregate_id"
+        ).format(s=s)
         self._save = sql.SQL(
             "UPDATE {}.accounts SET status = %s, invoiced_minor = %s, paid_minor = %s,"
             " version = %s, closed_at = %s WHERE id = %s AND version = %s"
@@ -193,8 +200,12 @@ class BillingStore:
         opened_by: str,
         registered_at: datetime | None,
         patient_version: int,
+        event: BillingEvent,
+        correlation_id: str | None,
+        actor: Actor | None,
     ) -> bool:
-        """Inserts a new account; False if the patient has one already (nothing changes)."""
+        """Inserts a new account and appends the event that opened it (as `append` does),
+        in one round trip; False if the patient has one already (nothing changes)."""
         await cur.execute(
             self._insert_account,
             [
@@ -211,6 +222,7 @@ class BillingStore:
                 opened_by,
                 registered_at,
                 account.opened_at,
+                *self._outbox_row(event, account.opened_at, correlation_id, actor),
             ],
         )
         return await cur.fetchone() is not None
@@ -329,18 +341,27 @@ class BillingStore:
     ) -> None:
         """Appends the event that made `account` (at its new version) to the outbox, with
         who caused it."""
-        contract = BILLING_CONTRACTS[type(event)]
         await cur.execute(
             self._append,
             [
                 account.id,
                 account.version,
-                contract.type,
-                contract.version,
-                msgspec.json.encode(event),
-                occurred_at,
-                correlation_id,
-                actor.user_id if actor else None,
-                actor.role if actor else None,
+                *self._outbox_row(event, occurred_at, correlation_id, actor),
             ],
         )
+
+    @staticmethod
+    def _outbox_row(
+        event: BillingEvent, occurred_at: datetime, correlation_id: str | None, actor: Actor | None
+    ) -> list[Any]:
+        """An outbox row's columns after its aggregate id and version."""
+        contract = BILLING_CONTRACTS[type(event)]
+        return [
+            contract.type,
+            contract.version,
+            msgspec.json.encode(event),
+            occurred_at,
+            correlation_id,
+            actor.user_id if actor else None,
+            actor.role if actor else None,
+        ]

@@ -6,11 +6,14 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 from eventsourcing.domain import Snapshot
+from faststream.kafka import KafkaBroker
 from litestar.testing import AsyncTestClient
 
 from commands.api import create_app
@@ -18,8 +21,9 @@ from commands.relay import EventStoreLog
 from commands.store import EventStore
 from domain import contracts
 from domain.patients import Patient
-from domain.privacy import is_sealed
+from domain.privacy import PATIENT_DETAILS, is_sealed
 from domain.roles import Role
+from runtime.consumers import Batch, EventBatchWorker
 from runtime.crypto import Keyring, UnreadableToken, open_payload
 from runtime.settings import Settings
 from tests.support.tokens import TestTokens
@@ -250,3 +254,90 @@ def test_a_snapshot_of_an_erased_patient_holds_nothing_readable(store: EventStor
     again = store.mapper.to_domain_event(stored[0])
     assert isinstance(again, Snapshot)
     assert again.state["name"] is None and again.state["date_of_birth"] is None
+
+
+def _sealed_registration(ring: Keyring, subject: uuid.UUID) -> contracts.PatientRegisteredV3:
+    state: dict[str, Any] = {
+        "name": "Ada Lovelace",
+        "given_name": "Ada",
+        "family_name": "Lovelace",
+        "email": "ada@example.org",
+        "address": "12 St James's Square",
+        "date_of_birth": date(1990, 12, 10),
+    }
+    ring.seal_fields(PATIENT_DETAILS, subject, state)
+    return contracts.PatientRegisteredV3(**state, registered_date=date(2024, 1, 2))
+
+
+def _body(data: Any, subject: uuid.UUID, version: int) -> bytes:
+    return msgspec.json.encode(
+        contracts.envelope(
+            data,
+            aggregate_id=subject,
+            aggregate_version=version,
+            position=version,
+            occurred_at=datetime.now(UTC),
+        )
+    )
+
+
+class _Given(EventBatchWorker):
+    def __init__(self) -> None:
+        super().__init__("test-erasure", KafkaBroker(), "test.dead")
+        self.given: list[Any] = []
+
+    async def apply(self, batch: Batch) -> None:
+        self.given.extend(data for _, data in batch)
+
+
+async def test_a_consumer_reading_some_fields_gets_those_opened_and_still_sees_an_erasure(
+    settings: Settings,
+):
+    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    kept, erased = uuid.uuid4(), uuid.uuid4()
+    try:
+        bodies = [_body(_sealed_registration(writer, s), s, 1) for s in (kept, erased)]
+        writer.destroy(erased)
+        worker = _Given()
+        worker.reads = frozenset({"email", "date_of_birth"})
+        worker.keyring = reader
+        await worker.handle(bodies)
+        opened, gone = worker.given
+        assert isinstance(opened, contracts.PatientRegisteredV2)
+        assert (opened.email, opened.date_of_birth) == ("ada@example.org", date(1990, 12, 10))
+        assert is_sealed(opened.name) and is_sealed(opened.address)  # not read: not opened
+        assert isinstance(gone, contracts.Unreadable)
+        # Reading no field at all still tells an erased patient's payload apart.
+        nothing = _Given()
+        nothing.reads = frozenset()
+        nothing.keyring = reader
+        await nothing.handle(bodies)
+        assert isinstance(nothing.given[0], contracts.PatientRegisteredV2)
+        assert isinstance(nothing.given[1], contracts.Unreadable)
+    finally:
+        writer.close()
+        reader.close()
+
+
+async def test_a_consumer_that_opens_nothing_still_forgets_an_erased_patients_key(
+    settings: Settings,
+):
+    """The erasure in a batch drops the key from the consumer's keyring even when the
+    consumer opens nothing (here no erasure notice reaches it: the reader does not listen)."""
+    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    subject = uuid.uuid4()
+    try:
+        token = writer.seal(subject, "email", "a@example.org")
+        assert reader.open(token, "email") == "a@example.org"  # the reader holds the key
+        writer.destroy(subject)
+        assert reader.open(token, "email") == "a@example.org"  # not told yet
+        worker = _Given()
+        worker.opens_sealed = False
+        worker.keyring = reader
+        erasure = contracts.PatientErasedV1(reason="request 7", erased_by="admin")
+        await worker.handle([_body(erasure, subject, 2)])
+        assert worker.given == [erasure]
+        assert reader.open(token, "email") is None
+    finally:
+        writer.close()
+        reader.close()
