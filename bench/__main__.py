@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import structlog
 
 from bench.common import CONCURRENCY, Load, closed_loop, insert_floor, ms, quiesce, token_headers
 from bench.loadgen import Connection, percentile
@@ -39,6 +40,9 @@ LAG_SAMPLES = 200
 KAFKA_MESSAGES = 20_000
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 COMMAND = "make bench"
+log = structlog.get_logger(__name__)
+FAILED: list[str] = []
+"""The benchmarks of this run that raised: their sections say so, and `make bench` fails."""
 
 
 def patient_body(i: int, run: str) -> dict[str, Any]:
@@ -233,7 +237,12 @@ async def run_all() -> str:
             module = __import__(name, fromlist=["run"])
         except ImportError:
             continue
-        sections.append(await module.run(settings))
+        try:
+            sections.append(await module.run(settings))
+        except Exception as exc:  # the other sections' figures are kept; main() exits 1
+            log.exception("benchmark failed", benchmark=name)
+            FAILED.append(name)
+            sections.append([f"## {name}", "", f"Failed in this run: {type(exc).__name__}."])
     head = [
         "# Benchmarks",
         "",
@@ -253,6 +262,8 @@ def main() -> None:
     OUT.write_text(text)
     print(text)
     print(f"wrote {OUT}")
+    if FAILED:
+        raise SystemExit(f"benchmarks that failed: {', '.join(FAILED)}")
 
 
 if __name__ == "__main__":

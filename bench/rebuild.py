@@ -23,6 +23,7 @@ import anyio
 from bench.common import closed_loop, main_for, ms, token_headers
 from bootstrap import rebuild
 from commands.store import EventStore
+from runtime.crypto import Keyring
 from runtime.settings import Settings
 
 READS = 2000
@@ -58,7 +59,10 @@ async def _rebuild(
 async def run(settings: Settings) -> list[str]:
     reads = os.environ.get("CARELOG_READ_API_URL", f"http://127.0.0.1:{settings.ports['read-api']}")
     headers = await token_headers(os.environ.get("CARELOG_AUTH_URL", "http://127.0.0.1:4005"))
-    store = await anyio.to_thread.run_sync(EventStore, settings.database_url, 2)
+    # As `carelog projections rebuild` builds it: the keyring opens sealed fields.
+    store = await anyio.to_thread.run_sync(
+        lambda: EventStore(settings.database_url, 2, keyring=Keyring.from_settings(settings))
+    )
     try:
         await rebuild.drop_old(settings, "directory", rebuilding=True)
         await rebuild.drop_old(settings, "directory")
@@ -74,6 +78,8 @@ async def run(settings: Settings) -> list[str]:
         throttled = await during
     finally:
         await anyio.to_thread.run_sync(store.close)
+        if store.keyring is not None:
+            await anyio.to_thread.run_sync(store.keyring.close)
     full_rate = full.events / full.seconds
     copy_rate = full.events / full.copy_seconds
     throttled_rate = throttled.events / throttled.seconds
