@@ -177,6 +177,16 @@ class Refusing:
         return "451 4.3.0 try again later" if self.calls == 1 else "550 5.1.1 no such mailbox"
 
 
+async def _directory_row(conn: Any, patient: UUID, name: str, email: str) -> None:
+    """The directory's row for a patient the sender will write to."""
+    await conn.execute(
+        "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
+        " email_key, address, date_of_birth, registered_date)"
+        " VALUES (%s, 1, 1, %s, %s, %s, %s, 'x', '1990-01-01', '2024-01-01')",
+        [patient, name, name.lower(), email, email],
+    )
+
+
 async def test_a_refusing_server_gives_retry_then_given_up(own_settings: Settings):
     settings = own_settings
     port = free_port()
@@ -187,13 +197,7 @@ async def test_a_refusing_server_gives_retry_then_given_up(own_settings: Setting
     pool = await open_pool(settings.database_url, min_size=1, max_size=2)
     try:
         async with pool.connection() as conn:
-            await conn.execute(
-                "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
-                " email_key, address, date_of_birth, registered_date)"
-                " VALUES (%s, 1, 1, 'Ann Refused', 'ann refused', 'ann@example.org',"
-                " 'ann@example.org', 'x', '1990-01-01', '2024-01-01')",
-                [patient],
-            )
+            await _directory_row(conn, patient, "Ann Refused", "ann@example.org")
             async with conn.cursor() as cur:
                 await plan(cur, f"event:{uuid4()}", WELCOME, patient, None)
             await conn.commit()
@@ -236,12 +240,7 @@ async def test_a_message_reads_back_as_written_names_beyond_ascii_too(own_settin
     pool = await open_pool(own_settings.database_url, min_size=1, max_size=2)
     try:
         async with pool.connection() as conn:
-            await conn.execute(
-                "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
-                " email_key, address, date_of_birth, registered_date)"
-                " VALUES (%s, 1, 1, %s, 'zoe', %s, %s, 'x', '1990-01-01', '2024-01-01')",
-                [patient, name, address, address],
-            )
+            await _directory_row(conn, patient, name, address)
             async with conn.cursor() as cur:
                 await plan(cur, f"event:{uuid4()}", WELCOME, patient, None)
             await conn.commit()
@@ -273,13 +272,7 @@ async def test_a_batch_that_stops_short_still_records_what_went_out(own_settings
     pool = await open_pool(own_settings.database_url, min_size=1, max_size=2)
     try:
         async with pool.connection() as conn:
-            await conn.execute(
-                "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
-                " email_key, address, date_of_birth, registered_date)"
-                " VALUES (%s, 1, 1, 'Ann Short', 'ann short', 'ann@example.org',"
-                " 'ann@example.org', 'x', '1990-01-01', '2024-01-01')",
-                [patient],
-            )
+            await _directory_row(conn, patient, "Ann Short", "ann@example.org")
             async with conn.cursor() as cur:
                 await plan(cur, f"event:{uuid4()}", WELCOME, patient, None)
                 # Second in the batch, and broken: nothing the sender knows how to handle.

@@ -5,12 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from auth.app import create_app as auth_app
-from commands.api import create_app as commands_app
 from domain.roles import Role
-from read_api.app import create_app as read_app
 from runtime.security import role_matrix
-from runtime.settings import Settings
+from tests.support.apps import offline_apps
 from tests.support.tokens import TestTokens
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "auth.md"
@@ -39,20 +36,8 @@ def documented() -> dict[tuple[str, str], frozenset[Role] | None]:
 
 
 def enforced(tokens: TestTokens) -> dict[tuple[str, str], frozenset[Role] | None]:
-    settings = Settings(
-        env="development",
-        database_url="postgresql://unused@127.0.0.1:1/none",
-        redis_url="redis://127.0.0.1:1/0",
-        kafka_bootstrap="127.0.0.1:1",
-        jwks_url="http://127.0.0.1:1/unused",
-    )
-    apps = [
-        (commands_app(settings, verifier=tokens.verifier), "/api"),
-        (read_app(settings, verifier=tokens.verifier), "/api"),
-        (auth_app(settings, tokens.settings), ""),
-    ]
     matrix = {}
-    for app, prefix in apps:
+    for app, prefix in offline_apps(tokens):
         for (method, path), roles in role_matrix(app).items():
             if path in OPEN or path.startswith("/schema"):
                 continue
