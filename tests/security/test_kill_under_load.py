@@ -225,6 +225,30 @@ def _as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
+def _children(parent: int) -> list[int]:
+    """The pids of `parent`'s child processes (from /proc)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            children.append(int(entry.name))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie counts as gone: it holds no shared memory)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 @dataclass
 class PrivatePostgres:
     """A PostgreSQL cluster of the test's own; `kill()` is SIGKILL to every one of its
@@ -284,17 +308,17 @@ class PrivatePostgres:
 
     def kill(self) -> None:
         assert self.popen is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        # PostgreSQL's server processes each lead a process group of their own (setsid),
+        # so the postmaster's group is the postmaster alone: each is killed by its pid.
+        server = [self.popen.pid, *_children(self.popen.pid)]
+        for pid in server:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.popen.wait(10)
         # Until every server process is gone: a backend still holding the shared memory
         # would stop the restart ("pre-existing shared memory block is still in use").
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.popen.pid, 0)
-            except ProcessLookupError:
-                return
+        while time.monotonic() < deadline and any(_alive(pid) for pid in server[1:]):
             time.sleep(0.05)
 
     def stop(self) -> None:
