@@ -132,8 +132,8 @@ class EventBatchWorker(abc.ABC):
     def opened(self, decoded: Batch) -> Batch:
         """The batch with its sealed payloads opened: consumers see personal fields in the
         clear (those in `reads`), or `contracts.Unreadable` for an erased patient (and must
-        keep nothing personal of theirs). The batch's keys are read in one round trip."""
-        self.forget_erased(decoded)
+        keep nothing personal of theirs). The batch's keys are read in one round trip;
+        `handle` has already had its erasures forget their keys (`forget_erased`)."""
         payloads = open_payloads(self.keyring, (data for _, data in decoded), self.reads)
         return [(envelope, data) for (envelope, _), data in zip(decoded, payloads, strict=True)]
 

@@ -227,10 +227,7 @@ class Keyring:
         key = self._key(subject, create=False)
         if key is None:
             return None
-        try:
-            return key.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(subject, field)).decode()
-        except InvalidTag:
-            raise UnreadableToken("a sealed value does not open with its subject's key") from None
+        return _decrypt(key, subject, field, raw)
 
     def seal_fields(self, personal: Personal, subject: UUID, state: dict[str, Any]) -> None:
         """Seals `personal`'s fields of `state` in place (values already sealed stay)."""
@@ -276,13 +273,7 @@ class Keyring:
         for field, subject, raw in opened:
             key = keys[subject]
             assert key is not None
-            try:
-                text = key.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(subject, field)).decode()
-            except InvalidTag:
-                raise UnreadableToken(
-                    "a sealed value does not open with its subject's key"
-                ) from None
-            state[field] = in_clear(text, field in personal.dates)
+            state[field] = in_clear(_decrypt(key, subject, field, raw), field in personal.dates)
         return True
 
     def load(self, subjects: Iterable[UUID]) -> None:
@@ -389,6 +380,14 @@ def _parse(token: str) -> tuple[UUID, bytes]:
         return UUID(subject_text), base64.b64decode(body, validate=True)
     except (ValueError, binascii.Error):
         raise UnreadableToken("a sealed value is damaged") from None
+
+
+def _decrypt(key: AESGCM, subject: UUID, field: str, raw: bytes) -> str:
+    """A sealed field's text (`raw`: nonce and ciphertext, as `_parse` gives it)."""
+    try:
+        return key.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(subject, field)).decode()
+    except InvalidTag:
+        raise UnreadableToken("a sealed value does not open with its subject's key") from None
 
 
 def _aad(subject: UUID, field: str) -> bytes:

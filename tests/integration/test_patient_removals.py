@@ -58,17 +58,20 @@ async def wait_for(check, timeout: float = 90.0):  # type: ignore[no-untyped-def
     raise AssertionError(f"not done in {timeout}s")
 
 
+def _clinician(scheduling: SchedulingService, name: str, email: str) -> UUID:
+    """A clinician who works at every hour (any booking time fits)."""
+    return scheduling.register_clinician(
+        parse_clinician(name=name, email=email, timezone="UTC", working_hours=ALWAYS)
+    ).id
+
+
 async def test_a_killed_process_manager_cancels_every_future_appointment_exactly_once(
     own_settings: Settings, own_store: EventStore, tmp_path: Path
 ):
     settings, store = own_settings, own_store
     patients, scheduling = PatientService(store, claim_key()), SchedulingService(store)
     person = patients.register(details("Leaving Soon"), date(2024, 1, 1)).patient_id
-    clinician = scheduling.register_clinician(
-        parse_clinician(
-            name="Dr Stays", email="stays@example.org", timezone="UTC", working_hours=ALWAYS
-        )
-    ).id
+    clinician = _clinician(scheduling, "Dr Stays", "stays@example.org")
     first = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=2)
     booked = [
         scheduling.book(
@@ -117,11 +120,7 @@ async def test_erasing_a_patient_cancels_their_future_appointments_and_no_others
     patients, scheduling = PatientService(store, claim_key()), SchedulingService(store)
     erased = patients.register(details("Asked To Be Forgotten"), date(2024, 1, 1)).patient_id
     kept = patients.register(details("Stays On"), date(2024, 1, 1)).patient_id
-    clinician = scheduling.register_clinician(
-        parse_clinician(
-            name="Dr Erasure", email="erasure@example.org", timezone="UTC", working_hours=ALWAYS
-        )
-    ).id
+    clinician = _clinician(scheduling, "Dr Erasure", "erasure@example.org")
     first = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=2)
 
     def book(person: UUID, i: int) -> UUID:

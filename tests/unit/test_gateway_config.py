@@ -16,15 +16,10 @@ from bootstrap.asyncapi import document
 from ops.gateway import generate as gateway_config
 from runtime.apidocs import ASSETS_PATH
 from runtime.settings import Settings, SettingsError
+from tests.support.apps import OFFLINE
 from tests.support.tokens import auth_settings
 
-SETTINGS = Settings(
-    env="development",
-    database_url="postgresql://unused@127.0.0.1:1/none",
-    redis_url="redis://127.0.0.1:1/0",
-    kafka_bootstrap="127.0.0.1:1",
-    jwks_url="http://127.0.0.1:1/unused",
-)
+SETTINGS = OFFLINE
 
 
 @pytest.fixture
