@@ -13,7 +13,12 @@ triggers in the database; `page` reads it for `GET /audit`.
 
 Writes are grouped: while one INSERT is in flight, the records of the requests that
 arrive meanwhile wait and go together in the next one, and each request answers only
-once the INSERT holding its record has returned.
+once the INSERT holding its record has returned (and so is committed).
+
+A record names its patients by reference (migration 0017): each distinct list of ids
+is stored once in `audit.patient_sets`, keyed by its digest, and the record carries the
+digest. A page of 50 shown again and again costs one small row each time, not a list of
+50 ids indexed anew; `audit.records` shows every record with its ids.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import asyncio
 import base64
 import binascii
 import getpass
+import hashlib
 import uuid
-from collections.abc import Iterable, Mapping
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -72,38 +80,92 @@ class Writer(Protocol):
         """Returns once the record is stored; raises AuditUnavailable otherwise."""
 
 
-_INSERT = (
-    b"INSERT INTO audit.disclosures (actor, role, operation, patient_ids, correlation_id)"
-    b" SELECT a, r, o, p::uuid[], c"
-    b" FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) AS t(a, r, o, p, c)"
+_RECORDS = (
+    b"INSERT INTO audit.disclosures (actor, role, operation, patient_set, correlation_id)"
+    b" SELECT a, r, o, p, c"
+    b" FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[]) AS t(a, r, o, p, c)"
 )
-
+_WITH_SETS = (
+    b"WITH sets AS (INSERT INTO audit.patient_sets (digest, patient_ids)"
+    b" SELECT d, p::uuid[] FROM unnest(%s::bytea[], %s::text[]) AS s(d, p)"
+    b" ON CONFLICT (digest) DO NOTHING) " + _RECORDS
+)
+# Two constant statements, each prepared once per connection: the records alone, and the
+# records with lists of patients their connection has not stored yet.
 
 _PG_ARRAY = bytes.maketrans(b"[]", b"{}")
 
+KNOWN_SETS = 4096
+"""Lists of patients each connection remembers having stored (32-byte digests)."""
 
-def _rows(batch: list[Disclosure]) -> list[list[str]]:
-    # One array per column (a constant statement, prepared once); the patients' ids
-    # travel as uuid[] literals, since unnest cannot take an array of arrays. msgspec
-    # writes them as a JSON array, which is the literal once its quotes go.
-    return [
+
+def digest_of(patient_ids: tuple[UUID, ...]) -> bytes:
+    """The key of a list of patients in `audit.patient_sets` (migration 0017): SHA-256 of
+    the ids as a JSON array of their canonical text, in order."""
+    return hashlib.sha256(_encode(patient_ids)).digest()
+
+
+class _Known:
+    """The lists one connection has stored: sent again only after it is gone (a new
+    connection, to a database that may have been restored, knows none)."""
+
+    def __init__(self) -> None:
+        self.digests: OrderedDict[bytes, None] = OrderedDict()
+
+    def missing(self, batch: list[Disclosure], digests: list[bytes]) -> dict[bytes, list[UUID]]:
+        """The lists of the batch this connection has not stored, by digest."""
+        missing: dict[bytes, list[UUID]] = {}
+        for d, digest in zip(batch, digests, strict=True):
+            if digest in self.digests:
+                self.digests.move_to_end(digest)
+            else:
+                missing[digest] = list(d.patient_ids)
+        return missing
+
+    def stored(self, digests: Iterable[bytes]) -> None:
+        for digest in digests:
+            self.digests[digest] = None
+        while len(self.digests) > KNOWN_SETS:
+            self.digests.popitem(last=False)
+
+
+def _statement(
+    batch: list[Disclosure], known: _Known
+) -> tuple[bytes, list[list[Any]], list[bytes]]:
+    """The INSERT of a batch, its parameters, and the lists it stores; one array per
+    column, since unnest cannot take an array of arrays: a new list's ids travel as a
+    uuid[] literal (msgspec writes them as a JSON array, the literal once its quotes go)."""
+    digests = [digest_of(d.patient_ids) for d in batch]
+    missing = known.missing(batch, digests)
+    records: list[list[Any]] = [
         [d.actor for d in batch],
         [d.role for d in batch],
         [d.operation for d in batch],
-        [_encode(list(d.patient_ids)).translate(_PG_ARRAY, b'"').decode() for d in batch],
+        digests,
         [d.correlation_id for d in batch],
     ]
+    if not missing:
+        return _RECORDS, records, []
+    lists = [_encode(ids).translate(_PG_ARRAY, b'"').decode() for ids in missing.values()]
+    return _WITH_SETS, [list(missing), lists, *records], list(missing)
 
 
 class GroupedWriter:
     """Writes disclosures through `pool`: up to `parallel` INSERTs at once, each taking
-    every record waiting when it starts."""
+    every record waiting when it starts. The pool is autocommit: a request is answered
+    once the INSERT holding its record has returned, so that INSERT must be committed
+    by then."""
 
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any], parallel: int = 4):
+        if not (isinstance(pool.kwargs, dict) and pool.kwargs.get("autocommit")):
+            raise ValueError(
+                "the audit writer needs an autocommit pool (open_pool(autocommit=True))"
+            )
         self.pool = pool
         self.parallel = parallel
         self._waiting: list[tuple[Disclosure, asyncio.Future[None]]] = []
         self._flushers: set[asyncio.Task[None]] = set()
+        self._known: weakref.WeakKeyDictionary[Any, _Known] = weakref.WeakKeyDictionary()
 
     async def record(self, disclosure: Disclosure) -> None:
         loop = asyncio.get_running_loop()
@@ -124,9 +186,12 @@ class GroupedWriter:
             # while it goes back are taken too: the last look is the one before leaving.
             while self._waiting:
                 async with self.pool.connection() as conn:
+                    known = self._known.setdefault(conn, _Known())
                     while self._waiting:
                         batch, self._waiting = self._waiting, []
-                        await conn.execute(_INSERT, _rows([d for d, _ in batch]))
+                        statement, params, lists = _statement([d for d, _ in batch], known)
+                        await conn.execute(statement, params)
+                        known.stored(lists)
                         _settle(batch, None)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             log.error("disclosure audit not written", error=type(exc).__name__)
@@ -182,7 +247,8 @@ def record_now(database_url: str, disclosure: Disclosure) -> None:
     raises AuditUnavailable when it cannot."""
     try:
         with psycopg.connect(database_url, connect_timeout=10) as conn:
-            conn.execute(_INSERT, _rows([disclosure]))
+            statement, params, _ = _statement([disclosure], _Known())
+            conn.execute(statement, params)
     except psycopg.Error as exc:
         raise AuditUnavailable(type(exc).__name__) from None
 
@@ -252,26 +318,34 @@ def decode_cursor(raw: str) -> int | None:
     return int(number)
 
 
+_FILTERS = {
+    # Records before migration 0017 hold their ids; later ones, their list's digest.
+    "patient": "(d.patient_ids @> ARRAY[%(patient)s]::uuid[] OR d.patient_set = ANY(ARRAY("
+    "SELECT digest FROM audit.patient_sets WHERE patient_ids @> ARRAY[%(patient)s]::uuid[])))",
+    "actor": "d.actor = %(actor)s",
+    "start": "d.at >= %(start)s",
+    "end": "d.at < %(end)s",
+    "before": "d.id < %(before)s",
+}
+
+
 async def page(conn: psycopg.AsyncConnection[Any], query: AuditQuery) -> tuple[list[Record], bool]:
     """One page of disclosures, newest first, and whether older ones follow."""
-    where = ["TRUE"]
-    params: list[Any] = []
-    conditions: Mapping[str, Any] = {
-        "patient_ids @> ARRAY[%s]::uuid[]": query.patient_id,
-        "actor = %s": query.actor_id,
-        "at >= %s": query.start,
-        "at < %s": query.end,
-        "id < %s": query.before,
+    values = {
+        "patient": query.patient_id,
+        "actor": query.actor_id,
+        "start": query.start,
+        "end": query.end,
+        "before": query.before,
     }
-    for condition, value in conditions.items():
-        if value is not None:
-            where.append(condition)
-            params.append(value)
+    where = ["TRUE", *(f for name, f in _FILTERS.items() if values[name] is not None)]
     statement = sql.SQL(
-        "SELECT id, at, actor, role, operation, patient_ids, correlation_id"
-        " FROM audit.disclosures WHERE {} ORDER BY id DESC LIMIT %s"
+        "SELECT d.id, d.at, d.actor, d.role, d.operation,"
+        " coalesce(d.patient_ids, s.patient_ids), d.correlation_id"
+        " FROM audit.disclosures d LEFT JOIN audit.patient_sets s ON s.digest = d.patient_set"
+        " WHERE {} ORDER BY d.id DESC LIMIT %(limit)s"
     ).format(sql.SQL(" AND ").join(sql.SQL(w) for w in where))
-    cursor = await conn.execute(statement, [*params, query.limit + 1])
+    cursor = await conn.execute(statement, {**values, "limit": query.limit + 1})
     rows = await cursor.fetchall()
     records = [
         Record(

@@ -19,6 +19,7 @@ from litestar.testing import AsyncTestClient
 from domain.roles import Role
 from read_api.app import create_app
 from runtime import audit
+from runtime.audit import Disclosure
 from runtime.db import open_pool
 from runtime.settings import Settings
 from tests.integration.test_appointments import Model, book, clinician, monday, patient
@@ -59,7 +60,7 @@ def recorded(settings: Settings, correlation_id: str) -> list[tuple[Any, ...]]:
     """(actor, role, operation, patient ids) of each record of one request, in order."""
     with psycopg.connect(settings.database_url) as conn:
         return conn.execute(
-            "SELECT actor, role, operation, patient_ids FROM audit.disclosures"
+            "SELECT actor, role, operation, patient_ids FROM audit.records"
             " WHERE correlation_id = %s ORDER BY id",
             [correlation_id],
         ).fetchall()
@@ -120,6 +121,84 @@ async def test_a_list_page_records_the_ids_on_it_and_an_empty_page_nothing(
     nothing = await reads.get("/patients", params={"name": uuid.uuid4().hex}, headers=empty)
     assert nothing.json()["patients"] == []
     assert recorded(settings, empty["X-Correlation-ID"]) == []
+
+
+async def test_a_page_shown_again_and_again_stores_its_list_of_patients_once(
+    reads, directory, settings, tokens
+):
+    tag = uuid.uuid4().hex[:10]
+    ids = [
+        directory.service.register(details(f"Relisted {tag} {i}"), date(2024, 3, 1)).patient_id
+        for i in range(3)
+    ]
+    await directory.catch_up()
+    correlations = []
+    for _ in range(3):
+        headers = as_user(tokens, Role.RECEPTIONIST)
+        page = await reads.get("/patients", params={"name": tag}, headers=headers)
+        assert [uuid.UUID(p["id"]) for p in page.json()["patients"]] == ids
+        correlations.append(headers["X-Correlation-ID"])
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT patient_ids, patient_set FROM audit.disclosures WHERE correlation_id = ANY(%s)",
+            [correlations],
+        ).fetchall()
+        assert len(rows) == 3 and {ids_kept for ids_kept, _ in rows} == {None}
+        ((digest,),) = {(digest,) for _, digest in rows}
+        assert digest == audit.digest_of(tuple(ids))
+        stored = conn.execute(
+            "SELECT patient_ids FROM audit.patient_sets WHERE digest = %s", [digest]
+        ).fetchall()
+    assert stored == [(ids,)]
+
+
+async def test_get_audit_finds_a_patient_in_records_of_either_form(reads, settings, tokens):
+    """Records written before lists were kept apart (their own patient_ids) and after
+    (a list's digest) are found, shown and paged alike."""
+    patient, other = uuid.uuid4(), uuid.uuid4()
+    actor = f"forms-{uuid.uuid4()}"
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO audit.disclosures (actor, role, operation, patient_ids, correlation_id)"
+            " VALUES (%s, 'admin', 'patient.get', ARRAY[%s]::uuid[], 'old')",
+            [actor, patient],
+        )
+    pool = await open_pool(settings.database_url, autocommit=True)
+    try:
+        writer = audit.GroupedWriter(pool)
+        for correlation, shown in (("new", (other, patient)), ("unrelated", (other,))):
+            await writer.record(Disclosure(actor, "admin", "patient.list", shown, correlation))
+    finally:
+        await pool.close()
+    admin = tokens.headers(Role.ADMIN)
+    found = await reads.get("/audit", params={"patientId": str(patient)}, headers=admin)
+    assert [(r["correlationId"], r["patientIds"]) for r in found.json()["records"]] == [
+        ("new", [str(other), str(patient)]),
+        ("old", [str(patient)]),
+    ]
+    everything = await reads.get("/audit", params={"actorId": actor, "limit": 1}, headers=admin)
+    assert [r["correlationId"] for r in everything.json()["records"]] == ["unrelated"]
+    assert everything.json()["next"] is not None
+
+
+def test_a_connection_sends_a_list_until_it_has_stored_it_and_each_list_once():
+    first, second = uuid.uuid4(), uuid.uuid4()
+    batch = [
+        Disclosure("a", "admin", "patient.list", (first, second), "c1"),
+        Disclosure("b", "admin", "patient.list", (first, second), "c2"),
+        Disclosure("c", "admin", "patient.get", (first,), "c3"),
+    ]
+    known = audit._Known()
+    statement, params, lists = audit._statement(batch, known)
+    assert b"audit.patient_sets" in statement
+    assert lists == [audit.digest_of((first, second)), audit.digest_of((first,))]
+    assert params[1] == [f"{{{first},{second}}}", f"{{{first}}}"]
+    assert audit._statement(batch, known)[2] == lists  # not stored yet: sent again
+    known.stored(lists)
+    statement, params, lists = audit._statement(batch, known)
+    assert b"audit.patient_sets" not in statement and lists == []
+    assert params[3] == [audit.digest_of((first, second))] * 2 + [audit.digest_of((first,))]
+    assert audit._statement(batch, audit._Known())[2] != []  # another connection knows none
 
 
 @pytest.fixture
@@ -223,7 +302,7 @@ async def test_a_read_whose_record_cannot_be_written_is_503_and_shows_nothing(
     assert len(recorded(settings, after["X-Correlation-ID"])) == 1
 
 
-def test_the_audit_table_refuses_update_delete_and_truncate(settings):
+def test_the_audit_tables_refuse_update_delete_and_truncate(settings):
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         (row_id,) = conn.execute(
             "INSERT INTO audit.disclosures (actor, role, operation, patient_ids, correlation_id)"
@@ -239,6 +318,19 @@ def test_the_audit_table_refuses_update_delete_and_truncate(settings):
                 conn.execute(change, [row_id] if "%s" in change else None)
         still = conn.execute("SELECT actor FROM audit.disclosures WHERE id = %s", [row_id])
         assert still.fetchone() == ("someone",)
+        digest = bytes(32)
+        conn.execute(
+            "INSERT INTO audit.patient_sets (digest, patient_ids) VALUES (%s, '{}')"
+            " ON CONFLICT DO NOTHING",
+            [digest],
+        )
+        for change in (
+            "UPDATE audit.patient_sets SET patient_ids = '{}' WHERE digest = %s",
+            "DELETE FROM audit.patient_sets WHERE digest = %s",
+            "TRUNCATE audit.patient_sets",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute(change, [digest] if "%s" in change else None)
 
 
 async def test_get_audit_filters_and_pages_newest_first(reads, directory, settings, tokens):
@@ -331,8 +423,16 @@ def test_revealing_at_the_command_line_is_recorded_first_or_not_at_all(own_setti
     assert revealed.returncode == 0 and "Revealed Person" in revealed.stdout
     with psycopg.connect(own_settings.database_url) as conn:
         rows = conn.execute(
-            "SELECT actor, role, operation, patient_ids FROM audit.disclosures"
+            "SELECT actor, role, operation, patient_ids FROM audit.records"
         ).fetchall()
     ((actor, role, operation, patients),) = rows
     assert actor.startswith("os:") and role == "operator"
     assert (operation, patients) == ("cli.history.reveal", [written.patient_id])
+
+
+def test_the_writer_refuses_a_pool_whose_statements_wait_for_a_commit(settings):
+    import psycopg_pool
+
+    pool = psycopg_pool.AsyncConnectionPool(settings.database_url, open=False)
+    with pytest.raises(ValueError, match="autocommit"):
+        audit.GroupedWriter(pool)

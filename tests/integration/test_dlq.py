@@ -102,7 +102,7 @@ async def test_a_poison_event_is_listed_shown_redacted_and_replayed_after_the_fi
         assert "Secret Name" in revealed.stdout
         assert "personal data revealed" in revealed.stdout + revealed.stderr
         with psycopg.connect(settings.database_url) as conn:
-            disclosed = conn.execute("SELECT operation, patient_ids FROM audit.disclosures")
+            disclosed = conn.execute("SELECT operation, patient_ids FROM audit.records")
             assert disclosed.fetchall() == [("cli.dlq.reveal", [patient])]
 
         early = carelog(settings, "dlq", "replay", str(letter["id"]))

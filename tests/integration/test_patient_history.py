@@ -152,7 +152,7 @@ async def test_each_page_shown_is_recorded_in_the_disclosure_audit(reads, story,
     assert answer.status_code == 200, answer.text
     with psycopg.connect(settings.database_url) as conn:
         records = conn.execute(
-            "SELECT role, operation, patient_ids FROM audit.disclosures WHERE correlation_id = %s",
+            "SELECT role, operation, patient_ids FROM audit.records WHERE correlation_id = %s",
             [correlation],
         ).fetchall()
     assert records == [("clinician", "patient.history", [uuid.UUID(story["patient"])])]
