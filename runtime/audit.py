@@ -82,18 +82,17 @@ class Writer(Protocol):
 
 _RECORDS = (
     b"INSERT INTO audit.disclosures (actor, role, operation, patient_set, correlation_id)"
-    b" SELECT a, r, o, p, c"
-    b" FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[], %s::text[]) AS t(a, r, o, p, c)"
+    b" SELECT a, r, o, decode(d, 'hex'), c"
+    b" FROM json_to_recordset(%s::json) AS t(a text, r text, o text, d text, c text)"
 )
 _WITH_SETS = (
     b"WITH sets AS (INSERT INTO audit.patient_sets (digest, patient_ids)"
-    b" SELECT d, p::uuid[] FROM unnest(%s::bytea[], %s::text[]) AS s(d, p)"
+    b" SELECT decode(d, 'hex'), p FROM json_to_recordset(%s::json) AS s(d text, p uuid[])"
     b" ON CONFLICT (digest) DO NOTHING) " + _RECORDS
 )
 # Two constant statements, each prepared once per connection: the records alone, and the
-# records with lists of patients their connection has not stored yet.
-
-_PG_ARRAY = bytes.maketrans(b"[]", b"{}")
+# records with lists of patients their connection has not stored yet. A batch travels as
+# one JSON parameter (msgspec writes it at once; psycopg would dump an array per column).
 
 KNOWN_SETS = 4096
 """Lists of patients each connection remembers having stored (32-byte digests)."""
@@ -129,25 +128,20 @@ class _Known:
             self.digests.popitem(last=False)
 
 
-def _statement(
-    batch: list[Disclosure], known: _Known
-) -> tuple[bytes, list[list[Any]], list[bytes]]:
-    """The INSERT of a batch, its parameters, and the lists it stores; one array per
-    column, since unnest cannot take an array of arrays: a new list's ids travel as a
-    uuid[] literal (msgspec writes them as a JSON array, the literal once its quotes go)."""
+def _statement(batch: list[Disclosure], known: _Known) -> tuple[bytes, list[str], list[bytes]]:
+    """The INSERT of a batch, its parameters, and the lists of patients it stores."""
     digests = [digest_of(d.patient_ids) for d in batch]
     missing = known.missing(batch, digests)
-    records: list[list[Any]] = [
-        [d.actor for d in batch],
-        [d.role for d in batch],
-        [d.operation for d in batch],
-        digests,
-        [d.correlation_id for d in batch],
-    ]
+    records = _encode(
+        [
+            {"a": d.actor, "r": d.role, "o": d.operation, "d": digest.hex(), "c": d.correlation_id}
+            for d, digest in zip(batch, digests, strict=True)
+        ]
+    ).decode()
     if not missing:
-        return _RECORDS, records, []
-    lists = [_encode(ids).translate(_PG_ARRAY, b'"').decode() for ids in missing.values()]
-    return _WITH_SETS, [list(missing), lists, *records], list(missing)
+        return _RECORDS, [records], []
+    lists = _encode([{"d": digest.hex(), "p": ids} for digest, ids in missing.items()]).decode()
+    return _WITH_SETS, [lists, records], list(missing)
 
 
 class GroupedWriter:

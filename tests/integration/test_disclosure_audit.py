@@ -6,6 +6,7 @@ cannot be written answers 503 and shows nothing; the table refuses every change;
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -188,16 +189,23 @@ def test_a_connection_sends_a_list_until_it_has_stored_it_and_each_list_once():
         Disclosure("b", "admin", "patient.list", (first, second), "c2"),
         Disclosure("c", "admin", "patient.get", (first,), "c3"),
     ]
+    both, one = audit.digest_of((first, second)), audit.digest_of((first,))
     known = audit._Known()
     statement, params, lists = audit._statement(batch, known)
-    assert b"audit.patient_sets" in statement
-    assert lists == [audit.digest_of((first, second)), audit.digest_of((first,))]
-    assert params[1] == [f"{{{first},{second}}}", f"{{{first}}}"]
+    assert b"audit.patient_sets" in statement and lists == [both, one]
+    assert json.loads(params[0]) == [
+        {"d": both.hex(), "p": [str(first), str(second)]},
+        {"d": one.hex(), "p": [str(first)]},
+    ]
     assert audit._statement(batch, known)[2] == lists  # not stored yet: sent again
     known.stored(lists)
     statement, params, lists = audit._statement(batch, known)
     assert b"audit.patient_sets" not in statement and lists == []
-    assert params[3] == [audit.digest_of((first, second))] * 2 + [audit.digest_of((first,))]
+    assert [(r["a"], r["d"], r["c"]) for r in json.loads(params[0])] == [
+        ("a", both.hex(), "c1"),
+        ("b", both.hex(), "c2"),
+        ("c", one.hex(), "c3"),
+    ]
     assert audit._statement(batch, audit._Known())[2] != []  # another connection knows none
 
 
