@@ -111,13 +111,17 @@ end
     )
 
 
-def get_script(users: list[dict[str, str]], path: str) -> str:
+def get_script(users: list[dict[str, str]], path: str, pause_ms: int = 0) -> str:
+    """GETs of `path`; with `pause_ms`, each connection waits that long after an answer
+    before it asks again: a steady load below what the server can do, where latency is
+    the server's and not the queue's."""
     return (
         _headers_lua(users)
         + _REPORT
         + _DONE
         + f'local path = "{path}"\nlocal n = 0\n'
         + 'function request() n = n + 1 return wrk.format("GET", path, headers(n)) end\n'
+        + (f"function delay() return {pause_ms} end\n" if pause_ms else "")
     )
 
 
