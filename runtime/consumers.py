@@ -58,8 +58,10 @@ IDLE_FETCH_MAX_WAIT_MS = 500
 """Idle: the broker holds a fetch this long unless a record arrives, which it answers at once."""
 POLL_TIMEOUT_MS = 200
 """How long one poll waits for records; a poll that finds none makes the consumer idle."""
-BUSY_WITHIN_S = 0.1
-"""Records that follow the previous ones this closely mean a stream: fetch as when busy."""
+BUSY_WITHIN_S = 2 * FETCH_MAX_WAIT_MS / 1000
+"""Records that came this soon after the consumer was ready for them mean more are coming:
+gathering them pays. Slower than that (fewer than about 25 events a second), each event
+is taken alone either way, and a held fetch costs less than fifty short ones."""
 
 
 class UnappliableEvent(Exception):
@@ -199,12 +201,14 @@ class _Batches(BatchSubscriber):
     """FastStream's batch subscriber, polling so that an idle consumer costs next to nothing
     and an event after a quiet spell is taken at once, while a busy one still gets batches.
 
-    - Busy (records keep coming): the broker gathers records for up to FETCH_MAX_WAIT_MS
-      (or FETCH_MIN_BYTES) before it answers a fetch, so each consumer fetches a few dozen
-      times a second, not once per event. That is what the subscription is made with.
-    - Idle (a poll found nothing for POLL_TIMEOUT_MS): the broker holds each fetch until a
-      record arrives, which it answers at once, or for IDLE_FETCH_MAX_WAIT_MS: two fetches
-      a second instead of fifty, and no added wait for the next event.
+    - Busy (records came within BUSY_WITHIN_S of polling for them): the broker gathers
+      records for up to FETCH_MAX_WAIT_MS (or FETCH_MIN_BYTES) before it answers a fetch,
+      so each consumer fetches a few dozen times a second, not once per event. That is
+      what the subscription is made with.
+    - Idle (records came later, or a poll found none in POLL_TIMEOUT_MS): the broker holds
+      each fetch until a record arrives, which it answers at once, or for
+      IDLE_FETCH_MAX_WAIT_MS: two fetches a second instead of fifty, and no added wait
+      for the next event.
 
     The client has no public way to change a running consumer's fetch sizes: they are set
     on its fetcher, which reads them for each fetch it sends (`_fetch_as`; a test holds the
@@ -218,13 +222,14 @@ class _Batches(BatchSubscriber):
 
     async def get_msg(self, consumer: AIOKafkaConsumer) -> tuple[ConsumerRecord[Any, Any], ...]:
         asked = time.monotonic()
+        ready = _ready_since.setdefault(consumer, asked)
         records = await consumer.getmany(
             timeout_ms=self.batch_timeout_ms, max_records=self.max_records
         )
         now = time.monotonic()
         if records:
-            _fetch_as(consumer, busy=now - _last_records.get(consumer, 0.0) < BUSY_WITHIN_S)
-            _last_records[consumer] = now
+            del _ready_since[consumer]
+            _fetch_as(consumer, busy=now - ready < BUSY_WITHIN_S)
             return tuple(chain.from_iterable(records.values()))
         _fetch_as(consumer, busy=False)
         if now - asked < self.batch_timeout_ms / 2000:
@@ -233,8 +238,8 @@ class _Batches(BatchSubscriber):
         return ()
 
 
-_last_records: weakref.WeakKeyDictionary[AIOKafkaConsumer, float] = weakref.WeakKeyDictionary()
-"""When each consumer last polled records."""
+_ready_since: weakref.WeakKeyDictionary[AIOKafkaConsumer, float] = weakref.WeakKeyDictionary()
+"""When each consumer began polling for its next records (its first poll since the last)."""
 
 
 def _fetch_as(consumer: AIOKafkaConsumer, busy: bool) -> None:
