@@ -60,8 +60,9 @@ POLL_TIMEOUT_MS = 200
 """How long one poll waits for records; a poll that finds none makes the consumer idle."""
 BUSY_WITHIN_S = 2 * FETCH_MAX_WAIT_MS / 1000
 """Records that came this soon after the consumer was ready for them mean more are coming:
-gathering them pays. Slower than that (fewer than about 25 events a second), each event
-is taken alone either way, and a held fetch costs less than fifty short ones."""
+gathering them pays. Events further apart come alone either way, and a held fetch costs
+less than fifty short ones. Once busy, a consumer stays so until a poll finds nothing (a
+late batch on a loaded machine does not break the batching)."""
 
 
 class UnappliableEvent(Exception):
@@ -201,14 +202,13 @@ class _Batches(BatchSubscriber):
     """FastStream's batch subscriber, polling so that an idle consumer costs next to nothing
     and an event after a quiet spell is taken at once, while a busy one still gets batches.
 
-    - Busy (records came within BUSY_WITHIN_S of polling for them): the broker gathers
-      records for up to FETCH_MAX_WAIT_MS (or FETCH_MIN_BYTES) before it answers a fetch,
-      so each consumer fetches a few dozen times a second, not once per event. That is
-      what the subscription is made with.
-    - Idle (records came later, or a poll found none in POLL_TIMEOUT_MS): the broker holds
-      each fetch until a record arrives, which it answers at once, or for
-      IDLE_FETCH_MAX_WAIT_MS: two fetches a second instead of fifty, and no added wait
-      for the next event.
+    - Busy (from records that came within BUSY_WITHIN_S of polling for them until a poll
+      finds none): the broker gathers records for up to FETCH_MAX_WAIT_MS (or
+      FETCH_MIN_BYTES) before it answers a fetch, so each consumer fetches a few dozen
+      times a second, not once per event. That is what the subscription is made with.
+    - Idle (from a poll that found none in POLL_TIMEOUT_MS): the broker holds each fetch
+      until a record arrives, which it answers at once, or for IDLE_FETCH_MAX_WAIT_MS:
+      two fetches a second instead of fifty, and no added wait for the next event.
 
     The client has no public way to change a running consumer's fetch sizes: they are set
     on its fetcher, which reads them for each fetch it sends (`_fetch_as`; a test holds the
@@ -229,7 +229,7 @@ class _Batches(BatchSubscriber):
         now = time.monotonic()
         if records:
             del _ready_since[consumer]
-            _fetch_as(consumer, busy=now - ready < BUSY_WITHIN_S)
+            _fetch_as(consumer, busy=now - ready < BUSY_WITHIN_S or _busy(consumer))
             return tuple(chain.from_iterable(records.values()))
         _fetch_as(consumer, busy=False)
         if now - asked < self.batch_timeout_ms / 2000:
@@ -240,6 +240,11 @@ class _Batches(BatchSubscriber):
 
 _ready_since: weakref.WeakKeyDictionary[AIOKafkaConsumer, float] = weakref.WeakKeyDictionary()
 """When each consumer began polling for its next records (its first poll since the last)."""
+
+
+def _busy(consumer: AIOKafkaConsumer) -> bool:
+    fetcher = getattr(consumer, "_fetcher", None)
+    return getattr(fetcher, "_fetch_max_wait_ms", FETCH_MAX_WAIT_MS) == FETCH_MAX_WAIT_MS
 
 
 def _fetch_as(consumer: AIOKafkaConsumer, busy: bool) -> None:
