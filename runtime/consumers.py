@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
+import weakref
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import msgspec
@@ -20,9 +23,11 @@ import psycopg
 import psycopg_pool
 import redis.exceptions
 import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.subscriber.usecase import BatchSubscriber
 from prometheus_client import Counter
 
 from domain import contracts
@@ -48,6 +53,16 @@ Batch = list[tuple[contracts.Envelope[Any], Any]]
 
 FETCH_MIN_BYTES = 64 * 1024
 FETCH_MAX_WAIT_MS = 20
+"""Busy: the broker answers a fetch once this much is waiting or the wait is up."""
+IDLE_FETCH_MAX_WAIT_MS = 500
+"""Idle: the broker holds a fetch this long unless a record arrives, which it answers at once."""
+POLL_TIMEOUT_MS = 200
+"""How long one poll waits for records; a poll that finds none makes the consumer idle."""
+BUSY_WITHIN_S = 2 * FETCH_MAX_WAIT_MS / 1000
+"""Records that came this soon after the consumer was ready for them mean more are coming:
+gathering them pays. Events further apart come alone either way, and a held fetch costs
+less than fifty short ones. Once busy, a consumer stays so until a poll finds nothing (a
+late batch on a loaded machine does not break the batching)."""
 
 
 class UnappliableEvent(Exception):
@@ -183,6 +198,66 @@ def _reason(exc: BaseException) -> str:
     return f"the database refused it: {type(exc).__name__}"
 
 
+class _Batches(BatchSubscriber):
+    """FastStream's batch subscriber, polling so that an idle consumer costs next to nothing
+    and an event after a quiet spell is taken at once, while a busy one still gets batches.
+
+    - Busy (from records that came within BUSY_WITHIN_S of polling for them until a poll
+      finds none): the broker gathers records for up to FETCH_MAX_WAIT_MS (or
+      FETCH_MIN_BYTES) before it answers a fetch, so each consumer fetches a few dozen
+      times a second, not once per event. That is what the subscription is made with.
+    - Idle (from a poll that found none in POLL_TIMEOUT_MS): the broker holds each fetch
+      until a record arrives, which it answers at once, or for IDLE_FETCH_MAX_WAIT_MS:
+      two fetches a second instead of fifty, and no added wait for the next event.
+
+    The client has no public way to change a running consumer's fetch sizes: they are set
+    on its fetcher, which reads them for each fetch it sends (`_fetch_as`; a test holds the
+    client to it). Without that fetcher the consumer just stays as it was made (busy).
+
+    FastStream's own poll also sleeps as long again after a poll that found nothing, and a
+    record arriving meanwhile waits out the sleep; this one polls again at once.
+    """
+
+    __slots__ = ()
+
+    async def get_msg(self, consumer: AIOKafkaConsumer) -> tuple[ConsumerRecord[Any, Any], ...]:
+        asked = time.monotonic()
+        ready = _ready_since.setdefault(consumer, asked)
+        records = await consumer.getmany(
+            timeout_ms=self.batch_timeout_ms, max_records=self.max_records
+        )
+        now = time.monotonic()
+        if records:
+            del _ready_since[consumer]
+            _fetch_as(consumer, busy=now - ready < BUSY_WITHIN_S or _busy(consumer))
+            return tuple(chain.from_iterable(records.values()))
+        _fetch_as(consumer, busy=False)
+        if now - asked < self.batch_timeout_ms / 2000:
+            # Only a stopping consumer answers before its timeout: never spin.
+            await asyncio.sleep(self.batch_timeout_ms / 1000)
+        return ()
+
+
+_ready_since: weakref.WeakKeyDictionary[AIOKafkaConsumer, float] = weakref.WeakKeyDictionary()
+"""When each consumer began polling for its next records (its first poll since the last)."""
+
+
+def _busy(consumer: AIOKafkaConsumer) -> bool:
+    fetcher = getattr(consumer, "_fetcher", None)
+    return getattr(fetcher, "_fetch_max_wait_ms", FETCH_MAX_WAIT_MS) == FETCH_MAX_WAIT_MS
+
+
+def _fetch_as(consumer: AIOKafkaConsumer, busy: bool) -> None:
+    """Sets the fetch sizes of the consumer's next fetches (see `_Batches`)."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is None or not hasattr(fetcher, "_fetch_max_wait_ms"):
+        return
+    if busy:
+        fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = FETCH_MIN_BYTES, FETCH_MAX_WAIT_MS
+    else:
+        fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms = 1, IDLE_FETCH_MAX_WAIT_MS
+
+
 def subscribe(
     broker: KafkaBroker,
     topic: str | Sequence[str],
@@ -196,21 +271,22 @@ def subscribe(
     if keyring is not None:
         worker.keyring = keyring
 
-    @broker.subscriber(
+    subscriber = broker.subscriber(
         *topics,
         group_id=group,
         auto_offset_reset="earliest",
         batch=True,
         max_records=500,
-        # How long one poll waits when nothing has arrived; records that arrive end it.
-        batch_timeout_ms=200,
-        # The broker answers a fetch when this much is waiting or the wait is up: under
-        # load each consumer fetches a few dozen times a second, not once per event,
-        # which saves the broker's CPU and ours; idle, an event waits at most the wait.
+        batch_timeout_ms=POLL_TIMEOUT_MS,
+        # As when busy; idle, the subscriber asks for long polls (see `_Batches`).
         fetch_min_bytes=FETCH_MIN_BYTES,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         ack_policy=AckPolicy.NACK_ON_ERROR,
         decoder=raw_bodies,
     )
+    # The same object, polling its own way (the subclass adds no state).
+    subscriber.__class__ = _Batches
+
+    @subscriber
     async def on_events(bodies: list[bytes], message: KafkaMessage) -> None:
         await worker.handle(bodies, message.batch_headers)

@@ -5,6 +5,10 @@ there is no dual write. The publisher reads unpublished rows in id order, sends
 them, awaits every acknowledgement and only then marks them published here. A
 crash anywhere resends what was not marked; consumers deduplicate on the
 envelope's event id. One process publishes at a time: it holds an advisory lock.
+
+With nothing to publish, the publisher waits for the outbox's own announcement: every
+insert into it notifies the `carelog_billing_outbox` channel at commit (see its
+migration), which this LISTENs to. It looks again at least every WAIT_SECONDS.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from runtime.publisher import Batch, Outgoing
 log = structlog.get_logger(__name__)
 
 _LOCK_NAME = "carelog-billing-outbox:"
+CHANNEL = "carelog_billing_outbox"
+
+WAIT_SECONDS = 1.0
+"""Longest the publisher waits for an announcement before reading the outbox anyway."""
 
 
 class BillingOutbox:
@@ -35,6 +43,7 @@ class BillingOutbox:
         self.name = f"billing-outbox:{schema}"
         self.leader = False
         self._db: psycopg.AsyncConnection[Any] | None = None
+        self._listening: psycopg.AsyncConnection[Any] | None = None
         s = sql.Identifier(schema)
         self._pending = sql.SQL(
             "SELECT id, aggregate_id, aggregate_version, type, schema_version, payload,"
@@ -52,6 +61,9 @@ class BillingOutbox:
     async def open(self) -> None:
         """Connects, then waits until this is the only publisher of the schema's outbox."""
         self.leader = False
+        # Listening before the first read: an insert committed after it is announced.
+        self._listening = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
+        await self._listening.execute(f'LISTEN "{CHANNEL}"')
         self._db = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
         while True:  # the lock dies with the session
             row = await (
@@ -66,14 +78,17 @@ class BillingOutbox:
             await asyncio.sleep(1.0)
 
     async def wait(self) -> None:
-        """Billing's writes do not announce themselves: look again shortly."""
-        await asyncio.sleep(0.02)
+        """Returns at the outbox's next insert (or one already announced), or after a while."""
+        assert self._listening is not None
+        async for _ in self._listening.notifies(timeout=WAIT_SECONDS, stop_after=1):
+            break
 
     async def close(self) -> None:
         self.leader = False
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        for conn in (self._db, self._listening):
+            if conn is not None:
+                await conn.close()
+        self._db = self._listening = None
 
     async def read(self, limit: int) -> Batch:
         assert self._db is not None

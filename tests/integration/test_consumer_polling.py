@@ -1,0 +1,146 @@
+"""How a consumer polls Kafka (runtime.consumers), on the real broker.
+
+Idle, a consumer asks the broker to hold its fetch until a record arrives: it fetches a
+few times a second, not fifty, and the next event is taken as soon as it arrives. Busy,
+the broker gathers records for each fetch, so events still come in batches. The fetches
+are counted where the client sends its requests; nothing of Kafka's is faked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.client import AIOKafkaClient
+from aiokafka.protocol.fetch import FetchRequest
+
+from domain import contracts
+from runtime.consumers import Batch, EventBatchWorker, subscribe
+from runtime.kafka import ensure_topics, kafka_broker, reliable_producer
+from runtime.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+class Arrivals(EventBatchWorker):
+    """Keeps when each event was applied, and each batch's size."""
+
+    opens_sealed = False
+
+    def __init__(self, settings: Settings, topic: str):
+        super().__init__("polling", kafka_broker(settings, "polling"), f"{topic}.dlq")
+        self.applied: dict[uuid.UUID, float] = {}
+        self.batches: list[int] = []
+
+    async def apply(self, batch: Batch) -> None:
+        now = time.monotonic()
+        self.batches.append(len(batch))
+        for envelope, _ in batch:
+            self.applied[envelope.event_id] = now
+
+
+def removal() -> tuple[uuid.UUID, bytes, bytes]:
+    patient = uuid.uuid4()
+    envelope = contracts.envelope(
+        contracts.PatientRemovedV1(),
+        aggregate_id=patient,
+        aggregate_version=2,
+        position=2,
+        occurred_at=datetime.now(UTC),
+    )
+    return envelope.event_id, msgspec.json.encode(envelope), str(patient).encode()
+
+
+async def until(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met")
+        await asyncio.sleep(0.002)
+
+
+@asynccontextmanager
+async def consuming(settings: Settings) -> AsyncIterator[tuple[Arrivals, AIOKafkaProducer, str]]:
+    """A subscribed worker on a topic of its own (ready: it has applied a first event),
+    and a producer for that topic."""
+    topic = settings.topic(f"polling-{uuid.uuid4().hex[:8]}")
+    await ensure_topics(settings, [topic])
+    worker = Arrivals(settings, topic)
+    broker = kafka_broker(settings, "polling")
+    subscribe(broker, topic, worker, f"{topic}-group")
+    producer = reliable_producer(settings)
+    await producer.start()
+    await broker.start()
+    try:
+        first, body, key = removal()
+        await producer.send_and_wait(topic, body, key=key)
+        await until(lambda: first in worker.applied)
+        yield worker, producer, topic
+    finally:
+        await broker.stop()
+        await producer.stop()
+
+
+@pytest.fixture
+def fetches(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When each fetch request went to the broker."""
+    sent: list[float] = []
+    send = AIOKafkaClient.send
+
+    def counting(self: AIOKafkaClient, node_id: Any, request: Any, **kwargs: Any) -> Any:
+        if isinstance(request, FetchRequest):
+            sent.append(time.monotonic())
+        return send(self, node_id, request, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaClient, "send", counting)
+    return sent
+
+
+async def test_an_idle_consumer_fetches_rarely_and_takes_the_next_event_at_once(
+    settings: Settings, fetches: list[float]
+):
+    async with consuming(settings) as (worker, producer, topic):
+        await asyncio.sleep(1.0)  # nothing arrives: the consumer is idle
+        since = time.monotonic()
+        await asyncio.sleep(2.0)
+        idle = [t for t in fetches if t >= since]
+        # Held by the broker up to half a second each; polling every 20 ms is about 100.
+        assert len(idle) <= 10, f"{len(idle)} fetches in 2 s of idling"
+
+        waits = []
+        for _ in range(10):
+            await asyncio.sleep(0.45)  # longer than a poll: each event comes to an idle one
+            event, body, key = removal()
+            sent = time.monotonic()
+            await producer.send_and_wait(topic, body, key=key)
+            await until(lambda: event in worker.applied, timeout=5.0)  # noqa: B023
+            waits.append(worker.applied[event] - sent)
+        # The broker answers the held fetch at once; nothing sleeps in between.
+        assert max(waits) < 0.12, [round(w * 1000) for w in waits]
+
+
+async def test_a_busy_consumer_still_takes_events_in_batches(settings: Settings):
+    async with consuming(settings) as (worker, producer, topic):
+        await asyncio.sleep(0.5)
+        worker.batches.clear()
+        events = []
+        start = time.monotonic()
+        for i in range(300):  # 300 a second for a second, one at a time
+            event, body, key = removal()
+            events.append(event)
+            await producer.send(topic, body, key=key)
+            await asyncio.sleep(max(0.0, start + (i + 1) / 300 - time.monotonic()))
+        await producer.flush()
+        await until(lambda: all(e in worker.applied for e in events))
+        # Gathered for up to 20 ms a fetch: about 50 batches. A fetch answered per event
+        # would make about one batch per event.
+        assert sum(worker.batches) == len(events)
+        assert len(worker.batches) <= 120, worker.batches
