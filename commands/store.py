@@ -147,7 +147,7 @@ class KeyedRecorder(PostgresApplicationRecorder):
             # One statement for the batch's keys, not one per key: less work for both sides.
             curs.execute(
                 "INSERT INTO subject_keys (subject_id, wrapped)"
-                " SELECT * FROM unnest(%s::uuid[], %s::bytea[])",
+                " SELECT * FROM unnest(%b::uuid[], %b::bytea[])",
                 [[subject for subject, _ in subject_keys], [key for _, key in subject_keys]],
             )
 

@@ -64,6 +64,34 @@ the table (unwrapped when first used: a reader that opens none of a subject's fi
 pays for it); or None, erased."""
 
 
+class _Nonces:
+    """Random 96-bit nonces, drawn from the system's source a few hundred at a time.
+
+    Each draw is a system call that lets go of the GIL, and the thread that seals a group
+    commit's records is the one committing it: a draw per record would make it wait for
+    the GIL behind every other writer, once per record. A forked child never reuses the
+    parent's bytes (the same nonce under the same key would expose both values).
+    """
+
+    _DRAW = 341 * _NONCE
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._bytes = b""
+        self._at = 0
+
+    def take(self, count: int) -> bytes:
+        """`count` nonces, one after the other; never handed out twice."""
+        size = count * _NONCE
+        with self._lock:
+            if self._pid != os.getpid() or self._at + size > len(self._bytes):
+                self._bytes = os.urandom(max(self._DRAW, size))
+                self._at, self._pid = 0, os.getpid()
+            self._at += size
+            return self._bytes[self._at - size : self._at]
+
+
 class SubjectErased(Exception):
     """The subject's key is destroyed: nothing can be sealed for it any more."""
 
@@ -93,6 +121,7 @@ class Keyring:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
+        self._nonces = _Nonces()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keyring:
@@ -138,8 +167,8 @@ class Keyring:
         with self._lock:
             self._cache.pop(subject, None)
 
-    def _wrap(self, subject: UUID, key: bytes, nonce: bytes | None = None) -> bytes:
-        nonce = os.urandom(_NONCE) if nonce is None else nonce
+    def _wrap(self, subject: UUID, key: bytes) -> bytes:
+        nonce = self._nonces.take(1)
         return nonce + self._master.encrypt(nonce, key, _WRAP_AAD + subject.bytes)
 
     def _unwrap(self, subject: UUID, wrapped: bytes) -> AESGCM:
@@ -204,14 +233,13 @@ class Keyring:
         once: (subject, wrapped key) rows that the caller stores in the same transaction
         as the first sealed values, or `forget`s if that transaction fails."""
         new = [subject for subject in dict.fromkeys(subjects) if not self._cached(subject)[0]]
-        # One draw of random bytes (a system call) for every key and its wrapping nonce.
-        random = os.urandom((_KEY + _NONCE) * len(new)) if new else b""
+        # One draw of random bytes (a system call: see _Nonces) for the batch's keys.
+        keys = os.urandom(_KEY * len(new)) if new else b""
         rows = []
         for i, subject in enumerate(new):
-            key = random[i * (_KEY + _NONCE) : i * (_KEY + _NONCE) + _KEY]
-            nonce = random[i * (_KEY + _NONCE) + _KEY : (i + 1) * (_KEY + _NONCE)]
+            key = keys[i * _KEY : (i + 1) * _KEY]
             self._remember(subject, AESGCM(key))
-            rows.append((subject, self._wrap(subject, key, nonce)))
+            rows.append((subject, self._wrap(subject, key)))
         return rows
 
     def erased(self, subject: UUID) -> bool:
@@ -244,7 +272,7 @@ class Keyring:
         key = self._key(subject, create=True)
         if key is None:
             raise SubjectErased(subject)
-        nonce = os.urandom(_NONCE)
+        nonce = self._nonces.take(1)
         sealed = key.encrypt(nonce, as_text(value).encode(), _aad(subject, field))
         return f"{SEALED_PREFIX}{subject}:{base64.b64encode(nonce + sealed).decode()}"
 
@@ -270,7 +298,7 @@ class Keyring:
         if key is None:
             raise SubjectErased(subject)
         prefix, aad = f"{SEALED_PREFIX}{subject}:", subject.bytes
-        nonces = os.urandom(_NONCE * len(fields))  # one draw: see `mint`
+        nonces = self._nonces.take(len(fields))
         for i, field in enumerate(fields):
             nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
             sealed = key.encrypt(nonce, as_text(state[field]).encode(), aad + field.encode())
