@@ -332,9 +332,12 @@ class Keyring:
                 if is_sealed(state.get(field)):
                     state[field] = None
             return False
+        keys: dict[str, AESGCM | None] = {}
         for field, subject_text, body in opened:
             subject, entry = subjects[subject_text]
-            key = self._usable(subject, entry)
+            if subject_text not in keys:
+                keys[subject_text] = self._usable(subject, entry)  # unwrapped once
+            key = keys[subject_text]
             assert key is not None
             text = _decrypt(key, subject, field, _raw(body))
             state[field] = in_clear(text, field in personal.dates)

@@ -434,3 +434,24 @@ async def test_a_key_read_for_a_reader_of_no_field_opens_later_and_an_erasure_st
     finally:
         writer.close()
         reader.close()
+
+
+def test_opening_a_record_unwraps_its_key_once(settings: Settings):
+    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    subject = uuid.uuid4()
+    try:
+        state = msgspec.structs.asdict(_sealed_registration(writer, subject))
+        unwrapped: list[uuid.UUID] = []
+        unwrap = reader._unwrap
+
+        def counted(of: uuid.UUID, wrapped: bytes) -> Any:
+            unwrapped.append(of)
+            return unwrap(of, wrapped)
+
+        reader._unwrap = counted  # type: ignore[method-assign]
+        assert reader.open_fields(PATIENT_DETAILS, state)
+        assert state["name"] == "Ada Lovelace" and state["date_of_birth"] == date(1990, 12, 10)
+        assert unwrapped == [subject]
+    finally:
+        writer.close()
+        reader.close()
