@@ -11,7 +11,8 @@ made for it again), then NOTIFYs `carelog_subject_keys` so that every process dr
 the key it holds in memory. From then on every sealed copy of that subject's fields,
 in the store, its snapshots, Kafka's topics or any backup, opens to None.
 
-Keys are kept in a bounded in-memory cache. The first seal for a subject makes its key
+Keys are kept in a bounded in-memory cache; a key read from the table stays wrapped until
+a field is opened with it. The first seal for a subject makes its key
 with INSERT ... ON CONFLICT DO NOTHING and reads back the row that won, so concurrent
 first registrations of one subject agree on one key.
 """
@@ -54,7 +55,41 @@ CACHE_SIZE = 50_000
 """Data keys a process keeps in memory (about 100 bytes each)."""
 
 _NONCE = 12
+_KEY = 32
 _WRAP_AAD = b"carelog:subject-key:"
+
+_Entry = AESGCM | bytes | None
+"""What the cache holds about a subject: its data key; the key still wrapped, as read from
+the table (unwrapped when first used: a reader that opens none of a subject's fields never
+pays for it); or None, erased."""
+
+
+class _Nonces:
+    """Random 96-bit nonces, drawn from the system's source a few hundred at a time.
+
+    Each draw is a system call that lets go of the GIL, and the thread that seals a group
+    commit's records is the one committing it: a draw per record would make it wait for
+    the GIL behind every other writer, once per record. A forked child never reuses the
+    parent's bytes (the same nonce under the same key would expose both values).
+    """
+
+    _DRAW = 341 * _NONCE
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._bytes = b""
+        self._at = 0
+
+    def take(self, count: int) -> bytes:
+        """`count` nonces, one after the other; never handed out twice."""
+        size = count * _NONCE
+        with self._lock:
+            if self._pid != os.getpid() or self._at + size > len(self._bytes):
+                self._bytes = os.urandom(max(self._DRAW, size))
+                self._at, self._pid = 0, os.getpid()
+            self._at += size
+            return self._bytes[self._at - size : self._at]
 
 
 class SubjectErased(Exception):
@@ -81,11 +116,12 @@ class Keyring:
         self._master = AESGCM(master_key)
         self._database_url = database_url
         self._pool: ConnectionPool[Any] | None = None
-        self._cache: OrderedDict[UUID, AESGCM | None] = OrderedDict()
+        self._cache: OrderedDict[UUID, _Entry] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
+        self._nonces = _Nonces()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keyring:
@@ -112,14 +148,14 @@ class Keyring:
                 )
             return self._pool
 
-    def _cached(self, subject: UUID) -> tuple[bool, AESGCM | None]:
+    def _cached(self, subject: UUID) -> tuple[bool, _Entry]:
         with self._lock:
             if subject in self._cache:
                 self._cache.move_to_end(subject)
                 return True, self._cache[subject]
         return False, None
 
-    def _remember(self, subject: UUID, key: AESGCM | None) -> None:
+    def _remember(self, subject: UUID, key: _Entry) -> None:
         with self._lock:
             self._cache[subject] = key
             self._cache.move_to_end(subject)
@@ -132,7 +168,7 @@ class Keyring:
             self._cache.pop(subject, None)
 
     def _wrap(self, subject: UUID, key: bytes) -> bytes:
-        nonce = os.urandom(_NONCE)
+        nonce = self._nonces.take(1)
         return nonce + self._master.encrypt(nonce, key, _WRAP_AAD + subject.bytes)
 
     def _unwrap(self, subject: UUID, wrapped: bytes) -> AESGCM:
@@ -144,42 +180,64 @@ class Keyring:
             raise UnreadableToken("a data key does not open with this master key") from None
         return AESGCM(key)
 
+    def _usable(self, subject: UUID, entry: _Entry) -> AESGCM | None:
+        """The data key of a cache entry, unwrapped (and so remembered) if it is not yet."""
+        if not isinstance(entry, bytes):
+            return entry
+        key = self._unwrap(subject, entry)
+        with self._lock:
+            # Only in place of the same entry: an erasure may have dropped it meanwhile.
+            if self._cache.get(subject) is entry:
+                self._cache[subject] = key
+        return key
+
+    def _entry(self, subject: UUID) -> _Entry:
+        """The subject's cache entry, read from the table if not held (not remembered if
+        nothing was ever sealed for it: None then too)."""
+        known, entry = self._cached(subject)
+        if known:
+            return entry
+        self.load([subject])
+        return self._cached(subject)[1]
+
     def _key(self, subject: UUID, create: bool) -> AESGCM | None:
         """The subject's data key; None if erased, or unknown and not `create`."""
-        known, key = self._cached(subject)
+        known, entry = self._cached(subject)
         if known:
-            return key
+            return self._usable(subject, entry)
+        if not create:
+            return self._usable(subject, self._entry(subject))
         with self._db().connection() as conn:
-            if create:
-                raw = AESGCM.generate_key(256)
-                made = conn.execute(
-                    "INSERT INTO subject_keys (subject_id, wrapped) VALUES (%s, %s)"
-                    " ON CONFLICT (subject_id) DO NOTHING RETURNING subject_id",
-                    [subject, self._wrap(subject, raw)],
-                ).fetchone()
-                if made is not None:
-                    key = AESGCM(raw)
-                    self._remember(subject, key)
-                    return key
-            # Another writer made it first, or it is erased, or (not `create`) unknown.
+            raw = AESGCM.generate_key(256)
+            made = conn.execute(
+                "INSERT INTO subject_keys (subject_id, wrapped) VALUES (%s, %s)"
+                " ON CONFLICT (subject_id) DO NOTHING RETURNING subject_id",
+                [subject, self._wrap(subject, raw)],
+            ).fetchone()
+            if made is not None:
+                key = AESGCM(raw)
+                self._remember(subject, key)
+                return key
+            # Another writer made it first, or it is erased.
             row = conn.execute(
                 "SELECT wrapped FROM subject_keys WHERE subject_id = %s", [subject]
             ).fetchone()
         if row is None:
             return None  # nothing was ever sealed for it; not remembered
-        key = None if row[0] is None else self._unwrap(subject, bytes(row[0]))
-        self._remember(subject, key)
-        return key
+        found = None if row[0] is None else self._unwrap(subject, bytes(row[0]))
+        self._remember(subject, found)
+        return found
 
     def mint(self, subjects: Iterable[UUID]) -> list[tuple[UUID, bytes]]:
         """New data keys for new subjects (patients being registered), held in memory at
         once: (subject, wrapped key) rows that the caller stores in the same transaction
         as the first sealed values, or `forget`s if that transaction fails."""
+        new = [subject for subject in dict.fromkeys(subjects) if not self._cached(subject)[0]]
+        # One draw of random bytes (a system call: see _Nonces) for the batch's keys.
+        keys = os.urandom(_KEY * len(new)) if new else b""
         rows = []
-        for subject in dict.fromkeys(subjects):
-            if self._cached(subject)[0]:
-                continue
-            key = AESGCM.generate_key(256)
+        for i, subject in enumerate(new):
+            key = keys[i * _KEY : (i + 1) * _KEY]
             self._remember(subject, AESGCM(key))
             rows.append((subject, self._wrap(subject, key)))
         return rows
@@ -214,7 +272,7 @@ class Keyring:
         key = self._key(subject, create=True)
         if key is None:
             raise SubjectErased(subject)
-        nonce = os.urandom(_NONCE)
+        nonce = self._nonces.take(1)
         sealed = key.encrypt(nonce, as_text(value).encode(), _aad(subject, field))
         return f"{SEALED_PREFIX}{subject}:{base64.b64encode(nonce + sealed).decode()}"
 
@@ -223,11 +281,11 @@ class Keyring:
         not sealed (stored before sealing began) is returned as it is."""
         if not is_sealed(token):
             return token
-        subject, raw = _parse(token)
+        subject, body = _split(token)
         key = self._key(subject, create=False)
         if key is None:
             return None
-        return _decrypt(key, subject, field, raw)
+        return _decrypt(key, subject, field, _raw(body))
 
     def seal_fields(self, personal: Personal, subject: UUID, state: dict[str, Any]) -> None:
         """Seals `personal`'s fields of `state` in place (values already sealed stay)."""
@@ -240,8 +298,9 @@ class Keyring:
         if key is None:
             raise SubjectErased(subject)
         prefix, aad = f"{SEALED_PREFIX}{subject}:", subject.bytes
-        for field in fields:
-            nonce = os.urandom(_NONCE)
+        nonces = self._nonces.take(len(fields))
+        for i, field in enumerate(fields):
+            nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
             sealed = key.encrypt(nonce, as_text(state[field]).encode(), aad + field.encode())
             state[field] = prefix + base64.b64encode(nonce + sealed).decode()
 
@@ -250,35 +309,44 @@ class Keyring:
     ) -> bool:
         """Opens `personal`'s fields of `state` in place; False if the subject is erased
         (its fields are then None). With `only`, the other sealed fields stay sealed: a
-        reader that uses few fields decrypts only those, and still learns of an erasure."""
-        keys: dict[UUID, AESGCM | None] = {}
-        opened: list[tuple[str, UUID, bytes]] = []
+        reader that uses few fields decrypts only those (a reader of none unwraps no key),
+        and still learns of an erasure."""
+        subjects: dict[str, tuple[UUID, _Entry]] = {}
+        opened: list[tuple[str, str, str]] = []
         for field in personal.fields:
             value = state.get(field)
             if not isinstance(value, str):
                 continue
-            if not is_sealed(value):
+            if not value.startswith(SEALED_PREFIX):
                 state[field] = in_clear(value, field in personal.dates)
                 continue
-            subject, raw = _parse(value)
-            if subject not in keys:
-                keys[subject] = self._key(subject, create=False)
+            # A record's fields share their subject: its id is parsed and looked up once.
+            subject_text, _, body = value[len(SEALED_PREFIX) :].partition(":")
+            if subject_text not in subjects:
+                subject = _subject(subject_text)
+                subjects[subject_text] = (subject, self._entry(subject))
             if only is None or field in only:
-                opened.append((field, subject, raw))
-        if any(key is None for key in keys.values()):
+                opened.append((field, subject_text, body))
+        if any(entry is None for _, entry in subjects.values()):
             for field in personal.fields:
                 if is_sealed(state.get(field)):
                     state[field] = None
             return False
-        for field, subject, raw in opened:
-            key = keys[subject]
+        keys: dict[str, AESGCM | None] = {}
+        for field, subject_text, body in opened:
+            subject, entry = subjects[subject_text]
+            if subject_text not in keys:
+                keys[subject_text] = self._usable(subject, entry)  # unwrapped once
+            key = keys[subject_text]
             assert key is not None
-            state[field] = in_clear(_decrypt(key, subject, field, raw), field in personal.dates)
+            text = _decrypt(key, subject, field, _raw(body))
+            state[field] = in_clear(text, field in personal.dates)
         return True
 
     def load(self, subjects: Iterable[UUID]) -> None:
         """Reads the data keys of the subjects not held in memory, in one round trip: a
-        batch of events about new patients would otherwise cost a query each."""
+        batch of events about new patients would otherwise cost a query each. They stay
+        wrapped until used."""
         with self._lock:
             missing = [s for s in dict.fromkeys(subjects) if s not in self._cache]
         if not missing:
@@ -289,8 +357,7 @@ class Keyring:
                 [missing],
             ).fetchall()
         for subject, wrapped in rows:
-            key = None if wrapped is None else self._unwrap(subject, bytes(wrapped))
-            self._remember(subject, key)
+            self._remember(subject, None if wrapped is None else bytes(wrapped))
 
     # --- erasures elsewhere -----------------------------------------------------------
 
@@ -373,17 +440,29 @@ def _subject_of_payload(data: Any) -> UUID | None:
     return None
 
 
-def _parse(token: str) -> tuple[UUID, bytes]:
-    """A sealed value's subject and its nonce and ciphertext; UnreadableToken if damaged."""
+def _split(token: str) -> tuple[UUID, str]:
+    """A sealed value's subject and its base64 body; UnreadableToken if damaged."""
     subject_text, _, body = token[len(SEALED_PREFIX) :].partition(":")
+    return _subject(subject_text), body
+
+
+def _subject(text: str) -> UUID:
     try:
-        return UUID(subject_text), base64.b64decode(body, validate=True)
+        return UUID(text)
+    except ValueError:
+        raise UnreadableToken("a sealed value is damaged") from None
+
+
+def _raw(body: str) -> bytes:
+    """A sealed value's nonce and ciphertext, from its base64 body."""
+    try:
+        return base64.b64decode(body, validate=True)
     except (ValueError, binascii.Error):
         raise UnreadableToken("a sealed value is damaged") from None
 
 
 def _decrypt(key: AESGCM, subject: UUID, field: str, raw: bytes) -> str:
-    """A sealed field's text (`raw`: nonce and ciphertext, as `_parse` gives it)."""
+    """A sealed field's text (`raw`: nonce and ciphertext, as `_raw` gives it)."""
     try:
         return key.decrypt(raw[:_NONCE], raw[_NONCE:], _aad(subject, field)).decode()
     except InvalidTag:

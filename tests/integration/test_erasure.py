@@ -13,6 +13,7 @@ import msgspec
 import psycopg
 import pytest
 from eventsourcing.domain import Snapshot
+from eventsourcing.persistence import IntegrityError
 from faststream.kafka import KafkaBroker
 from litestar.testing import AsyncTestClient
 
@@ -338,6 +339,119 @@ async def test_a_consumer_that_opens_nothing_still_forgets_an_erased_patients_ke
         await worker.handle([_body(erasure, subject, 2)])
         assert worker.given == [erasure]
         assert reader.open(token, "email") is None
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_each_field_and_each_new_key_gets_a_nonce_of_its_own(keyring: Keyring):
+    """Random bytes are drawn once per record (and once per batch of new keys) and cut into
+    nonces: equal values still seal to different tokens, and each key opens only its own."""
+    ada, grace = uuid.uuid4(), uuid.uuid4()
+    minted = dict(keyring.mint([ada, grace, ada]))
+    assert set(minted) == {ada, grace}
+    assert minted[ada][:12] != minted[grace][:12]  # the wrapping nonces
+    state: dict[str, Any] = {"name": "Same", "given_name": "Same", "family_name": "Same"}
+    keyring.seal_fields(PATIENT_DETAILS, ada, state)
+    bodies = [state[f].rsplit(":", 1)[1] for f in ("name", "given_name", "family_name")]
+    assert len(set(bodies)) == 3 and len({b[:16] for b in bodies}) == 3
+    other = {"name": "Same"}
+    keyring.seal_fields(PATIENT_DETAILS, grace, other)
+    assert keyring.open(state["name"], "name") == keyring.open(other["name"], "name") == "Same"
+
+
+def test_new_patients_keys_are_stored_with_their_events_and_open_elsewhere(
+    settings: Settings, store: EventStore
+):
+    from domain.patients import PatientDetails
+
+    patients = [
+        Patient.register(
+            PatientDetails(
+                f"Key Batch {n}", f"kb-{uuid.uuid4().hex}@example.org", "1 Rd", date(1980, 1, 1)
+            ),
+            date(2024, 1, 1),
+        )
+        for n in range(3)
+    ]
+    store.save(*patients)
+    ring = Keyring.from_settings(settings)
+    fresh = EventStore(settings.database_url, keyring=ring)
+    try:
+        assert [fresh.repository.get(p.id).name for p in patients] == [
+            f"Key Batch {n}" for n in range(3)
+        ]
+    finally:
+        fresh.close()
+        ring.close()
+    # A key row that exists already fails the save (nothing of it is stored), as a
+    # conflicting event would.
+    taken = uuid.uuid4()
+    assert store.keyring is not None
+    store.keyring.seal(taken, "name", "made elsewhere")  # its key row, and no event
+    store.keyring.forget(taken)
+    clash = Patient.register(
+        PatientDetails("Key Clash", f"kc-{uuid.uuid4().hex}@example.org", "1 Rd", date(1980, 1, 1)),
+        date(2024, 1, 1),
+        taken,
+    )
+    with pytest.raises(IntegrityError):
+        store.save(clash)
+    assert store.recorder.select_events(taken) == []
+
+
+async def test_a_key_read_for_a_reader_of_no_field_opens_later_and_an_erasure_still_wins(
+    settings: Settings,
+):
+    """Keys are read wrapped and unwrapped on first use; an erasure told in between wins."""
+    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    kept, erased = uuid.uuid4(), uuid.uuid4()
+    try:
+        bodies = [_body(_sealed_registration(writer, s), s, 1) for s in (kept, erased)]
+        nothing = _Given()
+        nothing.reads = frozenset()
+        nothing.keyring = reader
+        await nothing.handle(bodies)  # both keys now held, still wrapped
+        assert [type(d) for d in nothing.given] == [contracts.PatientRegisteredV2] * 2
+        writer.destroy(erased)
+        reader.forget(erased)  # as the erasure notice or the erasure event does
+        some = _Given()
+        some.reads = frozenset({"email"})
+        some.keyring = reader
+        await some.handle(bodies)
+        opened, gone = some.given
+        assert isinstance(opened, contracts.PatientRegisteredV2)
+        assert opened.email == "ada@example.org"
+        assert isinstance(gone, contracts.Unreadable)
+        # A key being unwrapped while its erasure is told is used once, never kept.
+        late = uuid.uuid4()
+        writer.seal(late, "name", "Late")
+        entry = reader._entry(late)
+        assert isinstance(entry, bytes)
+        reader.forget(late)
+        reader._usable(late, entry)
+        assert reader._cached(late) == (False, None)
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_opening_a_record_unwraps_its_key_once(settings: Settings):
+    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    subject = uuid.uuid4()
+    try:
+        state = msgspec.structs.asdict(_sealed_registration(writer, subject))
+        unwrapped: list[uuid.UUID] = []
+        unwrap = reader._unwrap
+
+        def counted(of: uuid.UUID, wrapped: bytes) -> Any:
+            unwrapped.append(of)
+            return unwrap(of, wrapped)
+
+        reader._unwrap = counted  # type: ignore[method-assign]
+        assert reader.open_fields(PATIENT_DETAILS, state)
+        assert state["name"] == "Ada Lovelace" and state["date_of_birth"] == date(1990, 12, 10)
+        assert unwrapped == [subject]
     finally:
         writer.close()
         reader.close()
