@@ -67,6 +67,17 @@ def recorded(settings: Settings, correlation_id: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+async def listed(directory: Directory) -> tuple[str, list[uuid.UUID]]:
+    """Three new patients whose names share a new tag, in the read model; (tag, their ids)."""
+    tag = uuid.uuid4().hex[:10]
+    ids = [
+        directory.service.register(details(f"Listed {tag} {i}"), date(2024, 3, 1)).patient_id
+        for i in range(3)
+    ]
+    await directory.catch_up()
+    return tag, ids
+
+
 @contextmanager
 def audit_table_gone(settings: Settings) -> Iterator[None]:
     """The audit's table cannot be written for a while (renamed away), then comes back."""
@@ -99,12 +110,7 @@ async def test_one_patient_read_is_recorded_before_it_is_answered_cached_or_not(
 async def test_a_list_page_records_the_ids_on_it_and_an_empty_page_nothing(
     reads, directory, settings, tokens
 ):
-    tag = uuid.uuid4().hex[:10]
-    ids = [
-        directory.service.register(details(f"Listed {tag} {i}"), date(2024, 3, 1)).patient_id
-        for i in range(3)
-    ]
-    await directory.catch_up()
+    tag, ids = await listed(directory)
     for _ in range(2):  # a miss, then the cached page
         headers = as_user(tokens, Role.RECEPTIONIST)
         page = await reads.get("/patients", params={"name": tag, "limit": 2}, headers=headers)
@@ -127,12 +133,7 @@ async def test_a_list_page_records_the_ids_on_it_and_an_empty_page_nothing(
 async def test_a_page_shown_again_and_again_stores_its_list_of_patients_once(
     reads, directory, settings, tokens
 ):
-    tag = uuid.uuid4().hex[:10]
-    ids = [
-        directory.service.register(details(f"Relisted {tag} {i}"), date(2024, 3, 1)).patient_id
-        for i in range(3)
-    ]
-    await directory.catch_up()
+    tag, ids = await listed(directory)
     correlations = []
     for _ in range(3):
         headers = as_user(tokens, Role.RECEPTIONIST)

@@ -283,9 +283,15 @@ def _body(data: Any, subject: uuid.UUID, version: int) -> bytes:
 
 
 class _Given(EventBatchWorker):
-    def __init__(self) -> None:
+    """Keeps what it is given; with `keyring`, opens the fields it `reads` (all if None)."""
+
+    def __init__(self, keyring: Keyring | None = None, reads: set[str] | None = None) -> None:
         super().__init__("test-erasure", KafkaBroker(), "test.dead")
         self.given: list[Any] = []
+        if keyring is not None:
+            self.keyring = keyring
+        if reads is not None:
+            self.reads = frozenset(reads)
 
     async def apply(self, batch: Batch) -> None:
         self.given.extend(data for _, data in batch)
@@ -299,9 +305,7 @@ async def test_a_consumer_reading_some_fields_gets_those_opened_and_still_sees_a
     try:
         bodies = [_body(_sealed_registration(writer, s), s, 1) for s in (kept, erased)]
         writer.destroy(erased)
-        worker = _Given()
-        worker.reads = frozenset({"email", "date_of_birth"})
-        worker.keyring = reader
+        worker = _Given(reader, {"email", "date_of_birth"})
         await worker.handle(bodies)
         opened, gone = worker.given
         assert isinstance(opened, contracts.PatientRegisteredV2)
@@ -309,9 +313,7 @@ async def test_a_consumer_reading_some_fields_gets_those_opened_and_still_sees_a
         assert is_sealed(opened.name) and is_sealed(opened.address)  # not read: not opened
         assert isinstance(gone, contracts.Unreadable)
         # Reading no field at all still tells an erased patient's payload apart.
-        nothing = _Given()
-        nothing.reads = frozenset()
-        nothing.keyring = reader
+        nothing = _Given(reader, set())
         await nothing.handle(bodies)
         assert isinstance(nothing.given[0], contracts.PatientRegisteredV2)
         assert isinstance(nothing.given[1], contracts.Unreadable)
@@ -408,16 +410,12 @@ async def test_a_key_read_for_a_reader_of_no_field_opens_later_and_an_erasure_st
     kept, erased = uuid.uuid4(), uuid.uuid4()
     try:
         bodies = [_body(_sealed_registration(writer, s), s, 1) for s in (kept, erased)]
-        nothing = _Given()
-        nothing.reads = frozenset()
-        nothing.keyring = reader
+        nothing = _Given(reader, set())
         await nothing.handle(bodies)  # both keys now held, still wrapped
         assert [type(d) for d in nothing.given] == [contracts.PatientRegisteredV2] * 2
         writer.destroy(erased)
         reader.forget(erased)  # as the erasure notice or the erasure event does
-        some = _Given()
-        some.reads = frozenset({"email"})
-        some.keyring = reader
+        some = _Given(reader, {"email"})
         await some.handle(bodies)
         opened, gone = some.given
         assert isinstance(opened, contracts.PatientRegisteredV2)
