@@ -17,6 +17,7 @@ cache is trusted again only once that has succeeded.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -79,12 +80,16 @@ class GuardedCache:
         self._stale = False
         """Set when the breaker opens: the cache is not read again until it is forgotten."""
         self._probing = asyncio.Lock()
+        self._reset_seconds = reset_seconds
+        self._skip_until = 0.0
+        """While the breaker is open: until when calls skip it without asking it."""
 
     def _changed(self, name: str, kind: str, event: Event) -> None:
         if kind != "state_changed" or not isinstance(event, ContextChanged):
             return
         if event.state == OPENED:
             self._stale = True
+            self._skip_until = time.monotonic() + self._reset_seconds
             OPEN.set(1)
             log.warning("directory cache unreachable; reading from the database alone")
         elif event.state == CLOSED:
@@ -93,6 +98,11 @@ class GuardedCache:
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T | None:
         """The operation's result, or None if the cache was skipped or failed."""
+        if time.monotonic() < self._skip_until:
+            # Open, and not yet time to probe: skipped without entering the breaker, whose
+            # refusal is an exception raised (and its traceback built) per call.
+            SKIPPED.labels("open").inc()
+            return None
         breaker = await self._breakers.get_breaker(_CIRCUIT)
         if breaker.context.state == CLOSED and not self._stale:
             return await self._attempt(breaker, operation)
@@ -110,7 +120,12 @@ class GuardedCache:
                     self._stale = False
                     log.info("directory cache forgotten before its reuse", removed=removed)
                 return await operation()
-        except OpenedState:
+        except OpenedState as exc:
+            # The breaker raises the same exception object every time: without this, each
+            # raise would add its frames to that object's traceback, which then holds
+            # every frame it ever passed through (a growing heap, and ever longer pauses
+            # to collect it).
+            exc.__traceback__ = None
             SKIPPED.labels("open").inc()
         except (RedisError, OSError) as exc:
             SKIPPED.labels(type(exc).__name__).inc()

@@ -265,3 +265,31 @@ async def test_without_redis_reads_come_from_the_database_and_the_cache_is_degra
         assert ready.json()["status"] == "degraded"
         assert ready.json()["checks"]["database"] == "ok"
         assert ready.json()["checks"]["cache"].startswith("degraded")
+
+
+async def test_an_open_breaker_skips_the_cache_without_piling_up_its_refusals(settings):
+    """The breaker refuses by raising one exception object again and again; each raise
+    that reached it would keep its frames alive in that object's traceback."""
+    from purgatory.domain.model import OPENED
+
+    from read_api import cache as guarded
+
+    nowhere = settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    redis = guarded.redis_client(nowhere)
+    cache = guarded.GuardedCache(DirectoryCache(redis), failures=2, reset_seconds=60)
+    try:
+        for _ in range(3):  # two failures open the breaker
+            assert await cache.get_page("q") == (None, None)
+        breaker = await cache._breakers.get_breaker(guarded._CIRCUIT)
+        assert breaker.context.state == OPENED
+        for skipped in range(200):
+            if skipped >= 100:
+                cache._skip_until = 0.0  # as if it were time to ask the breaker again
+            assert await cache.get_page("q") == (None, None)
+        assert breaker.context.state == OPENED
+        frames, traceback = 0, breaker.context._state.__traceback__
+        while traceback is not None:
+            frames, traceback = frames + 1, traceback.tb_next
+        assert frames < 10
+    finally:
+        await redis.aclose()
