@@ -311,6 +311,20 @@ async def test_a_read_whose_record_cannot_be_written_is_503_and_shows_nothing(
     assert len(recorded(settings, after["X-Correlation-ID"])) == 1
 
 
+def refuses_changes(
+    conn: psycopg.Connection[Any], table: str, assignment: str, key: str, value: Any
+) -> None:
+    """UPDATE (with `assignment`) and DELETE of the row whose `key` is `value`, and
+    TRUNCATE, are each refused as changes to an append-only table."""
+    for change in (
+        f"UPDATE {table} SET {assignment} WHERE {key} = %s",
+        f"DELETE FROM {table} WHERE {key} = %s",
+        f"TRUNCATE {table}",
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            conn.execute(change, [value] if "%s" in change else None)
+
+
 def test_the_audit_tables_refuse_update_delete_and_truncate(settings):
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         (row_id,) = conn.execute(
@@ -318,13 +332,7 @@ def test_the_audit_tables_refuse_update_delete_and_truncate(settings):
             " VALUES ('someone', 'admin', 'patient.get', ARRAY[%s]::uuid[], 'c') RETURNING id",
             [uuid.uuid4()],
         ).fetchone()
-        for change in (
-            "UPDATE audit.disclosures SET actor = 'someone else' WHERE id = %s",
-            "DELETE FROM audit.disclosures WHERE id = %s",
-            "TRUNCATE audit.disclosures",
-        ):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
-                conn.execute(change, [row_id] if "%s" in change else None)
+        refuses_changes(conn, "audit.disclosures", "actor = 'someone else'", "id", row_id)
         still = conn.execute("SELECT actor FROM audit.disclosures WHERE id = %s", [row_id])
         assert still.fetchone() == ("someone",)
         digest = bytes(32)
@@ -333,13 +341,7 @@ def test_the_audit_tables_refuse_update_delete_and_truncate(settings):
             " ON CONFLICT DO NOTHING",
             [digest],
         )
-        for change in (
-            "UPDATE audit.patient_sets SET patient_ids = '{}' WHERE digest = %s",
-            "DELETE FROM audit.patient_sets WHERE digest = %s",
-            "TRUNCATE audit.patient_sets",
-        ):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
-                conn.execute(change, [digest] if "%s" in change else None)
+        refuses_changes(conn, "audit.patient_sets", "patient_ids = '{}'", "digest", digest)
 
 
 async def test_get_audit_filters_and_pages_newest_first(reads, directory, settings, tokens):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -52,6 +52,15 @@ async def client(
     async with AsyncTestClient(app=app) as test_client:
         test_client.headers.update(tokens.headers(Role.ADMIN, subject="admin-erasing"))
         yield test_client
+
+
+@pytest.fixture
+def keyrings(settings: Settings) -> Iterator[tuple[Keyring, Keyring]]:
+    """Two processes' keyrings on one store: a writer's and a reader's."""
+    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    yield writer, reader
+    writer.close()
+    reader.close()
 
 
 def stored_text(settings: Settings, table: str, patient_id: str) -> str:
@@ -102,26 +111,22 @@ def test_concurrent_first_seals_of_one_subject_agree_on_one_key(settings: Settin
             ring.close()
 
 
-def test_destroying_a_key_reaches_a_process_that_holds_it(settings: Settings):
+def test_destroying_a_key_reaches_a_process_that_holds_it(keyrings: tuple[Keyring, Keyring]):
     subject = uuid.uuid4()
-    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    writer, reader = keyrings
     reader.listen()
-    try:
-        token = writer.seal(subject, "email", "a@example.org")
-        assert reader.open(token, "email") == "a@example.org"  # now cached by the reader
-        writer.destroy(subject)
-        assert writer.open(token, "email") is None
-        deadline = threading.Event()
-        for _ in range(100):
-            if reader.open(token, "email") is None:
-                break
-            deadline.wait(0.05)
-        assert reader.open(token, "email") is None
-        with pytest.raises(Exception, match="erased"):
-            writer.seal(subject, "email", "b@example.org")
-    finally:
-        writer.close()
-        reader.close()
+    token = writer.seal(subject, "email", "a@example.org")
+    assert reader.open(token, "email") == "a@example.org"  # now cached by the reader
+    writer.destroy(subject)
+    assert writer.open(token, "email") is None
+    deadline = threading.Event()
+    for _ in range(100):
+        if reader.open(token, "email") is None:
+            break
+        deadline.wait(0.05)
+    assert reader.open(token, "email") is None
+    with pytest.raises(Exception, match="erased"):
+        writer.seal(subject, "email", "b@example.org")
 
 
 async def test_personal_fields_are_sealed_in_the_store_snapshots_and_what_is_published(
@@ -298,52 +303,44 @@ class _Given(EventBatchWorker):
 
 
 async def test_a_consumer_reading_some_fields_gets_those_opened_and_still_sees_an_erasure(
-    settings: Settings,
+    keyrings: tuple[Keyring, Keyring],
 ):
-    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    writer, reader = keyrings
     kept, erased = uuid.uuid4(), uuid.uuid4()
-    try:
-        bodies = [_body(_sealed_registration(writer, s), s, 1) for s in (kept, erased)]
-        writer.destroy(erased)
-        worker = _Given(reader, {"email", "date_of_birth"})
-        await worker.handle(bodies)
-        opened, gone = worker.given
-        assert isinstance(opened, contracts.PatientRegisteredV2)
-        assert (opened.email, opened.date_of_birth) == ("ada@example.org", date(1990, 12, 10))
-        assert is_sealed(opened.name) and is_sealed(opened.address)  # not read: not opened
-        assert isinstance(gone, contracts.Unreadable)
-        # Reading no field at all still tells an erased patient's payload apart.
-        nothing = _Given(reader, set())
-        await nothing.handle(bodies)
-        assert isinstance(nothing.given[0], contracts.PatientRegisteredV2)
-        assert isinstance(nothing.given[1], contracts.Unreadable)
-    finally:
-        writer.close()
-        reader.close()
+    bodies = [_body(_sealed_registration(writer, s), s, 1) for s in (kept, erased)]
+    writer.destroy(erased)
+    worker = _Given(reader, {"email", "date_of_birth"})
+    await worker.handle(bodies)
+    opened, gone = worker.given
+    assert isinstance(opened, contracts.PatientRegisteredV2)
+    assert (opened.email, opened.date_of_birth) == ("ada@example.org", date(1990, 12, 10))
+    assert is_sealed(opened.name) and is_sealed(opened.address)  # not read: not opened
+    assert isinstance(gone, contracts.Unreadable)
+    # Reading no field at all still tells an erased patient's payload apart.
+    nothing = _Given(reader, set())
+    await nothing.handle(bodies)
+    assert isinstance(nothing.given[0], contracts.PatientRegisteredV2)
+    assert isinstance(nothing.given[1], contracts.Unreadable)
 
 
 async def test_a_consumer_that_opens_nothing_still_forgets_an_erased_patients_key(
-    settings: Settings,
+    keyrings: tuple[Keyring, Keyring],
 ):
     """The erasure in a batch drops the key from the consumer's keyring even when the
     consumer opens nothing (here no erasure notice reaches it: the reader does not listen)."""
-    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    writer, reader = keyrings
     subject = uuid.uuid4()
-    try:
-        token = writer.seal(subject, "email", "a@example.org")
-        assert reader.open(token, "email") == "a@example.org"  # the reader holds the key
-        writer.destroy(subject)
-        assert reader.open(token, "email") == "a@example.org"  # not told yet
-        worker = _Given()
-        worker.opens_sealed = False
-        worker.keyring = reader
-        erasure = contracts.PatientErasedV1(reason="request 7", erased_by="admin")
-        await worker.handle([_body(erasure, subject, 2)])
-        assert worker.given == [erasure]
-        assert reader.open(token, "email") is None
-    finally:
-        writer.close()
-        reader.close()
+    token = writer.seal(subject, "email", "a@example.org")
+    assert reader.open(token, "email") == "a@example.org"  # the reader holds the key
+    writer.destroy(subject)
+    assert reader.open(token, "email") == "a@example.org"  # not told yet
+    worker = _Given()
+    worker.opens_sealed = False
+    worker.keyring = reader
+    erasure = contracts.PatientErasedV1(reason="request 7", erased_by="admin")
+    await worker.handle([_body(erasure, subject, 2)])
+    assert worker.given == [erasure]
+    assert reader.open(token, "email") is None
 
 
 def test_each_field_and_each_new_key_gets_a_nonce_of_its_own(keyring: Keyring):
@@ -403,53 +400,45 @@ def test_new_patients_keys_are_stored_with_their_events_and_open_elsewhere(
 
 
 async def test_a_key_read_for_a_reader_of_no_field_opens_later_and_an_erasure_still_wins(
-    settings: Settings,
+    keyrings: tuple[Keyring, Keyring],
 ):
     """Keys are read wrapped and unwrapped on first use; an erasure told in between wins."""
-    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+    writer, reader = keyrings
     kept, erased = uuid.uuid4(), uuid.uuid4()
-    try:
-        bodies = [_body(_sealed_registration(writer, s), s, 1) for s in (kept, erased)]
-        nothing = _Given(reader, set())
-        await nothing.handle(bodies)  # both keys now held, still wrapped
-        assert [type(d) for d in nothing.given] == [contracts.PatientRegisteredV2] * 2
-        writer.destroy(erased)
-        reader.forget(erased)  # as the erasure notice or the erasure event does
-        some = _Given(reader, {"email"})
-        await some.handle(bodies)
-        opened, gone = some.given
-        assert isinstance(opened, contracts.PatientRegisteredV2)
-        assert opened.email == "ada@example.org"
-        assert isinstance(gone, contracts.Unreadable)
-        # A key being unwrapped while its erasure is told is used once, never kept.
-        late = uuid.uuid4()
-        writer.seal(late, "name", "Late")
-        entry = reader._entry(late)
-        assert isinstance(entry, bytes)
-        reader.forget(late)
-        reader._usable(late, entry)
-        assert reader._cached(late) == (False, None)
-    finally:
-        writer.close()
-        reader.close()
+    bodies = [_body(_sealed_registration(writer, s), s, 1) for s in (kept, erased)]
+    nothing = _Given(reader, set())
+    await nothing.handle(bodies)  # both keys now held, still wrapped
+    assert [type(d) for d in nothing.given] == [contracts.PatientRegisteredV2] * 2
+    writer.destroy(erased)
+    reader.forget(erased)  # as the erasure notice or the erasure event does
+    some = _Given(reader, {"email"})
+    await some.handle(bodies)
+    opened, gone = some.given
+    assert isinstance(opened, contracts.PatientRegisteredV2)
+    assert opened.email == "ada@example.org"
+    assert isinstance(gone, contracts.Unreadable)
+    # A key being unwrapped while its erasure is told is used once, never kept.
+    late = uuid.uuid4()
+    writer.seal(late, "name", "Late")
+    entry = reader._entry(late)
+    assert isinstance(entry, bytes)
+    reader.forget(late)
+    reader._usable(late, entry)
+    assert reader._cached(late) == (False, None)
 
 
-def test_opening_a_record_unwraps_its_key_once(settings: Settings):
-    writer, reader = Keyring.from_settings(settings), Keyring.from_settings(settings)
+def test_opening_a_record_unwraps_its_key_once(keyrings: tuple[Keyring, Keyring]):
+    writer, reader = keyrings
     subject = uuid.uuid4()
-    try:
-        state = msgspec.structs.asdict(_sealed_registration(writer, subject))
-        unwrapped: list[uuid.UUID] = []
-        unwrap = reader._unwrap
+    state = msgspec.structs.asdict(_sealed_registration(writer, subject))
+    unwrapped: list[uuid.UUID] = []
+    unwrap = reader._unwrap
 
-        def counted(of: uuid.UUID, wrapped: bytes) -> Any:
-            unwrapped.append(of)
-            return unwrap(of, wrapped)
+    def counted(of: uuid.UUID, wrapped: bytes) -> Any:
+        unwrapped.append(of)
+        return unwrap(of, wrapped)
 
-        reader._unwrap = counted  # type: ignore[method-assign]
-        assert reader.open_fields(PATIENT_DETAILS, state)
-        assert state["name"] == "Ada Lovelace" and state["date_of_birth"] == date(1990, 12, 10)
-        assert unwrapped == [subject]
-    finally:
-        writer.close()
-        reader.close()
+    reader._unwrap = counted  # type: ignore[method-assign]
+    assert reader.open_fields(PATIENT_DETAILS, state)
+    assert state["name"] == "Ada Lovelace" and state["date_of_birth"] == date(1990, 12, 10)
+    assert unwrapped == [subject]
