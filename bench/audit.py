@@ -18,15 +18,13 @@ import asyncio
 import functools
 import os
 import sys
-import time
 import uuid
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from litestar import Litestar
 
-from bench.common import main_for, ms, token_headers
+from bench.common import drop_database, main_for, ms, scratch_database, token_headers
 from bench.writes import (
     SERVE_READ_API,
     Round,
@@ -36,7 +34,6 @@ from bench.writes import (
     _wrk_round,
 )
 from bench.wrk import get_script
-from bootstrap.database import migrate
 from read_api.app import create_app
 from runtime.audit import Disclosure
 from runtime.http import served
@@ -79,17 +76,9 @@ def unaudited_worker() -> Litestar:
     )
 
 
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
 def _scratch_database(settings: Settings) -> str:
     """A new database, migrated, holding PATIENTS directory rows; returns its URL."""
-    name = f"bench_audit_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(settings.database_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(settings.database_url, name)
-    migrate(url)
+    url = scratch_database(settings, "bench_audit")
     with psycopg.connect(url) as conn:
         conn.execute(
             "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
@@ -105,21 +94,6 @@ def _scratch_database(settings: Settings) -> str:
             " SELECT position, id FROM directory_patients"
         )
     return url
-
-
-def _drop(settings: Settings, url: str) -> None:
-    """Drops the scratch database; retried while autovacuum is inside it (only a superuser
-    could end that worker)."""
-    name = urlsplit(url).path.lstrip("/")
-    for attempt in range(20):
-        try:
-            with psycopg.connect(settings.database_url, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            return
-        except psycopg.errors.InsufficientPrivilege:
-            if attempt == 19:
-                raise
-            time.sleep(0.25)
 
 
 async def run(settings: Settings) -> list[str]:
@@ -158,7 +132,7 @@ async def run(settings: Settings) -> list[str]:
         for process in started:
             os.killpg(process.pid, 15)
             process.wait(15)
-        await asyncio.to_thread(_drop, settings, url)
+        await asyncio.to_thread(drop_database, settings, url)
 
     lines = [
         "## Disclosure audit: list p99 with it and without it",

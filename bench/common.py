@@ -9,10 +9,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 from bench.loadgen import Connection, Reply, percentile
+from bootstrap.database import migrate
 from runtime.settings import Settings
 
 CONCURRENCY = 16
@@ -144,3 +146,29 @@ def main_for(run: Callable[[Settings], Coroutine[Any, Any, list[str]]]) -> None:
     """`python -m bench.<name>`: one benchmark's section on stdout, on the dev stack."""
     settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
     print("\n".join(asyncio.run(run(settings))))
+
+
+def scratch_database(settings: Settings, prefix: str) -> str:
+    """A new database beside the stack's, migrated and empty; returns its URL. Nothing of
+    the stack reads it: no relay, no consumer."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(settings.database_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
+    migrate(url)
+    return url
+
+
+def drop_database(settings: Settings, url: str) -> None:
+    """Drops a scratch database; retried while autovacuum is inside it (only a superuser
+    could end that worker)."""
+    name = urlsplit(url).path.lstrip("/")
+    for attempt in range(20):
+        try:
+            with psycopg.connect(settings.database_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if attempt == 19:
+                raise
+            time.sleep(0.25)

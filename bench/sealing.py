@@ -6,6 +6,10 @@ PostgreSQL, in alternating rounds so that both see the same machine. The only di
 the store's keyring: with it, each registration also makes the patient's data key (one
 INSERT) and seals six fields; without it, the fields are stored as they are.
 
+The store is a scratch database beside the stack's (migrated, empty), so the relay and the
+consumers do not work off one round's events during the next: each round measures its own
+writes, not the backlog of the round before.
+
 `uv run python -m bench.sealing` prints this section alone.
 """
 
@@ -19,10 +23,11 @@ import time
 import uuid
 from datetime import date
 
+from bench.common import drop_database, scratch_database
 from commands.service import PatientService
 from commands.store import CACHE_SIZE, EventStore
 from domain.patients import PatientDetails
-from runtime.crypto import Keyring
+from runtime.crypto import Keyring, parse_master_key
 from runtime.settings import Settings
 
 ROUNDS = 5
@@ -60,9 +65,17 @@ def _round(service: PatientService, seconds: float, threads: int) -> float:
 
 
 def measure(settings: Settings) -> tuple[list[float], list[float]]:
-    keyring = Keyring.from_settings(settings)
-    plain = EventStore(settings.database_url, pool_size=8, cache_size=CACHE_SIZE)
-    sealed = EventStore(settings.database_url, pool_size=8, cache_size=CACHE_SIZE, keyring=keyring)
+    url = scratch_database(settings, "bench_sealing")
+    try:
+        return _measure(settings, url)
+    finally:
+        drop_database(settings, url)
+
+
+def _measure(settings: Settings, url: str) -> tuple[list[float], list[float]]:
+    keyring = Keyring(parse_master_key(settings.master_key), url)
+    plain = EventStore(url, pool_size=8, cache_size=CACHE_SIZE)
+    sealed = EventStore(url, pool_size=8, cache_size=CACHE_SIZE, keyring=keyring)
     try:
         key = settings.claim_secret()
         plain_service, sealed_service = PatientService(plain, key), PatientService(sealed, key)
@@ -88,7 +101,8 @@ async def run(settings: Settings) -> list[str]:
         "",
         f"The command side's write path in one process ({THREADS} writer threads, group commit),"
         f" {ROUNDS} alternating rounds of {ROUND_SECONDS:.0f} s each, medians"
-        " (`uv run python -m bench.sealing`).",
+        " (`uv run python -m bench.sealing`). The store is a scratch database beside the"
+        " stack's, so no relay or consumer works off one round's events during the next.",
         "",
         "| register | per second |",
         "| --- | --- |",
