@@ -63,6 +63,9 @@ class NoAudit:
     async def record(self, disclosure: Disclosure) -> None:
         return None
 
+    async def close(self) -> None:
+        return None
+
 
 def unaudited_worker() -> Litestar:
     """The query API with `NoAudit`, as one worker process builds it."""

@@ -11,9 +11,10 @@ If the record cannot be written the read fails with 503 (`AuditUnavailable`, map
 `PROBLEMS`): nothing is ever answered unaudited. The table is append-only, enforced by
 triggers in the database; `page` reads it for `GET /audit`.
 
-Writes are grouped: while one INSERT is in flight, the records of the requests that
-arrive meanwhile wait and go together in the next one, and each request answers only
-once the INSERT holding its record has returned (and so is committed).
+Writes are grouped: up to four INSERTs are in flight at once; the records of the
+requests that arrive while all are taken wait and go together in the next one, and each
+request answers only once the INSERT holding its record has returned (and so is
+committed). A request that finds an INSERT free writes its record itself.
 
 A record names its patients by reference (migration 0017): each distinct list of ids
 is stored once in `audit.patient_sets`, keyed by its digest, and the record carries the
@@ -26,10 +27,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import getpass
 import hashlib
 import uuid
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from litestar import Request
 from litestar.plugins.problem_details import ProblemDetailsException
 from psycopg import sql
 
+from runtime.db import quiet
 from runtime.http import Problems, correlation_id, problem
 
 log = structlog.get_logger(__name__)
@@ -78,6 +80,9 @@ class Disclosure:
 class Writer(Protocol):
     async def record(self, disclosure: Disclosure) -> None:
         """Returns once the record is stored; raises AuditUnavailable otherwise."""
+
+    async def close(self) -> None:
+        """Lets go of what it holds (before the app's pool closes)."""
 
 
 _RECORDS = (
@@ -144,11 +149,40 @@ def _statement(batch: list[Disclosure], known: _Known) -> tuple[bytes, list[str]
     return _WITH_SETS, [lists, records], list(missing)
 
 
+class _Line:
+    """A connection the writer holds between INSERTs, with its cursor and the lists of
+    patients it has stored."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]):
+        self.conn = conn
+        self.cursor = conn.cursor()
+        self.known = _Known()
+
+
+_LEAD = object()
+"""What a waiting record's future is given when its request is to write the records
+waiting (its own among them): the INSERT that finished passes its turn on."""
+
+Waiting = list[tuple[Disclosure, "asyncio.Future[object] | None"]]
+
+
 class GroupedWriter:
     """Writes disclosures through `pool`: up to `parallel` INSERTs at once, each taking
     every record waiting when it starts. The pool is autocommit: a request is answered
     once the INSERT holding its record has returned, so that INSERT must be committed
-    by then."""
+    by then.
+
+    A request whose record finds an INSERT free writes it itself, in its own task, with
+    the records of the requests handled in the same pass of the event loop: no task is
+    started and no future awaited for it, and its request goes on as soon as the INSERT
+    returns. A record that finds every INSERT taken (or one forming) waits; when an
+    INSERT finishes, it hands its turn to the first waiting request, which writes every
+    record waiting then.
+
+    The writer keeps the connections of its INSERTs (up to `parallel`) between them, each
+    with its cursor; one the server has spoken on since (a restart, say) goes back to the
+    pool, which checks it, and another is taken. `close` gives them back.
+    """
 
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any], parallel: int = 4):
         if not (isinstance(pool.kwargs, dict) and pool.kwargs.get("autocommit")):
@@ -157,54 +191,106 @@ class GroupedWriter:
             )
         self.pool = pool
         self.parallel = parallel
-        self._waiting: list[tuple[Disclosure, asyncio.Future[None]]] = []
-        self._flushers: set[asyncio.Task[None]] = set()
-        self._known: weakref.WeakKeyDictionary[Any, _Known] = weakref.WeakKeyDictionary()
+        self._waiting: Waiting = []
+        self._writing = 0
+        self._forming = False
+        self._lines: list[_Line] = []
 
     async def record(self, disclosure: Disclosure) -> None:
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
+        if self._writing < self.parallel and not self._forming:
+            self._writing += 1
+            self._forming = True
+            try:
+                # One pass of the loop: the records of the requests it handles join
+                # this INSERT instead of each starting one of their own.
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                self._pass_turn()
+                raise
+            finally:
+                self._forming = False
+            await self._write([(disclosure, None), *self._take_waiting()])
+            return
+        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._waiting.append((disclosure, done))
-        if len(self._flushers) < self.parallel:
-            flusher = loop.create_task(self._flush())
-            self._flushers.add(flusher)
-            flusher.add_done_callback(self._flushers.discard)
-        await done
-
-    async def _flush(self) -> None:
-        batch: list[tuple[Disclosure, asyncio.Future[None]]] = []
-        failure = AuditUnavailable("the audit writer stopped")
         try:
-            # One connection for as long as records keep coming (the pool checks each one
-            # it hands out: a round trip saved per INSERT under load). Records that come
-            # while it goes back are taken too: the last look is the one before leaving.
-            while self._waiting:
-                async with self.pool.connection() as conn:
-                    known = self._known.setdefault(conn, _Known())
-                    while self._waiting:
-                        batch, self._waiting = self._waiting, []
-                        statement, params, lists = _statement([d for d, _ in batch], known)
-                        await conn.execute(statement, params)
-                        known.stored(lists)
-                        _settle(batch, None)
+            turn = await done
+        except asyncio.CancelledError:
+            if done.done() and not done.cancelled() and done.result() is _LEAD:
+                self._pass_turn()  # given the turn as it was cancelled: pass it on
+            raise
+        if turn is _LEAD:
+            await self._write([(disclosure, None), *self._take_waiting()])
+
+    def _take_waiting(self) -> Waiting:
+        """Every record still waiting for an INSERT: not those given a turn of their own
+        (they write their own), nor those whose requests were cancelled."""
+        batch: Waiting = [(d, f) for d, f in self._waiting if f is not None and not f.done()]
+        self._waiting = []
+        return batch
+
+    async def _write(self, batch: Waiting) -> None:
+        """Writes `batch` in this task, holding one of the `parallel` turns, and then
+        passes the turn on. Raises AuditUnavailable for the record of this task (the one
+        without a future); settles every other's future."""
+        line: _Line | None = None
+        try:
+            line = await self._line()
+            statement, params, lists = _statement([d for d, _ in batch], line.known)
+            await line.cursor.execute(statement, params)
+            line.known.stored(lists)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             log.error("disclosure audit not written", error=type(exc).__name__)
+            await self._give_back(line)
             failure = AuditUnavailable(type(exc).__name__)
-        finally:
-            # Failed, or cancelled as the app stops: the records in hand, and those waiting
-            # if no other INSERT will take them, are refused rather than left waiting.
             _settle(batch, failure)
-            if self._waiting and self._flushers <= {asyncio.current_task()}:
-                waiting, self._waiting = self._waiting, []
-                _settle(waiting, failure)
-            # Now, not in a done callback: a record that came before the callback ran
-            # would find every INSERT taken and wait for ever.
-            self._flushers.discard(asyncio.current_task())
+            raise failure from None
+        except BaseException:
+            # Cancelled mid-INSERT (the app stopping, say): whether it landed is unknown.
+            # The connection goes, and the others' records wait for the next INSERT: a
+            # record may be stored twice, never answered unstored.
+            await self._give_back(line)
+            self._waiting[:0] = [(d, f) for d, f in batch if f is not None and not f.done()]
+            raise
+        else:
+            self._lines.append(line)
+            _settle(batch, None)
+        finally:
+            self._pass_turn()
+
+    def _pass_turn(self) -> None:
+        """Gives this turn to the first request still waiting, or frees it."""
+        while self._waiting:
+            _, first = self._waiting[0]
+            if first is not None and not first.done():
+                first.set_result(_LEAD)
+                return
+            self._waiting.pop(0)  # its request was cancelled
+        self._writing -= 1
+
+    async def _line(self) -> _Line:
+        while self._lines:
+            line = self._lines.pop()
+            if quiet(line.conn):
+                return line
+            await self._give_back(line)  # the pool checks it, and keeps it or not
+        return _Line(await self.pool.getconn())
+
+    async def _give_back(self, line: _Line | None) -> None:
+        if line is not None:
+            with contextlib.suppress(Exception):
+                await self.pool.putconn(line.conn)
+
+    async def close(self) -> None:
+        """Gives the connections it holds back to the pool (before the pool closes)."""
+        lines, self._lines = self._lines, []
+        for line in lines:
+            await self._give_back(line)
 
 
-def _settle(batch: list[tuple[Disclosure, asyncio.Future[None]]], failure: Any) -> None:
+def _settle(batch: Waiting, failure: BaseException | None) -> None:
     for _, done in batch:
-        if not done.done():  # a waiter whose request was cancelled
+        if done is not None and not done.done():  # a waiter whose request was cancelled
             if failure is None:
                 done.set_result(None)
             else:

@@ -28,14 +28,14 @@ async def open_pool(
     once, so the rest are replaced together rather than discovered one request at a
     time.
 
-    The check costs no round trip while the connection is quiet (see `_quiet`); one
+    The check costs no round trip while the connection is quiet (see `quiet`); one
     the server has said anything on since gets an empty query.
     """
     sweeping: set[asyncio.Task[None]] = set()
 
     async def check(conn: Any) -> None:
         try:
-            if not _quiet(conn):
+            if not quiet(conn):
                 await AsyncConnectionPool.check_connection(conn)
         except Exception:
             if not sweeping:
@@ -58,7 +58,7 @@ async def open_pool(
     return pool
 
 
-def _quiet(conn: Any) -> bool:
+def quiet(conn: Any) -> bool:
     """True when an idle pooled connection has nothing waiting to be read.
 
     A server that ends a backend (a restart, `pg_terminate_backend`) says so and closes

@@ -265,6 +265,7 @@ def create_app(
     Disclosures are recorded by `audit_writer(pool)`; only the benchmark passes another.
     """
     opened: list[tuple[Directory, Redis, appointments.Appointments, analytics.Analytics]] = []
+    writers: list[audit.Writer] = []
     try:
         ZoneInfo(settings.practice_timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -282,7 +283,9 @@ def create_app(
             failures=settings.cache_breaker_failures,
             reset_seconds=settings.cache_breaker_reset_seconds,
         )
-        audit.open_writer(app.state, audit_writer(pool))
+        writer = audit_writer(pool)
+        audit.open_writer(app.state, writer)
+        writers.append(writer)
         keyring = Keyring.from_settings(settings)
         keyring.listen()  # an erasure elsewhere drops the key here too
         opened.append(
@@ -295,6 +298,8 @@ def create_app(
         )
 
     async def stop(app: Litestar) -> None:
+        for writer in writers:
+            await writer.close()
         for directory, redis, schedule, _ in opened:
             await redis.aclose()
             await directory.pool.close()

@@ -284,6 +284,85 @@ async def test_the_writer_stores_every_record_of_staggered_concurrent_callers(se
     assert sorted(int(c) for (c,) in stored) == list(range(400))
 
 
+def stored_by(settings: Settings, actor: str) -> list[str]:
+    """The correlation ids of the records of `actor`, sorted."""
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT correlation_id FROM audit.disclosures WHERE actor = %s", [actor]
+        ).fetchall()
+    return sorted(c for (c,) in rows)
+
+
+async def test_the_writer_keeps_its_connection_and_replaces_one_the_server_ended(settings):
+    """Between INSERTs the writer holds its connection; one the server has ended since (a
+    restart, a terminated backend) is swapped for another before use: no record fails."""
+    run = f"held-{uuid.uuid4()}"
+    pool = await open_pool(settings.database_url, max_size=2, autocommit=True)
+    writer = audit.GroupedWriter(pool, parallel=1)
+    one = (uuid.uuid4(),)
+    try:
+        await writer.record(Disclosure(run, "admin", "patient.get", one, "1"))
+        (line,) = writer._lines
+        backend = line.conn.info.backend_pid
+        await writer.record(Disclosure(run, "admin", "patient.get", one, "2"))
+        assert [held.conn.info.backend_pid for held in writer._lines] == [backend]
+        with psycopg.connect(settings.database_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [backend])
+        await asyncio.sleep(0.2)  # the server's goodbye reaches the held socket
+        await writer.record(Disclosure(run, "admin", "patient.get", one, "3"))
+        assert [held.conn.info.backend_pid for held in writer._lines] != [backend]
+        await writer.close()
+        assert writer._lines == [] and pool.get_stats()["pool_available"] >= 1
+    finally:
+        await pool.close()
+    assert stored_by(settings, run) == ["1", "2", "3"]
+
+
+async def test_a_request_cancelled_mid_insert_leaves_no_other_record_unwritten(settings):
+    """A request writing an INSERT is cancelled while it waits on the server (the app
+    stopping, say): the records that were waiting are written by the next INSERT, those
+    in the cancelled one's batch too, and none of their requests hangs or fails."""
+    run = f"cancelled-{uuid.uuid4()}"
+    pool = await open_pool(settings.database_url, max_size=3, autocommit=True)
+    writer = audit.GroupedWriter(pool, parallel=1)
+    one = (uuid.uuid4(),)
+    try:
+        await writer.record(Disclosure(run, "admin", "patient.get", one, "warm"))
+        with psycopg.connect(settings.database_url) as blocker:
+            # The INSERTs wait on this lock until it is let go.
+            blocker.execute("LOCK TABLE audit.disclosures IN EXCLUSIVE MODE")
+            leader = asyncio.create_task(
+                writer.record(Disclosure(run, "admin", "patient.get", one, "leader"))
+            )
+            await asyncio.sleep(0.2)
+            waiting = [
+                asyncio.create_task(
+                    writer.record(Disclosure(run, "admin", "patient.get", one, f"w{i}"))
+                )
+                for i in range(5)
+            ]
+            await asyncio.sleep(0.2)
+            assert not any(t.done() for t in [leader, *waiting])
+            leader.cancel()  # its own record alone in its INSERT
+            await asyncio.sleep(0.2)
+            # The first waiting request was given the turn: its INSERT holds every
+            # record waiting, and waits on the lock in turn.
+            promoted, rest = waiting[0], waiting[1:]
+            assert not promoted.done()
+            promoted.cancel()
+            await asyncio.sleep(0.2)
+            blocker.rollback()
+        await asyncio.wait_for(asyncio.gather(*rest), 30)
+        for cancelled in (leader, promoted):
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+    finally:
+        await writer.close()
+        await pool.close()
+    stored = stored_by(settings, run)
+    assert [c for c in stored if c not in ("leader", "w0")] == ["w1", "w2", "w3", "w4", "warm"]
+
+
 async def test_a_read_whose_record_cannot_be_written_is_503_and_shows_nothing(
     reads, directory, settings, tokens
 ):
