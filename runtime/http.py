@@ -29,6 +29,7 @@ import contextlib
 import copy
 import gc
 import re
+import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -46,6 +47,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.constants import RESERVED_KWARGS
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.enums import ScopeType
 from litestar.exceptions import ClientException, HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
@@ -62,7 +64,8 @@ from litestar.plugins.prometheus import (
     PrometheusController,
     PrometheusMiddleware,
 )
-from litestar.types import Scope
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from litestar.utils.scope.state import ScopeState
 from opentelemetry.trace import SpanKind
 
@@ -684,18 +687,78 @@ class MetricsController(PrometheusController):
 
 
 class _RouteMetrics(PrometheusMiddleware):
-    """Litestar's Prometheus middleware, labelling by route template without first
-    building the request's URL, which it does for nothing and which cost a tenth of a
-    small write's CPU."""
+    """Litestar's Prometheus middleware: the same four metrics with the same labels
+    (method, path template, status code, app name), made lean. It builds no Request (and
+    no URL) per request, reads its labels from the scope, and looks each label set's
+    metric children up once. Litestar's own took a fifth of a small write's time in the
+    event loop, most of it building and labelling."""
 
-    def _get_default_labels(self, request: Request[Any, Any, Any]) -> dict[str, str | int | float]:
-        scope = request.scope
+    def __init__(self, app: ASGIApp, config: PrometheusConfig) -> None:
+        super().__init__(app, config)
+        if config.labels or config.exemplars or not config.group_path:
+            raise ValueError("_RouteMetrics labels by route template only")
+        self._started: dict[tuple[str, str], Any] = {}
+        self._ended: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+
+    def _labels(self, method: str, path: str, status: int) -> dict[str, str | int | float]:
         return {
-            "method": scope.get("method", scope["type"]),
-            "path": scope.get("path_template", scope["path"]),
-            "status_code": 200,
+            "method": method,
+            "path": path,
+            "status_code": status,
             "app_name": self._config.app_name,
         }
+
+    def _in_progress(self, method: str, path: str) -> Any:
+        child = self._started.get((method, path))
+        if child is None:
+            labels = self._labels(method, path, 200)
+            child = self.requests_in_progress(labels).labels(*labels.values())
+            self._started[(method, path)] = child
+        return child
+
+    def _outcome(self, method: str, path: str, status: int) -> tuple[Any, Any, Any]:
+        children = self._ended.get((method, path, status))
+        if children is None:
+            labels = self._labels(method, path, status)
+            values = [*labels.values()]
+            children = (
+                self.request_count(labels).labels(*values),
+                self.request_time(labels).labels(*values),
+                self.requests_error_count(labels).labels(*values)
+                if status >= HTTP_500_INTERNAL_SERVER_ERROR
+                else None,
+            )
+            self._ended[(method, path, status)] = children
+        return children
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind: str = scope["type"]
+        method = str(scope.get("method", kind)) if kind == ScopeType.HTTP else kind
+        if self._config.excluded_http_methods and method in self._config.excluded_http_methods:
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path_template", scope["path"])
+        started = time.perf_counter()
+        span = [200, 0.0]  # status, duration
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                span[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                span[1] = time.perf_counter() - started
+            await send(message)
+
+        in_progress = self._in_progress(method, path)
+        in_progress.inc()
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            in_progress.dec()
+            count, duration, errors = self._outcome(method, path, int(span[0]))
+            if errors is not None:
+                errors.inc()
+            count.inc()
+            duration.observe(span[1])
 
 
 def database_check(pool: Any) -> Check:
