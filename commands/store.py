@@ -40,10 +40,12 @@ from eventsourcing.domain import Aggregate, DomainEventProtocol, Snapshot
 from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent, Transcoding
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import get_topic
+from psycopg.sql import SQL, Composable, Identifier
 
 from domain.patients import Patient
 from domain.privacy import SNAPSHOTS, STORED, Personal
 from runtime.crypto import Keyring
+from runtime.db import rendered
 
 log = structlog.get_logger(__name__)
 
@@ -133,7 +135,50 @@ def _new_subjects(objs: Iterable[Any]) -> Iterator[UUID]:
 
 class KeyedRecorder(PostgresApplicationRecorder):
     """The store's recorder: also inserts new subjects' data keys, in the events'
-    transaction (a conflict fails the save, as a conflicting event would)."""
+    transaction (a conflict fails the save, as a conflicting event would).
+
+    Its statements are the library's, rendered once (psycopg renders a composed
+    statement again at every execute), and its events go to PostgreSQL as four arrays,
+    dumped by psycopg's compiled dumpers: the library sends one array of a composite
+    type, which psycopg dumps value by value in Python. The transaction is the same:
+    the table locked (so positions commit in order), its channel notified, the events
+    inserted, their positions returned.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._lock_statements = [
+            rendered(s) if isinstance(s, Composable) else s for s in self.lock_table_statements
+        ]
+        self._notify = rendered(SQL("NOTIFY {0}").format(Identifier(self.channel_name)))
+        self._insert = rendered(
+            SQL(
+                "INSERT INTO {0}.{1} AS t (originator_id, originator_version, topic, state)"
+                " SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[])"
+                " RETURNING notification_id"
+            ).format(Identifier(self.datastore.schema), Identifier(self.events_table_name))
+        )
+
+    def _lock_table(self, curs: Any) -> None:
+        for statement in self._lock_statements:
+            curs.execute(statement, prepare=True)
+
+    def _notify_channel(self, curs: Any) -> None:
+        curs.execute(self._notify, prepare=True)
+
+    def _insert_stored_events(self, curs: Any, stored_events: Any, **kwargs: Any) -> None:
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(
+            self._insert,
+            [
+                [e.originator_id for e in stored_events],
+                [e.originator_version for e in stored_events],
+                [e.topic for e in stored_events],
+                [e.state for e in stored_events],
+            ],
+            prepare=True,
+        )
 
     def _insert_events(
         self,

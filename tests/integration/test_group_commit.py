@@ -134,3 +134,27 @@ def test_a_conflict_inside_a_batch_fails_only_the_loser(store: EventStore):
     contested = results[:2]
     assert sorted(type(r).__name__ for r in contested) == ["EmailTaken", "Written"]
     assert all(type(r).__name__ == "Written" for r in results[2:])
+
+
+def test_a_batch_is_stored_as_given_and_answered_with_its_positions_in_order(store):
+    """The recorder sends a batch's events as four arrays: each row holds its own event's
+    id, version, topic and bytes, and the positions come back in the events' order,
+    ascending, one per event."""
+    service = PatientService(store, claim_key())
+    patients = [Patient.register(details(f"Batch {i}"), date(2024, 1, 2)) for i in range(5)]
+    for patient in patients[:2]:
+        patient.change_details(details(f"Batch changed {patient.id}"))
+    events = [e for p in patients for e in p.collect_events()]
+    recordings = service.store.save(*events)
+    assert [r.domain_event for r in recordings] == events
+    positions = [r.notification.id for r in recordings]
+    assert positions == sorted(positions) and len(set(positions)) == len(events)
+    stored = {
+        (n.originator_id, n.originator_version): (n.id, n.topic, n.state)
+        for n in store.recorder.select_notifications(start=positions[0], limit=len(events))
+    }
+    for event, recording in zip(events, recordings, strict=True):
+        position, topic, state = stored[(event.originator_id, event.originator_version)]
+        assert position == recording.notification.id
+        assert topic == recording.notification.topic and state == recording.notification.state
+    assert [store.load(p.id).version for p in patients] == [2, 2, 1, 1, 1]
