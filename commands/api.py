@@ -55,6 +55,7 @@ from runtime.http import (
 from runtime.http import correlation_id as correlation_of
 from runtime.security import TokenVerifier, requires
 from runtime.settings import Settings
+from runtime.threads import in_thread
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -207,7 +208,7 @@ async def register_patient(
         patient_id = once(idempotency.REGISTER_PATIENT, key, request, data)
         return service.register(details, registered, correlation_id, patient_id)
 
-    written = await anyio.to_thread.run_sync(register)
+    written = await in_thread(register)
     COMMANDS.labels("RegisterPatient", "ok").inc()
     log.info("patient registered", patient_id=str(written.patient_id), position=written.position)
     headers = _headers(written)
@@ -236,9 +237,7 @@ async def change_patient(
     pid = _patient_id(patient_id)
     expected = expected_version(request)
     details = _parse(_fields(data), parse_change)
-    written = await anyio.to_thread.run_sync(
-        lambda: service.change(pid, details, expected, correlation_id)
-    )
+    written = await in_thread(service.change, pid, details, expected, correlation_id)
     COMMANDS.labels("ChangePatientDetails", "ok").inc()
     log.info("patient changed", patient_id=str(pid), position=written.position)
     return Response(_representation(written), headers=_headers(written))
@@ -259,7 +258,7 @@ async def remove_patient(
     correlation_id = correlation_of(request.scope)
     pid = _patient_id(patient_id)
     expected = expected_version(request)
-    written = await anyio.to_thread.run_sync(lambda: service.remove(pid, expected, correlation_id))
+    written = await in_thread(service.remove, pid, expected, correlation_id)
     COMMANDS.labels("RemovePatient", "ok").inc()
     log.info("patient removed", patient_id=str(pid), position=written.position)
     return Response(None, status_code=204, headers=_headers(written))
@@ -306,8 +305,8 @@ async def set_preferences(
     correlation_id = correlation_of(request.scope)
     pid = _patient_id(patient_id)
     expected = expected_version(request)
-    written = await anyio.to_thread.run_sync(
-        lambda: service.set_preferences(pid, data.reminders, expected, correlation_id)
+    written = await in_thread(
+        service.set_preferences, pid, data.reminders, expected, correlation_id
     )
     COMMANDS.labels("SetPreferences", "ok").inc()
     body = PreferencesOut(
@@ -382,9 +381,7 @@ async def erase_patient(
     pid = _patient_id(patient_id)
     reason = parse_erasure(reason=data.reason)
     erased_by = request.state.claims.subject
-    written = await anyio.to_thread.run_sync(
-        lambda: service.erase(pid, reason, erased_by, correlation_id)
-    )
+    written = await in_thread(service.erase, pid, reason, erased_by, correlation_id)
     COMMANDS.labels("ErasePatient", "ok").inc()
     log.info("patient erased", patient_id=str(pid), position=written.position)
     body = ErasureOut(id=pid, erased=True, version=written.version, position=written.position)

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID
 
-import anyio
 import msgspec
 import structlog
 from litestar import Request, Response, delete, post, put
@@ -47,6 +46,7 @@ from domain.scheduling import (
 from runtime.http import BODY_ERRORS, DOCS, EMAIL_FORMAT, Documented, Problems, every_error, problem
 from runtime.http import correlation_id as correlation_of
 from runtime.security import Claims, requires
+from runtime.threads import in_thread
 
 log = structlog.get_logger(__name__)
 
@@ -242,7 +242,7 @@ def appointment_view(appointment: Appointment, saved: Saved) -> AppointmentOut:
 
 
 async def _run(call: Callable[[], Saved], command: str) -> Saved:
-    saved = await anyio.to_thread.run_sync(call)
+    saved = await in_thread(call)
     COMMANDS.labels(command, "ok").inc()
     log.info(command, aggregate_id=str(saved.id), position=saved.position)
     return saved
