@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+import bootstrap.database
 from bench.loadgen import Connection, Reply, percentile
 from bootstrap.database import migrate
 from runtime.settings import Settings
@@ -160,15 +161,5 @@ def scratch_database(settings: Settings, prefix: str) -> str:
 
 
 def drop_database(settings: Settings, url: str) -> None:
-    """Drops a scratch database; retried while autovacuum is inside it (only a superuser
-    could end that worker)."""
-    name = urlsplit(url).path.lstrip("/")
-    for attempt in range(20):
-        try:
-            with psycopg.connect(settings.database_url, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            return
-        except psycopg.errors.InsufficientPrivilege:
-            if attempt == 19:
-                raise
-            time.sleep(0.25)
+    """Drops a scratch database `scratch_database` made."""
+    bootstrap.database.drop_database(settings.database_url, urlsplit(url).path.lstrip("/"))

@@ -9,6 +9,7 @@ service that finds its database behind refuses to start and says so in one line.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 from yoyo import get_backend, read_migrations
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -74,3 +76,18 @@ def require_current(database_url: str) -> None:
         raise DatabaseBehind(
             f"the database lacks migration(s) {', '.join(pending)}: run `carelog db migrate`"
         )
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    """Drops a database (a test's or a benchmark's scratch one), connected as `admin_url`;
+    retried while a server-side worker (autovacuum) is inside it, which only a superuser
+    could end."""
+    for attempt in range(20):
+        try:
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if attempt == 19:
+                raise
+            time.sleep(0.25)

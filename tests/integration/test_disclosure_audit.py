@@ -9,7 +9,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -293,14 +293,23 @@ def stored_by(settings: Settings, actor: str) -> list[str]:
     return sorted(c for (c,) in rows)
 
 
+@asynccontextmanager
+async def one_at_a_time(settings: Settings) -> AsyncIterator[tuple[audit.GroupedWriter, Any]]:
+    """A writer of one INSERT at a time on a pool of its own, and the pool."""
+    pool = await open_pool(settings.database_url, max_size=3, autocommit=True)
+    writer = audit.GroupedWriter(pool, parallel=1)
+    try:
+        yield writer, pool
+    finally:
+        await writer.close()
+        await pool.close()
+
+
 async def test_the_writer_keeps_its_connection_and_replaces_one_the_server_ended(settings):
     """Between INSERTs the writer holds its connection; one the server has ended since (a
     restart, a terminated backend) is swapped for another before use: no record fails."""
-    run = f"held-{uuid.uuid4()}"
-    pool = await open_pool(settings.database_url, max_size=2, autocommit=True)
-    writer = audit.GroupedWriter(pool, parallel=1)
-    one = (uuid.uuid4(),)
-    try:
+    run, one = f"held-{uuid.uuid4()}", (uuid.uuid4(),)
+    async with one_at_a_time(settings) as (writer, pool):
         await writer.record(Disclosure(run, "admin", "patient.get", one, "1"))
         (line,) = writer._lines
         backend = line.conn.info.backend_pid
@@ -313,8 +322,6 @@ async def test_the_writer_keeps_its_connection_and_replaces_one_the_server_ended
         assert [held.conn.info.backend_pid for held in writer._lines] != [backend]
         await writer.close()
         assert writer._lines == [] and pool.get_stats()["pool_available"] >= 1
-    finally:
-        await pool.close()
     assert stored_by(settings, run) == ["1", "2", "3"]
 
 
@@ -322,11 +329,8 @@ async def test_a_request_cancelled_mid_insert_leaves_no_other_record_unwritten(s
     """A request writing an INSERT is cancelled while it waits on the server (the app
     stopping, say): the records that were waiting are written by the next INSERT, those
     in the cancelled one's batch too, and none of their requests hangs or fails."""
-    run = f"cancelled-{uuid.uuid4()}"
-    pool = await open_pool(settings.database_url, max_size=3, autocommit=True)
-    writer = audit.GroupedWriter(pool, parallel=1)
-    one = (uuid.uuid4(),)
-    try:
+    run, one = f"cancelled-{uuid.uuid4()}", (uuid.uuid4(),)
+    async with one_at_a_time(settings) as (writer, _):
         await writer.record(Disclosure(run, "admin", "patient.get", one, "warm"))
         with psycopg.connect(settings.database_url) as blocker:
             # The INSERTs wait on this lock until it is let go.
@@ -356,9 +360,6 @@ async def test_a_request_cancelled_mid_insert_leaves_no_other_record_unwritten(s
         for cancelled in (leader, promoted):
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
-    finally:
-        await writer.close()
-        await pool.close()
     stored = stored_by(settings, run)
     assert [c for c in stored if c not in ("leader", "w0")] == ["w1", "w2", "w3", "w4", "warm"]
 

@@ -24,7 +24,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from bootstrap.database import migrate
+from bootstrap.database import drop_database, migrate
 from runtime.kafka import client_options, delete_topics
 from runtime.settings import Settings
 
@@ -97,20 +97,6 @@ def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
     finally:
         drop_database(base.database_url, token)
         drop_topics(settings, settings.topic_prefix)
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    """Drops a test database; retried while a server-side worker (autovacuum) is inside it,
-    which only a superuser could terminate."""
-    for attempt in range(20):
-        try:
-            with psycopg.connect(admin_url, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            return
-        except psycopg.errors.InsufficientPrivilege:
-            if attempt == 19:
-                raise
-            time.sleep(0.25)
 
 
 def drop_topics(settings: Settings, prefix: str) -> None:
