@@ -34,7 +34,7 @@ from ops.gateway.generate import (
 )
 from runtime.settings import DEV_CORS_ORIGINS
 from tests.e2e.conftest import GATEWAY, new_user, unique_email
-from tests.support.stack import base_settings, free_port
+from tests.support.stack import base_settings, free_port, stop_group
 
 pytestmark = pytest.mark.e2e
 
@@ -66,18 +66,14 @@ def running_gateway(config: Path, port: int) -> Iterator[str]:
             [haproxy_binary(), "-W", "-db", "-f", str(config), "-p", str(out / "haproxy.pid")],
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its group: the master and its workers
         )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_live(url, process, log_path)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_group(process)
 
 
 def wait_live(url: str, process: subprocess.Popen[bytes], log: Path) -> None:

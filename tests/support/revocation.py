@@ -17,7 +17,7 @@ import httpx
 from bootstrap.gateway import write_config
 from ops.gateway.generate import DEFAULT_LIMITS, Limits, haproxy_binary
 from runtime.settings import Settings
-from tests.support.stack import Process, env_for, free_port, isolated_settings
+from tests.support.stack import Process, env_for, free_port, isolated_settings, stop_group
 from tests.support.tokens import auth_settings
 
 WITHIN_SECONDS = 2.0
@@ -85,9 +85,8 @@ def revocation_stack(
                 stack.gateway_process = haproxy
             yield stack
         finally:
-            if haproxy is not None and haproxy.poll() is None:
-                haproxy.terminate()  # the master stops its workers and the watcher
-                haproxy.wait(15)
+            if haproxy is not None:
+                stop_group(haproxy)  # the master, its workers and the watcher
             for process in reversed(started):
                 process.stop()
 
@@ -104,6 +103,7 @@ def _start_gateway(
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         cwd=directory,
+        start_new_session=True,  # its group: the master, its workers and the watcher
     )
     deadline = time.monotonic() + 60
     ready = False
@@ -120,7 +120,7 @@ def _start_gateway(
         if not ready:
             time.sleep(0.1)
     if not ready:
-        process.terminate()
+        stop_group(process)
         raise TimeoutError(f"gateway not ready: {log.read_text()[-3000:]}")
     return process
 

@@ -192,17 +192,25 @@ class Process:
 
     def stop(self) -> None:
         if self.popen and self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)  # a worker that lingers
+            stop_group(self.popen)
 
     def tail(self) -> str:
         return self.logs[-1].read_text()[-3000:] if self.logs else ""
+
+
+def stop_group(popen: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """Stops a process started in a session of its own (`start_new_session=True`) and
+    every process it started: SIGTERM to the group, then SIGKILL to whatever lingers (a
+    worker, or a helper its master did not stop in time)."""
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(10)
 
 
 async def read_topic(
