@@ -208,7 +208,10 @@ async def register_patient(
         patient_id = once(idempotency.REGISTER_PATIENT, key, request, data)
         return service.register(details, registered, correlation_id, patient_id)
 
-    written = await in_thread(register)
+    if key is None:
+        written = await service.register_async(details, registered, correlation_id)
+    else:
+        written = await in_thread(register)
     COMMANDS.labels("RegisterPatient", "ok").inc()
     log.info("patient registered", patient_id=str(written.patient_id), position=written.position)
     headers = _headers(written)

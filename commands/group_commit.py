@@ -13,7 +13,10 @@ save of that batch is committed on its own, so only the loser sees its error.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +24,7 @@ from eventsourcing.persistence import Recording
 
 from commands.store import EventStore
 from runtime import tracing
+from runtime.threads import in_thread
 
 
 @dataclass(eq=False)
@@ -34,6 +38,8 @@ class _Save:
     lead: bool = False
     recordings: list[Recording[Any]] | None = None
     error: BaseException | None = None
+    answer: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+    """Of a save awaited in an event loop (`save_async`): no thread of its own waits."""
 
 
 class GroupCommit:
@@ -45,6 +51,7 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._queue: list[_Save] = []
         self._leading = False
+        self._leader = ThreadPoolExecutor(1, thread_name_prefix="group-commit")
         self.batches = 0
         self.saves = 0
 
@@ -71,21 +78,46 @@ class GroupCommit:
                 span.set_attribute(tracing.CORRELATION_ID, causes[0])
             return recordings
 
-    def _save(self, objects: tuple[Any, ...]) -> list[Recording[Any]]:
+    async def save_async(self, *objects: Any) -> list[Recording[Any]]:
+        """`save` from an event loop, without a thread per save: the save waits in the
+        queue as a future, and a batch led by such a save is committed by this writer's
+        own leader thread (one hand-off per batch, not per save), which also remembers
+        what it saved. Only one batch commits at a time, so one thread is enough."""
+        if tracing.enabled():
+            return await in_thread(self.save, *objects)
+        loop = asyncio.get_running_loop()
+        item = self._item(objects)
+        item.answer = (loop, loop.create_future())
+        if self._enqueue(item):
+            self._leader.submit(self._lead)
+        await item.answer[1]
+        if item.error is not None:
+            raise item.error
+        assert item.recordings is not None
+        return item.recordings
+
+    @staticmethod
+    def _item(objects: tuple[Any, ...]) -> _Save:
         present = [o for o in objects if o is not None]
         collected = [(o, o.collect_events()) for o in present]
-        events = [event for _, pending in collected for event in pending]
-        item = _Save(
-            events,
+        return _Save(
+            [event for _, pending in collected for event in pending],
             frozenset(o.id for o in present),
             [(o, len(pending)) for o, pending in collected],
         )
+
+    def _enqueue(self, item: _Save) -> bool:
+        """Queues a save; True if it is to lead (no commit is under way)."""
         with self._lock:
             self._queue.append(item)
             if not self._leading:
                 self._leading = True
                 item.lead = True
-        if not item.lead:
+        return item.lead
+
+    def _save(self, objects: tuple[Any, ...]) -> list[Recording[Any]]:
+        item = self._item(objects)
+        if not self._enqueue(item):
             item.ready.wait()
         if item.lead:
             self._lead()
@@ -106,10 +138,23 @@ class GroupCommit:
             else:
                 self._leading = False
                 successor = None
+        answers: dict[asyncio.AbstractEventLoop, list[_Save]] = {}
         for item in batch:
-            item.ready.set()
+            if item.answer is None:
+                item.ready.set()
+                continue
+            if item.error is None:
+                # Its task is in a loop, where a snapshot's write would block: here.
+                self.store.remember(item.saved)
+            answers.setdefault(item.answer[0], []).append(item)
+        for loop, items in answers.items():
+            with contextlib.suppress(RuntimeError):  # a loop that has closed
+                loop.call_soon_threadsafe(_answer, items)
         if successor is not None:
-            successor.ready.set()
+            if successor.answer is None:
+                successor.ready.set()
+            else:
+                self._leader.submit(self._lead)
 
     def _commit(self, batch: list[_Save]) -> None:
         self.batches += 1
@@ -130,3 +175,11 @@ class GroupCommit:
                 item.recordings = self.store.save(*item.events)
             except Exception as exc:
                 item.error = exc
+
+
+def _answer(items: list[_Save]) -> None:
+    """In the loop: wakes the tasks of a committed batch's saves."""
+    for item in items:
+        assert item.answer is not None
+        if not item.answer[1].done():  # its request was cancelled
+            item.answer[1].set_result(None)

@@ -17,6 +17,7 @@ from commands.store import EventStore, fresh
 from domain.errors import EmailTaken, PatientErased, PatientNotFound, StaleVersion
 from domain.events import correlated
 from domain.patients import EmailClaim, Patient, PatientDetails, email_claim_id
+from runtime.threads import in_thread
 
 R = TypeVar("R")
 
@@ -48,21 +49,46 @@ class PatientService:
         self.writer = GroupCommit(store)
         self._claim_key = claim_key
 
+    async def register_async(
+        self, details: PatientDetails, registered_date: date, correlation_id: str | None = None
+    ) -> Written:
+        """`register` from an event loop. A new email's registration (the most common
+        command) is decided in the loop and saved through the group commit with no thread
+        of its own; anything that must read the store first (an email this process
+        knows, a retry after a conflict) goes to a thread as `register`."""
+        claim_id = self.claim_id(details.email)
+        if self.store.knows(claim_id):
+            return await in_thread(self.register, details, registered_date, correlation_id)
+        with correlated(correlation_id):
+            patient = Patient.register(details, registered_date)
+            claim = EmailClaim.take(claim_id, patient.id)
+        try:
+            recordings = await self.writer.save_async(patient, claim)
+        except IntegrityError:
+            # The email was taken after all (by another process), or this save landed
+            # though its answer was lost: decided again on fresh state, in a thread.
+            return await in_thread(
+                self.register, details, registered_date, correlation_id, None, patient.id
+            )
+        return self._written(patient, recordings)
+
     def register(
         self,
         details: PatientDetails,
         registered_date: date,
         correlation_id: str | None = None,
         patient_id: UUID | None = None,
+        retried_from: UUID | None = None,
     ) -> Written:
         """Registers a new patient; EmailTaken if a current patient has the email.
 
         With `patient_id` (an idempotent create's), a patient already stored under it is
-        the answer: this registration's earlier request saved it.
+        the answer: this registration's earlier request saved it. `retried_from`: the
+        patient a first attempt (`register_async`) tried to save, which conflicted.
         """
 
-        tries = 0
-        attempted: set[UUID] = set()
+        tries = 0 if retried_from is None else 1
+        attempted: set[UUID] = set() if retried_from is None else {retried_from}
 
         def attempt() -> Written:
             nonlocal tries
@@ -83,7 +109,7 @@ class PatientService:
                 claim = self._claim(details.email, patient.id)
             return self._save(patient, claim)
 
-        return retrying(attempt, correlation_id, self.store.caches)
+        return retrying(attempt, correlation_id, self.store.caches, reread=retried_from is not None)
 
     def change(
         self,
@@ -251,7 +277,10 @@ class PatientService:
         return claim
 
     def _save(self, patient: Patient, *others: Any) -> Written:
-        recordings = self.writer.save(patient, *others)
+        return self._written(patient, self.writer.save(patient, *others))
+
+    @staticmethod
+    def _written(patient: Patient, recordings: list[Any]) -> Written:
         position = next(
             (r.notification.id for r in recordings if r.domain_event.originator_id == patient.id),
             None,
@@ -259,15 +288,20 @@ class PatientService:
         return Written(patient.id, patient.version, position, patient)
 
 
-def retrying(attempt: Callable[[], R], correlation_id: str | None, recheck: bool = False) -> R:
+def retrying(
+    attempt: Callable[[], R],
+    correlation_id: str | None,
+    recheck: bool = False,
+    reread: bool = False,
+) -> R:
     """Runs `attempt` until it saves; its events record `correlation_id`.
 
     A save loses to a concurrent writer only on an aggregate's version; the retry
     decides again on fresh state, read from the store (and so answers 409 or 412
     where that is right). With `recheck` (the store caches aggregates, which may be
-    stale), a refusal decided on cached state is decided once more on fresh state.
+    stale), a refusal decided on cached state is decided once more on fresh state. With
+    `reread`, even the first attempt reads fresh state (a conflict came before it).
     """
-    reread = False
     for remaining in range(_SAVE_ATTEMPTS - 1, -1, -1):
         try:
             with correlated(correlation_id), fresh() if reread else _as_is():

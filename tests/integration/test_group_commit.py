@@ -6,8 +6,10 @@ that proves they do holds the first commit open until the others have queued.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from typing import Any
@@ -158,3 +160,59 @@ def test_a_batch_is_stored_as_given_and_answered_with_its_positions_in_order(sto
         assert position == recording.notification.id
         assert topic == recording.notification.topic and state == recording.notification.state
     assert [store.load(p.id).version for p in patients] == [2, 2, 1, 1, 1]
+
+
+@pytest.fixture
+def cached(settings, keyring) -> Iterator[EventStore]:
+    """A store that keeps what it saves in memory, as the command process's does."""
+    store = EventStore(settings.database_url, cache_size=100, keyring=keyring)
+    yield store
+    store.close()
+
+
+async def test_saves_awaited_in_the_loop_share_commits_with_each_other_and_with_threads(
+    cached: EventStore,
+):
+    """Registrations decided in the event loop wait as futures, not threads: those made
+    while a commit is under way share the next one, whether they came from the loop or
+    from a thread, and each gets its own patient and position, remembered in the cache."""
+    store = cached
+    service = PatientService(store, claim_key())
+    from_threads = 8
+    in_loop = [service.register_async(details(f"Loop {i}"), date(2024, 1, 1)) for i in range(24)]
+    threads = [
+        asyncio.to_thread(service.register, details(f"Thread {i}"), date(2024, 1, 1))
+        for i in range(from_threads)
+    ]
+    results = await asyncio.gather(*in_loop, *threads)
+    assert service.writer.saves == 24 + from_threads
+    assert service.writer.batches < service.writer.saves, "no save shared a commit"
+    positions = [r.position for r in results]
+    assert None not in positions and len(set(positions)) == len(results)
+    for result in results:
+        stored = store.recorder.select_notifications(result.position, 1)[0]
+        assert stored.originator_id == result.patient_id
+        assert store.knows(result.patient_id), "not remembered in the cache"
+        assert store.load(result.patient_id).name == result.patient.name
+
+
+async def test_a_registration_in_the_loop_whose_email_another_process_took_is_refused(
+    settings, keyring, cached
+):
+    """The loop's registration takes a new email's claim blind; when another process
+    holds it (this one's cache does not know it), the save conflicts, and the retry, on
+    fresh state in a thread, answers EmailTaken and stores nothing."""
+    first = cached
+    other = EventStore(settings.database_url, cache_size=100, keyring=keyring)
+    try:
+        taken = details("Taken Elsewhere")
+        PatientService(other, claim_key()).register(taken, date(2024, 1, 1))
+        service = PatientService(first, claim_key())
+        assert not first.knows(service.claim_id(taken.email))
+        with pytest.raises(EmailTaken):
+            await service.register_async(details("Second", email=taken.email), date(2024, 1, 1))
+        assert service.writer.saves == 1  # the blind attempt, then the fresh refusal
+        again = await service.register_async(details("Unrelated"), date(2024, 1, 1))
+        assert first.load(again.patient_id).name == "Unrelated"
+    finally:
+        other.close()
