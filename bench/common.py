@@ -9,13 +9,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 
 import bootstrap.database
 from bench.loadgen import Connection, Reply, percentile
-from bootstrap.database import migrate
 from runtime.settings import Settings
 
 CONCURRENCY = 16
@@ -152,12 +151,9 @@ def main_for(run: Callable[[Settings], Coroutine[Any, Any, list[str]]]) -> None:
 def scratch_database(settings: Settings, prefix: str) -> str:
     """A new database beside the stack's, migrated and empty; returns its URL. Nothing of
     the stack reads it: no relay, no consumer."""
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(settings.database_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(settings.database_url)._replace(path=f"/{name}"))
-    migrate(url)
-    return url
+    return bootstrap.database.create_database(
+        settings.database_url, f"{prefix}_{uuid.uuid4().hex[:8]}"
+    )
 
 
 def drop_database(settings: Settings, url: str) -> None:

@@ -78,6 +78,21 @@ def require_current(database_url: str) -> None:
         )
 
 
+def with_database(url: str, name: str) -> str:
+    """`url` with its database replaced by `name`."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """Creates a database (a test's or a benchmark's scratch one) on `admin_url`'s server
+    and migrates it; returns its URL."""
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(admin_url, name)
+    migrate(url)
+    return url
+
+
 def drop_database(admin_url: str, name: str) -> None:
     """Drops a database (a test's or a benchmark's scratch one), connected as `admin_url`;
     retried while a server-side worker (autovacuum) is inside it, which only a superuser

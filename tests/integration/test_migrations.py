@@ -8,8 +8,8 @@ import uuid
 
 import psycopg
 
-from bootstrap.database import MIGRATIONS, migrate, status
-from tests.support.stack import ROOT, base_settings, env_for, with_database
+from bootstrap.database import MIGRATIONS, migrate, status, with_database
+from tests.support.stack import ROOT, base_settings, env_for
 
 
 def _scratch_database() -> str:

@@ -17,14 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from bootstrap.database import drop_database, migrate
+from bootstrap.database import create_database, drop_database
 from runtime.kafka import client_options, delete_topics
 from runtime.settings import Settings
 
@@ -63,21 +61,13 @@ def with_own_auth(settings: Settings, keys: Path) -> tuple[Settings, dict[str, s
     return settings, env
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 @contextmanager
 def isolated_settings(prefix: str = "t") -> Iterator[Settings]:
     """A fresh database and topic prefix on the real servers, dropped afterwards."""
     base = base_settings()
     token = f"{prefix}{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(base.database_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{token}"')
-    migrate(with_database(base.database_url, token))
     settings = base.with_(
-        database_url=with_database(base.database_url, token),
+        database_url=create_database(base.database_url, token),
         topic_prefix=f"{token}.",
         ports={
             "commands": free_port(),
