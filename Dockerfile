@@ -26,7 +26,7 @@ RUN uv sync --frozen --no-dev --no-install-project
 COPY . .
 RUN uv sync --frozen --no-dev \
  && useradd --system --uid 10001 --home-dir /app carelog \
- && install -d -o carelog /app/.stack
+ && install -d -o carelog /app/.stack /app/.stack/audit-spool
 
 USER carelog
 EXPOSE 4000 4001 4003 4004 4005 4010 4011 4012 4013 4014 4015 9001 1025

@@ -1,22 +1,17 @@
 """The disclosure audit: who was shown which patients' personal data, when, and why.
 
-Every answer that carries a patient's personal data appends one record to
-`audit.disclosures` (migration 0012) before it goes out, in the same request:
+Every answer that carries a patient's personal data appends one record before it goes
+out, in the same request:
 
     await audit.disclosed(request, "patient.get", [patient_id])
 
 The actor and role come from the request's verified token, the correlation id from the
-request; the writer is the app's own (`app.state.audit`, set at startup by `open_writer`).
-If the record cannot be written the read fails with 503 (`AuditUnavailable`, mapped by
-`PROBLEMS`): nothing is ever answered unaudited. The table is append-only, enforced by
-triggers in the database; `page` reads it for `GET /audit`.
-
-Writes are grouped: one INSERT is in flight at a time; the records of the requests that
-arrive meanwhile wait and go together in the next one, and each request answers only
-once the INSERT holding its record has returned (and so is committed). A request that
-finds no INSERT in flight writes its record itself. (One at a time measured best, in
-both CPU and latency, against two and four: each commit costs PostgreSQL about 100 us
-of CPU, and bigger batches share it.)
+request; the writer is the app's own (`app.state.audit`, set at startup by `open_writer`):
+in the query API the spool of `runtime.audit_spool`, which appends the record to a file
+the process holds and ships it into `audit.disclosures` (migration 0012) within
+milliseconds. If the record cannot be written the read fails with 503 (`AuditUnavailable`,
+mapped by `PROBLEMS`): nothing is ever answered unaudited. The table is append-only,
+enforced by triggers in the database; `page` reads it for `GET /audit`.
 
 A record names its patients by reference (migration 0017): each distinct list of ids
 is stored once in `audit.patient_sets`, keyed by its digest, and the record carries the
@@ -26,14 +21,12 @@ digest. A page of 50 shown again and again costs one small row each time, not a 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import getpass
 import hashlib
+import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,7 +41,6 @@ from litestar import Request
 from litestar.plugins.problem_details import ProblemDetailsException
 from psycopg import sql
 
-from runtime.db import quiet
 from runtime.http import Problems, correlation_id, problem
 
 log = structlog.get_logger(__name__)
@@ -80,29 +72,70 @@ class Disclosure:
 
 
 class Writer(Protocol):
+    async def start(self) -> None:
+        """Opens what it writes to (at the app's startup, once its pool is open)."""
+
     async def record(self, disclosure: Disclosure) -> None:
-        """Returns once the record is stored; raises AuditUnavailable otherwise."""
+        """Returns once the record is written; raises AuditUnavailable otherwise."""
+
+    async def flush(self) -> bool:
+        """Waits until the records written so far can be read back (`GET /audit`)."""
 
     async def close(self) -> None:
         """Lets go of what it holds (before the app's pool closes)."""
 
 
-_RECORDS = (
-    b"INSERT INTO audit.disclosures (actor, role, operation, patient_set, correlation_id)"
-    b" SELECT a, r, o, decode(d, 'hex'), c"
-    b" FROM json_to_recordset(%s::json) AS t(a text, r text, o text, d text, c text)"
+class Line(msgspec.Struct, omit_defaults=True, frozen=True):
+    """One record as the spool keeps it and the INSERT takes it: `t` the time (Unix
+    seconds), `a` the actor, `r` the role, `o` the operation, `d` the digest of the list
+    of patients (hex), `c` the correlation id, and `p` the list's ids where the list may
+    not be stored yet."""
+
+    t: float
+    a: str
+    r: str
+    o: str
+    d: str
+    c: str
+    p: list[UUID] | None = None
+
+
+def line_of(disclosure: Disclosure, digest: str, with_ids: bool) -> Line:
+    return Line(
+        time.time(),
+        disclosure.actor,
+        disclosure.role,
+        disclosure.operation,
+        digest,
+        disclosure.correlation_id,
+        list(disclosure.patient_ids) if with_ids else None,
+    )
+
+
+_LINES = (
+    b"WITH lines AS MATERIALIZED (SELECT * FROM json_to_recordset(%(lines)s::json)"
+    b" AS l(t float8, a text, r text, o text, d text, c text, p uuid[])),"
+    b" sets AS (INSERT INTO audit.patient_sets (digest, patient_ids)"
+    b" SELECT decode(d, 'hex'), p FROM lines WHERE p IS NOT NULL"
+    b" ON CONFLICT (digest) DO NOTHING)"
 )
-_WITH_SETS = (
-    b"WITH sets AS (INSERT INTO audit.patient_sets (digest, patient_ids)"
-    b" SELECT decode(d, 'hex'), p FROM json_to_recordset(%s::json) AS s(d text, p uuid[])"
-    b" ON CONFLICT (digest) DO NOTHING) " + _RECORDS
+_INSERT = (
+    b" INSERT INTO audit.disclosures (at, actor, role, operation, patient_set, correlation_id)"
+    b" SELECT to_timestamp(t), a, r, o, decode(d, 'hex'), c FROM lines"
 )
-# Two constant statements, each prepared once per connection: the records alone, and the
-# records with lists of patients their connection has not stored yet. A batch travels as
-# one JSON parameter (msgspec writes it at once; psycopg would dump an array per column).
+RECORD_LINES = _LINES + _INSERT
+"""Stores a JSON array of `Line`s (`lines`): the lists of patients they carry, then the
+records, in one statement."""
+SHIP_LINES = (
+    _LINES + b", records AS (" + _INSERT + b")"
+    b" INSERT INTO audit.spool_marks (segment, shipped) VALUES (%(segment)s, %(shipped)s)"
+    b" ON CONFLICT (segment) DO UPDATE SET shipped = excluded.shipped"
+)
+"""`RECORD_LINES`, and how far their spool segment is stored (`segment`, `shipped`), in
+one statement: all of it or none (runtime.audit_spool)."""
 
 KNOWN_SETS = 4096
-"""Lists of patients each connection remembers having stored (32-byte digests)."""
+"""Lists of patients a spool segment remembers having carried (their digests)."""
 
 
 def digest_of(patient_ids: tuple[UUID, ...]) -> bytes:
@@ -111,192 +144,10 @@ def digest_of(patient_ids: tuple[UUID, ...]) -> bytes:
     return hashlib.sha256(_encode(patient_ids)).digest()
 
 
-class _Known:
-    """The lists one connection has stored: sent again only after it is gone (a new
-    connection, to a database that may have been restored, knows none)."""
-
-    def __init__(self) -> None:
-        self.digests: OrderedDict[bytes, None] = OrderedDict()
-
-    def missing(self, batch: list[Disclosure], digests: list[bytes]) -> dict[bytes, list[UUID]]:
-        """The lists of the batch this connection has not stored, by digest."""
-        missing: dict[bytes, list[UUID]] = {}
-        for d, digest in zip(batch, digests, strict=True):
-            if digest in self.digests:
-                self.digests.move_to_end(digest)
-            else:
-                missing[digest] = list(d.patient_ids)
-        return missing
-
-    def stored(self, digests: Iterable[bytes]) -> None:
-        for digest in digests:
-            self.digests[digest] = None
-        while len(self.digests) > KNOWN_SETS:
-            self.digests.popitem(last=False)
-
-
-def _statement(batch: list[Disclosure], known: _Known) -> tuple[bytes, list[str], list[bytes]]:
-    """The INSERT of a batch, its parameters, and the lists of patients it stores."""
-    digests = [digest_of(d.patient_ids) for d in batch]
-    missing = known.missing(batch, digests)
-    records = _encode(
-        [
-            {"a": d.actor, "r": d.role, "o": d.operation, "d": digest.hex(), "c": d.correlation_id}
-            for d, digest in zip(batch, digests, strict=True)
-        ]
-    ).decode()
-    if not missing:
-        return _RECORDS, [records], []
-    lists = _encode([{"d": digest.hex(), "p": ids} for digest, ids in missing.items()]).decode()
-    return _WITH_SETS, [lists, records], list(missing)
-
-
-class _Line:
-    """A connection the writer holds between INSERTs, with its cursor and the lists of
-    patients it has stored."""
-
-    def __init__(self, conn: psycopg.AsyncConnection[Any]):
-        self.conn = conn
-        self.cursor = conn.cursor()
-        self.known = _Known()
-
-
-_LEAD = object()
-"""What a waiting record's future is given when its request is to write the records
-waiting (its own among them): the INSERT that finished passes its turn on."""
-
-Waiting = list[tuple[Disclosure, "asyncio.Future[object] | None"]]
-
-
-class GroupedWriter:
-    """Writes disclosures through `pool`: up to `parallel` INSERTs at once, each taking
-    every record waiting when it starts. The pool is autocommit: a request is answered
-    once the INSERT holding its record has returned, so that INSERT must be committed
-    by then.
-
-    A request whose record finds an INSERT free writes it itself, in its own task, with
-    the records of the requests handled in the same pass of the event loop: no task is
-    started and no future awaited for it, and its request goes on as soon as the INSERT
-    returns. A record that finds every INSERT taken (or one forming) waits; when an
-    INSERT finishes, it hands its turn to the first waiting request, which writes every
-    record waiting then.
-
-    The writer keeps the connections of its INSERTs (up to `parallel`) between them, each
-    with its cursor; one the server has spoken on since (a restart, say) goes back to the
-    pool, which checks it, and another is taken. `close` gives them back.
-    """
-
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any], parallel: int = 1):
-        if not (isinstance(pool.kwargs, dict) and pool.kwargs.get("autocommit")):
-            raise ValueError(
-                "the audit writer needs an autocommit pool (open_pool(autocommit=True))"
-            )
-        self.pool = pool
-        self.parallel = parallel
-        self._waiting: Waiting = []
-        self._writing = 0
-        self._forming = False
-        self._lines: list[_Line] = []
-
-    async def record(self, disclosure: Disclosure) -> None:
-        if self._writing < self.parallel and not self._forming:
-            self._writing += 1
-            self._forming = True
-            try:
-                # One pass of the loop: the records of the requests it handles join
-                # this INSERT instead of each starting one of their own.
-                await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                self._pass_turn()
-                raise
-            finally:
-                self._forming = False
-            await self._write([(disclosure, None), *self._take_waiting()])
-            return
-        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._waiting.append((disclosure, done))
-        try:
-            turn = await done
-        except asyncio.CancelledError:
-            if done.done() and not done.cancelled() and done.result() is _LEAD:
-                self._pass_turn()  # given the turn as it was cancelled: pass it on
-            raise
-        if turn is _LEAD:
-            await self._write([(disclosure, None), *self._take_waiting()])
-
-    def _take_waiting(self) -> Waiting:
-        """Every record still waiting for an INSERT: not those given a turn of their own
-        (they write their own), nor those whose requests were cancelled."""
-        batch: Waiting = [(d, f) for d, f in self._waiting if f is not None and not f.done()]
-        self._waiting = []
-        return batch
-
-    async def _write(self, batch: Waiting) -> None:
-        """Writes `batch` in this task, holding one of the `parallel` turns, and then
-        passes the turn on. Raises AuditUnavailable for the record of this task (the one
-        without a future); settles every other's future."""
-        line: _Line | None = None
-        try:
-            line = await self._line()
-            statement, params, lists = _statement([d for d, _ in batch], line.known)
-            await line.cursor.execute(statement, params)
-            line.known.stored(lists)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            log.error("disclosure audit not written", error=type(exc).__name__)
-            await self._give_back(line)
-            failure = AuditUnavailable(type(exc).__name__)
-            _settle(batch, failure)
-            raise failure from None
-        except BaseException:
-            # Cancelled mid-INSERT (the app stopping, say): whether it landed is unknown.
-            # The connection goes, and the others' records wait for the next INSERT: a
-            # record may be stored twice, never answered unstored.
-            await self._give_back(line)
-            self._waiting[:0] = [(d, f) for d, f in batch if f is not None and not f.done()]
-            raise
-        else:
-            self._lines.append(line)
-            _settle(batch, None)
-        finally:
-            self._pass_turn()
-
-    def _pass_turn(self) -> None:
-        """Gives this turn to the first request still waiting, or frees it."""
-        while self._waiting:
-            _, first = self._waiting[0]
-            if first is not None and not first.done():
-                first.set_result(_LEAD)
-                return
-            self._waiting.pop(0)  # its request was cancelled
-        self._writing -= 1
-
-    async def _line(self) -> _Line:
-        while self._lines:
-            line = self._lines.pop()
-            if quiet(line.conn):
-                return line
-            await self._give_back(line)  # the pool checks it, and keeps it or not
-        return _Line(await self.pool.getconn())
-
-    async def _give_back(self, line: _Line | None) -> None:
-        if line is not None:
-            with contextlib.suppress(Exception):
-                await self.pool.putconn(line.conn)
-
-    async def close(self) -> None:
-        """Gives the connections it holds back to the pool (before the pool closes)."""
-        lines, self._lines = self._lines, []
-        for line in lines:
-            await self._give_back(line)
-
-
-def _settle(batch: Waiting, failure: BaseException | None) -> None:
-    for _, done in batch:
-        if done is not None and not done.done():  # a waiter whose request was cancelled
-            if failure is None:
-                done.set_result(None)
-            else:
-                done.set_exception(failure)
+def check_autocommit(pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    """A writer's statements must be committed when they return."""
+    if not (isinstance(pool.kwargs, dict) and pool.kwargs.get("autocommit")):
+        raise ValueError("the audit writer needs an autocommit pool (open_pool(autocommit=True))")
 
 
 def open_writer(state: Any, writer: Writer) -> None:
@@ -325,12 +176,12 @@ async def disclosed(
 
 
 def record_now(database_url: str, disclosure: Disclosure) -> None:
-    """Writes one disclosure at once, blocking (the CLI, before it reveals anything);
-    raises AuditUnavailable when it cannot."""
+    """Writes one disclosure at once, blocking, committed (the CLI, before it reveals
+    anything); raises AuditUnavailable when it cannot."""
+    line = line_of(disclosure, digest_of(disclosure.patient_ids).hex(), with_ids=True)
     try:
-        with psycopg.connect(database_url, connect_timeout=10) as conn:
-            statement, params, _ = _statement([disclosure], _Known())
-            conn.execute(statement, params)
+        with psycopg.connect(database_url, connect_timeout=10, autocommit=True) as conn:
+            conn.execute(RECORD_LINES, {"lines": (b"[" + _encode(line) + b"]").decode()})
     except psycopg.Error as exc:
         raise AuditUnavailable(type(exc).__name__) from None
 

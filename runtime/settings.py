@@ -47,6 +47,8 @@ fills in the local stack's addresses; production mode requires each of them.
 | CARELOG_JWKS_URL | where services fetch the keys that verify access tokens |
 | CARELOG_AUTH_ISSUER, CARELOG_AUTH_AUDIENCE | `iss` and `aud` of access tokens |
 | CARELOG_GATEWAY_DIR | where `carelog gateway-config` writes HAProxy's files |
+| CARELOG_AUDIT_SPOOL_DIR | where the query API spools disclosure audit records before they |
+| | are stored (docs/auth.md): a local directory that outlives the process (.stack/audit-spool) |
 | CARELOG_GATEWAY_PORT | the gateway's port (4004) |
 | CARELOG_GATEWAY_UPSTREAMS | space-separated `service=host` pairs naming the host the gateway |
 | | reaches commands, read-api and auth on (`commands=commands read-api=read-api auth=auth` in |
@@ -232,6 +234,7 @@ _NAMES = {
     "jwt_issuer": "CARELOG_AUTH_ISSUER",
     "jwt_audience": "CARELOG_AUTH_AUDIENCE",
     "gateway_dir": "CARELOG_GATEWAY_DIR",
+    "audit_spool_dir": "CARELOG_AUDIT_SPOOL_DIR",
     "gateway_port": "CARELOG_GATEWAY_PORT",
     "gateway_upstreams": "CARELOG_GATEWAY_UPSTREAMS",
     "cors_origins": "CARELOG_GATEWAY_CORS_ORIGINS",
@@ -312,6 +315,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_issuer: str = "carelog-auth"
     jwt_audience: str = "carelog-api"
     gateway_dir: str = str(_DEV_STACK / "gateway")
+    audit_spool_dir: str = str(_DEV_STACK / "audit-spool")
+    """Where the query API's processes append disclosure records before shipping them
+    (runtime.audit_spool): local to the host, kept across restarts."""
     gateway_port: Port = 4004
     gateway_upstreams: tuple[str, ...] = ()
     """`service=host` pairs: where the gateway reaches each upstream (default: http_host)."""

@@ -783,7 +783,9 @@ cmd_down() {
 cmd_reset() {
   cmd_down
   say "deleting stack data under $(rel "$STACK") (keeping the Kafka jars in $(rel "$KAFKA_LIBS"))"
-  rm -rf "$STACK/pg" "$REDIS_DIR" "$KAFKA_DATA" "$STACK"/kafka/data.before-scram-* "$KAFKA_CONF" "$LOGS"
+  # The audit spool goes with the database its records were for.
+  rm -rf "$STACK/pg" "$REDIS_DIR" "$KAFKA_DATA" "$STACK"/kafka/data.before-scram-* "$KAFKA_CONF" "$LOGS" \
+    "$STACK/audit-spool"
   find "$RUN" -name '*.pid' -delete 2>/dev/null || true
 }
 

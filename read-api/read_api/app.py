@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -40,7 +41,7 @@ from readmodels.directory import (
     get_record,
     records,
 )
-from runtime import audit
+from runtime import audit, audit_spool
 from runtime.crypto import Keyring
 from runtime.db import open_pool
 from runtime.http import (
@@ -251,18 +252,26 @@ PROBLEMS: Problems = {
 }
 
 
+def spooled_writer(
+    pool: psycopg_pool.AsyncConnectionPool[Any], settings: Settings
+) -> audit_spool.SpooledWriter:
+    """The production audit writer: records spooled in `settings.audit_spool_dir`."""
+    return audit_spool.SpooledWriter(pool, Path(settings.audit_spool_dir), settings.database_url)
+
+
 def create_app(
     settings: Settings,
     tables: Tables = LIVE,
     verifier: TokenVerifier | None = None,
-    audit_writer: Callable[[psycopg_pool.AsyncConnectionPool[Any]], audit.Writer] = (
-        audit.GroupedWriter
+    audit_writer: Callable[[psycopg_pool.AsyncConnectionPool[Any], Settings], audit.Writer] = (
+        spooled_writer
     ),
 ) -> Litestar:
     """The query API; opens its database pool and Redis client at startup.
 
     Tokens are checked with `verifier`, by default against the auth service's JWKS.
-    Disclosures are recorded by `audit_writer(pool)`; only the benchmark passes another.
+    Disclosures are recorded by `audit_writer(pool, settings)`; only the benchmark passes
+    another.
     """
     opened: list[tuple[Directory, Redis, appointments.Appointments, analytics.Analytics]] = []
     writers: list[audit.Writer] = []
@@ -283,7 +292,8 @@ def create_app(
             failures=settings.cache_breaker_failures,
             reset_seconds=settings.cache_breaker_reset_seconds,
         )
-        writer = audit_writer(pool)
+        writer = audit_writer(pool, settings)
+        await writer.start()
         audit.open_writer(app.state, writer)
         writers.append(writer)
         keyring = Keyring.from_settings(settings)

@@ -13,7 +13,7 @@ from uuid import UUID
 
 import msgspec
 import psycopg_pool
-from litestar import Response, get
+from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import Parameter
 
@@ -57,6 +57,7 @@ def _rules(values: Mapping[str, Any]) -> int | None:
     opt={QUERY_RULES: _rules},
 )
 async def list_disclosures(
+    request: Request[Any, Any, Any],
     pool: NamedDependency[psycopg_pool.AsyncConnectionPool[Any]],
     patientId: Annotated[UUID | None, Parameter(description="Only this patient's")] = None,
     actorId: Annotated[
@@ -71,6 +72,9 @@ async def list_disclosures(
 ) -> Response[bytes]:
     before = _rules({"from": from_, "to": to, "cursor": cursor})
     query = audit.AuditQuery(patientId, actorId, from_, to, limit, before)
+    writer: audit.Writer | None = request.app.state.get(audit.STATE_KEY)
+    if writer is not None:
+        await writer.flush()  # what was read here a moment ago is in the table
     async with pool.connection() as conn:
         records, more = await audit.page(conn, query)
     following = audit.encode_cursor(records[-1].id) if more and records else None

@@ -6,13 +6,16 @@ cannot be written answers 503 and shows nothing; the table refuses every change;
 from __future__ import annotations
 
 import asyncio
-import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
@@ -21,13 +24,15 @@ from domain.roles import Role
 from read_api.app import create_app
 from runtime import audit
 from runtime.audit import Disclosure
+from runtime.audit_spool import SpooledWriter, store_name
 from runtime.db import open_pool
-from runtime.settings import Settings
+from runtime.settings import Settings, SettingsError
 from tests.integration.test_appointments import Model, book, clinician, monday, patient
 from tests.integration.test_dlq import carelog
 from tests.integration.test_read_api import Directory
+from tests.support.audit import shipped
 from tests.support.patients import details
-from tests.support.stack import claim_key
+from tests.support.stack import Process, claim_key, eventually, free_port
 from tests.support.tokens import TestTokens
 
 pytestmark = pytest.mark.integration
@@ -58,7 +63,9 @@ def as_user(tokens: TestTokens, role: Role, subject: str | None = None) -> dict[
 
 
 def recorded(settings: Settings, correlation_id: str) -> list[tuple[Any, ...]]:
-    """(actor, role, operation, patient ids) of each record of one request, in order."""
+    """(actor, role, operation, patient ids) of each record of one request, in order, once
+    what is spooled is shipped."""
+    shipped(settings)
     with psycopg.connect(settings.database_url) as conn:
         return conn.execute(
             "SELECT actor, role, operation, patient_ids FROM audit.records"
@@ -140,6 +147,7 @@ async def test_a_page_shown_again_and_again_stores_its_list_of_patients_once(
         page = await reads.get("/patients", params={"name": tag}, headers=headers)
         assert [uuid.UUID(p["id"]) for p in page.json()["patients"]] == ids
         correlations.append(headers["X-Correlation-ID"])
+    shipped(settings)
     with psycopg.connect(settings.database_url) as conn:
         rows = conn.execute(
             "SELECT patient_ids, patient_set FROM audit.disclosures WHERE correlation_id = ANY(%s)",
@@ -165,13 +173,9 @@ async def test_get_audit_finds_a_patient_in_records_of_either_form(reads, settin
             " VALUES (%s, 'admin', 'patient.get', ARRAY[%s]::uuid[], 'old')",
             [actor, patient],
         )
-    pool = await open_pool(settings.database_url, autocommit=True)
-    try:
-        writer = audit.GroupedWriter(pool)
+    async with spooled(settings) as (writer, _):
         for correlation, shown in (("new", (other, patient)), ("unrelated", (other,))):
             await writer.record(Disclosure(actor, "admin", "patient.list", shown, correlation))
-    finally:
-        await pool.close()
     admin = tokens.headers(Role.ADMIN)
     found = await reads.get("/audit", params={"patientId": str(patient)}, headers=admin)
     assert [(r["correlationId"], r["patientIds"]) for r in found.json()["records"]] == [
@@ -181,33 +185,6 @@ async def test_get_audit_finds_a_patient_in_records_of_either_form(reads, settin
     everything = await reads.get("/audit", params={"actorId": actor, "limit": 1}, headers=admin)
     assert [r["correlationId"] for r in everything.json()["records"]] == ["unrelated"]
     assert everything.json()["next"] is not None
-
-
-def test_a_connection_sends_a_list_until_it_has_stored_it_and_each_list_once():
-    first, second = uuid.uuid4(), uuid.uuid4()
-    batch = [
-        Disclosure("a", "admin", "patient.list", (first, second), "c1"),
-        Disclosure("b", "admin", "patient.list", (first, second), "c2"),
-        Disclosure("c", "admin", "patient.get", (first,), "c3"),
-    ]
-    both, one = audit.digest_of((first, second)), audit.digest_of((first,))
-    known = audit._Known()
-    statement, params, lists = audit._statement(batch, known)
-    assert b"audit.patient_sets" in statement and lists == [both, one]
-    assert json.loads(params[0]) == [
-        {"d": both.hex(), "p": [str(first), str(second)]},
-        {"d": one.hex(), "p": [str(first)]},
-    ]
-    assert audit._statement(batch, known)[2] == lists  # not stored yet: sent again
-    known.stored(lists)
-    statement, params, lists = audit._statement(batch, known)
-    assert b"audit.patient_sets" not in statement and lists == []
-    assert [(r["a"], r["d"], r["c"]) for r in json.loads(params[0])] == [
-        ("a", both.hex(), "c1"),
-        ("b", both.hex(), "c2"),
-        ("c", one.hex(), "c3"),
-    ]
-    assert audit._statement(batch, audit._Known())[2] != []  # another connection knows none
 
 
 @pytest.fixture
@@ -261,112 +238,12 @@ async def test_concurrent_reads_are_each_recorded_once(reads, directory, setting
         ]
 
 
-async def test_the_writer_stores_every_record_of_staggered_concurrent_callers(settings):
-    import random
-
-    run = f"writer-{uuid.uuid4()}"
-    rng = random.Random(14)
-    pool = await open_pool(settings.database_url, max_size=2, autocommit=True)
-    writer = audit.GroupedWriter(pool, parallel=2)
-
-    async def one(i: int) -> None:
-        await asyncio.sleep(rng.random() / 50)  # arrivals spread over the INSERTs in flight
-        await writer.record(audit.Disclosure(run, "admin", "patient.get", (uuid.uuid4(),), f"{i}"))
-
-    try:
-        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(400))), 120)
-    finally:
-        await pool.close()
-    with psycopg.connect(settings.database_url) as conn:
-        stored = conn.execute(
-            "SELECT correlation_id FROM audit.disclosures WHERE actor = %s", [run]
-        ).fetchall()
-    assert sorted(int(c) for (c,) in stored) == list(range(400))
-
-
-def stored_by(settings: Settings, actor: str) -> list[str]:
-    """The correlation ids of the records of `actor`, sorted."""
-    with psycopg.connect(settings.database_url) as conn:
-        rows = conn.execute(
-            "SELECT correlation_id FROM audit.disclosures WHERE actor = %s", [actor]
-        ).fetchall()
-    return sorted(c for (c,) in rows)
-
-
-@asynccontextmanager
-async def one_at_a_time(settings: Settings) -> AsyncIterator[tuple[audit.GroupedWriter, Any]]:
-    """A writer of one INSERT at a time on a pool of its own, and the pool."""
-    pool = await open_pool(settings.database_url, max_size=3, autocommit=True)
-    writer = audit.GroupedWriter(pool, parallel=1)
-    try:
-        yield writer, pool
-    finally:
-        await writer.close()
-        await pool.close()
-
-
-async def test_the_writer_keeps_its_connection_and_replaces_one_the_server_ended(settings):
-    """Between INSERTs the writer holds its connection; one the server has ended since (a
-    restart, a terminated backend) is swapped for another before use: no record fails."""
-    run, one = f"held-{uuid.uuid4()}", (uuid.uuid4(),)
-    async with one_at_a_time(settings) as (writer, pool):
-        await writer.record(Disclosure(run, "admin", "patient.get", one, "1"))
-        (line,) = writer._lines
-        backend = line.conn.info.backend_pid
-        await writer.record(Disclosure(run, "admin", "patient.get", one, "2"))
-        assert [held.conn.info.backend_pid for held in writer._lines] == [backend]
-        with psycopg.connect(settings.database_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", [backend])
-        await asyncio.sleep(0.2)  # the server's goodbye reaches the held socket
-        await writer.record(Disclosure(run, "admin", "patient.get", one, "3"))
-        assert [held.conn.info.backend_pid for held in writer._lines] != [backend]
-        await writer.close()
-        assert writer._lines == [] and pool.get_stats()["pool_available"] >= 1
-    assert stored_by(settings, run) == ["1", "2", "3"]
-
-
-async def test_a_request_cancelled_mid_insert_leaves_no_other_record_unwritten(settings):
-    """A request writing an INSERT is cancelled while it waits on the server (the app
-    stopping, say): the records that were waiting are written by the next INSERT, those
-    in the cancelled one's batch too, and none of their requests hangs or fails."""
-    run, one = f"cancelled-{uuid.uuid4()}", (uuid.uuid4(),)
-    async with one_at_a_time(settings) as (writer, _):
-        await writer.record(Disclosure(run, "admin", "patient.get", one, "warm"))
-        with psycopg.connect(settings.database_url) as blocker:
-            # The INSERTs wait on this lock until it is let go.
-            blocker.execute("LOCK TABLE audit.disclosures IN EXCLUSIVE MODE")
-            leader = asyncio.create_task(
-                writer.record(Disclosure(run, "admin", "patient.get", one, "leader"))
-            )
-            await asyncio.sleep(0.2)
-            waiting = [
-                asyncio.create_task(
-                    writer.record(Disclosure(run, "admin", "patient.get", one, f"w{i}"))
-                )
-                for i in range(5)
-            ]
-            await asyncio.sleep(0.2)
-            assert not any(t.done() for t in [leader, *waiting])
-            leader.cancel()  # its own record alone in its INSERT
-            await asyncio.sleep(0.2)
-            # The first waiting request was given the turn: its INSERT holds every
-            # record waiting, and waits on the lock in turn.
-            promoted, rest = waiting[0], waiting[1:]
-            assert not promoted.done()
-            promoted.cancel()
-            await asyncio.sleep(0.2)
-            blocker.rollback()
-        await asyncio.wait_for(asyncio.gather(*rest), 30)
-        for cancelled in (leader, promoted):
-            with pytest.raises(asyncio.CancelledError):
-                await cancelled
-    stored = stored_by(settings, run)
-    assert [c for c in stored if c not in ("leader", "w0")] == ["w1", "w2", "w3", "w4", "warm"]
-
-
-async def test_a_read_whose_record_cannot_be_written_is_503_and_shows_nothing(
+async def test_a_read_is_refused_with_503_while_the_table_does_not_take_records(
     reads, directory, settings, tokens
 ):
+    """With the table unwritable, the spool's shipment fails and reads are refused, cached
+    or not, showing nothing; those answered before the failure was known are stored once
+    the table is back, and reads are answered again."""
     tag = uuid.uuid4().hex[:10]
     name = f"Unaudited {tag}"
     written = directory.service.register(details(name), date(2024, 3, 1))
@@ -374,21 +251,277 @@ async def test_a_read_whose_record_cannot_be_written_is_503_and_shows_nothing(
     warm = as_user(tokens, Role.ADMIN)  # puts the patient and the page in the cache
     assert (await reads.get(f"/patients/{written.patient_id}", headers=warm)).status_code == 200
     assert (await reads.get("/patients", params={"name": tag}, headers=warm)).status_code == 200
+    answered_meanwhile = []
     with audit_table_gone(settings):
+
+        async def refused() -> bool:
+            headers = as_user(tokens, Role.ADMIN)
+            answer = await reads.get(f"/patients/{written.patient_id}", headers=headers)
+            if answer.status_code == 200:
+                answered_meanwhile.append(headers["X-Correlation-ID"])
+            return answer.status_code == 503
+
+        await eventually(refused, timeout=10, pause=0.02)
         for path, params in (
             (f"/patients/{written.patient_id}", {}),  # cached
             ("/patients", {"name": tag}),  # cached
             ("/patients", {"name": tag, "minPosition": 1}),  # read from the database
         ):
-            refused = await reads.get(path, params=params, headers=as_user(tokens, Role.ADMIN))
-            assert refused.status_code == 503, refused.text
-            assert refused.headers["content-type"].startswith("application/problem+json")
-            assert refused.headers["retry-after"] == "1"
-            assert refused.json()["status"] == 503
-            assert tag not in refused.text and str(written.patient_id) not in refused.text
-    after = as_user(tokens, Role.ADMIN)
-    assert (await reads.get(f"/patients/{written.patient_id}", headers=after)).status_code == 200
+            refusal = await reads.get(path, params=params, headers=as_user(tokens, Role.ADMIN))
+            assert refusal.status_code == 503, refusal.text
+            assert refusal.headers["content-type"].startswith("application/problem+json")
+            assert refusal.headers["retry-after"] == "1"
+            assert refusal.json()["status"] == 503
+            assert tag not in refusal.text and str(written.patient_id) not in refusal.text
+
+    async def answered() -> bool:
+        headers = as_user(tokens, Role.ADMIN)
+        answer = await reads.get(f"/patients/{written.patient_id}", headers=headers)
+        return answer.status_code == 200
+
+    await eventually(answered, timeout=10, pause=0.05)
+    for correlation in answered_meanwhile:
+        assert len(recorded(settings, correlation)) == 1
+
+
+async def test_a_read_is_answered_once_spooled_and_refused_when_shipping_lags_too_long(
+    settings, directory, tokens, tmp_path
+):
+    """A record is in the spool when its answer arrives, before the table has it (here the
+    table is locked); once the spool is `max_delay` behind, reads are refused, and once
+    the lock goes the records are stored and reads answered again."""
+    written = directory.service.register(details("Spooled First"), date(2024, 3, 1))
+    await directory.catch_up()
+
+    def writer(pool: Any, own: Settings) -> SpooledWriter:
+        return SpooledWriter(pool, tmp_path, own.database_url, max_delay=0.5)
+
+    app = create_app(settings, verifier=tokens.verifier, audit_writer=writer)
+    async with AsyncTestClient(app=app) as client:
+        await client.get(f"/patients/{written.patient_id}", headers=as_user(tokens, Role.ADMIN))
+        with psycopg.connect(settings.database_url) as blocker:
+            blocker.execute("LOCK TABLE audit.disclosures IN EXCLUSIVE MODE")
+            first = as_user(tokens, Role.ADMIN)
+            answer = await client.get(f"/patients/{written.patient_id}", headers=first)
+            assert answer.status_code == 200
+            assert spooled_in(tmp_path, first["X-Correlation-ID"])
+            with psycopg.connect(settings.database_url) as other:
+                assert not other.execute(
+                    "SELECT 1 FROM audit.disclosures WHERE correlation_id = %s",
+                    [first["X-Correlation-ID"]],
+                ).fetchall()
+            await asyncio.sleep(0.7)
+            late = await client.get(
+                f"/patients/{written.patient_id}", headers=as_user(tokens, Role.ADMIN)
+            )
+            assert late.status_code == 503 and "Spooled" not in late.text
+        await client.get("/audit", headers=tokens.headers(Role.ADMIN))  # waits for the ship
+        after = as_user(tokens, Role.ADMIN)
+        assert (
+            await client.get(f"/patients/{written.patient_id}", headers=after)
+        ).status_code == 200
+    stored = recorded(settings.with_(audit_spool_dir=str(tmp_path)), first["X-Correlation-ID"])
+    assert len(stored) == 1
     assert len(recorded(settings, after["X-Correlation-ID"])) == 1
+    assert list(tmp_path.glob("*.spool")) == []  # the app stopped: shipped and removed
+
+
+def spooled_in(directory: Path, correlation_id: str) -> bool:
+    """Whether a spool segment in `directory` holds a record of this request."""
+    return any(correlation_id.encode() in p.read_bytes() for p in directory.glob("*.spool"))
+
+
+@asynccontextmanager
+async def spooled(
+    settings: Settings, directory: Path | None = None, **options: Any
+) -> AsyncIterator[tuple[SpooledWriter, Any]]:
+    """A spooled writer (started) on a pool of its own, and the pool; closed after."""
+    pool = await open_pool(settings.database_url, max_size=3, autocommit=True)
+    where = directory or Path(settings.audit_spool_dir)
+    writer = SpooledWriter(pool, where, settings.database_url, **options)
+    await writer.start()
+    try:
+        yield writer, pool
+    finally:
+        await writer.close()
+        await pool.close()
+
+
+def stored_by(settings: Settings, actor: str) -> list[str]:
+    """The correlation ids of the records of `actor`, in the order they were stored."""
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT correlation_id FROM audit.disclosures WHERE actor = %s ORDER BY id", [actor]
+        ).fetchall()
+    return [c for (c,) in rows]
+
+
+async def test_the_spool_stores_every_record_once_in_order_across_segments(settings, tmp_path):
+    """Many callers, segments rotated as they fill: every record stored once, in the
+    order appended; each segment carries a list's ids once, and is removed when shipped."""
+    run = f"rotated-{uuid.uuid4()}"
+    page = tuple(uuid.uuid4() for _ in range(20))
+    async with spooled(settings, tmp_path, rotate_bytes=4096) as (writer, _):
+        seen: list[list[bytes]] = []
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(i / 2000)
+            await writer.record(Disclosure(run, "admin", "patient.list", page, f"{i:04}"))
+            segment = writer._own
+            assert segment is not None
+            seen.append(segment.path.read_bytes().splitlines())
+
+        await asyncio.gather(*(one(i) for i in range(400)))
+        assert await writer.flush()
+    assert stored_by(settings, run) == [f"{i:04}" for i in range(400)]
+    with_ids = [sum(b'"p":' in line for line in lines) for lines in seen]
+    assert max(with_ids) == 1  # within a segment, the list's ids travel once
+    assert len({len(lines) for lines in seen}) > 1 and min(len(x) for x in seen) == 1
+    assert list(tmp_path.glob("*")) == []
+    with psycopg.connect(settings.database_url) as conn:
+        (marks,) = conn.execute(
+            "SELECT count(*) FROM audit.spool_marks WHERE segment LIKE %s",
+            [f"{writer.store}.%"],
+        ).fetchone() or (0,)
+    assert marks == 0
+
+
+async def test_shipping_survives_a_connection_the_server_ended_without_refusing_reads(
+    settings, tmp_path
+):
+    run, one = f"ended-{uuid.uuid4()}", (uuid.uuid4(),)
+    async with spooled(settings, tmp_path) as (writer, pool):
+        await writer.record(Disclosure(run, "admin", "patient.get", one, "1"))
+        assert await writer.flush()
+        with psycopg.connect(settings.database_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = '' AND pid <> pg_backend_pid()"
+                " AND datname = current_database() AND state = 'idle'"
+                " AND backend_type = 'client backend' AND pid = ANY(%s)",
+                [[c.info.backend_pid for c in pool._pool]],
+            )
+        await asyncio.sleep(0.2)  # the server's goodbye reaches the pooled sockets
+        for i in range(2, 6):
+            await writer.record(Disclosure(run, "admin", "patient.get", one, f"{i}"))
+            await asyncio.sleep(0.02)
+        assert await writer.flush()
+        assert not writer._failing
+    assert stored_by(settings, run) == ["1", "2", "3", "4", "5"]
+
+
+TORN = r"""
+import resource, sys
+from pathlib import Path
+from uuid import UUID
+from runtime.audit import AuditUnavailable, Disclosure
+from runtime.audit_spool import Appender, Segment
+
+appender = Appender(Segment.create(Path(sys.argv[1]), sys.argv[2]))
+one = (UUID(sys.argv[3]),)
+appender.append(Disclosure(sys.argv[4], "admin", "patient.get", one, "before"))
+size = appender.segment.size()
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 40, hard))  # the disk is full
+try:
+    appender.append(Disclosure(sys.argv[4], "admin", "patient.get", one, "torn"))
+except AuditUnavailable:
+    print("refused")
+finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+appender.append(Disclosure(sys.argv[4], "admin", "patient.get", one, "after"))
+print(appender.segment.path.read_bytes().count(b"\n"))
+"""
+
+
+def die_after_a_torn_append(directory: Path, store: str, run: str) -> Any:
+    """Runs TORN in a process of its own, which exits without shipping."""
+    return subprocess.run(
+        [sys.executable, "-c", TORN, str(directory), store, str(uuid.uuid4()), run],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+
+
+async def test_an_append_that_fails_is_refused_and_a_dead_process_segment_is_adopted(
+    settings, tmp_path
+):
+    """A process whose append was cut short by a full disk refuses that read, goes on, and
+    dies without shipping: another writer adopts its segment and stores the records it
+    answered, once, skipping the torn line."""
+    run = f"torn-{uuid.uuid4()}"
+    dead = die_after_a_torn_append(tmp_path, store_name(settings.database_url), run)
+    assert dead.returncode == 0, dead.stderr
+    assert dead.stdout.split()[-2:] == ["refused", "3"]  # the torn part ends in its own line
+    (segment,) = tmp_path.glob("*.spool")
+    async with spooled(settings, tmp_path, adopt_every=3600) as (writer, _):
+        assert await writer.flush()  # asks the adopter
+        assert not segment.exists()
+    assert stored_by(settings, run) == ["before", "after"]
+
+
+async def test_records_of_a_killed_query_api_are_all_stored_once(own_settings, tokens, tmp_path):
+    """A query API process killed (SIGKILL) while it answers reads: every read it answered
+    is stored once, by the next process to start on the same spool."""
+    from tests.integration.test_dependency_blips import served_jwks
+
+    spool = tmp_path / "spool"
+    port = free_port()
+    with psycopg.connect(own_settings.database_url) as conn:  # a page to show
+        conn.execute(
+            "INSERT INTO directory_patients (id, version, position, name, name_key, email,"
+            " email_key, address, date_of_birth, registered_date)"
+            " SELECT gen_random_uuid(), 1, g, 'Killed ' || g, 'killed ' || g,"
+            " 'k' || g || '@example.org', 'k' || g || '@example.org', g || ' Kill Road',"
+            " date '1950-01-01' + g, date '2024-01-02' FROM generate_series(1, 3) AS g"
+        )
+    settings = own_settings.with_(
+        ports={**own_settings.ports, "read-api": port}, audit_spool_dir=str(spool)
+    )
+    with served_jwks(tokens) as jwks:
+        env = {
+            "CARELOG_JWKS_URL": jwks,
+            "CARELOG_AUDIT_SPOOL_DIR": str(spool),
+            "CARELOG_READ_API_WORKERS": "1",
+        }
+        api = Process(["serve", "read-api"], settings, "read-api", tmp_path / "api", env=env)
+        api.start()
+        answered: list[str] = []
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+
+            async def reader(n: int) -> None:
+                for _ in range(n):
+                    headers = as_user(tokens, Role.ADMIN)
+                    try:
+                        answer = await client.get("/patients", headers=headers)
+                    except httpx.HTTPError:
+                        return  # killed
+                    if answer.status_code == 200:
+                        answered.append(headers["X-Correlation-ID"])
+
+            readers = [asyncio.create_task(reader(10_000)) for _ in range(8)]
+
+            async def enough() -> bool:
+                return len(answered) >= 300
+
+            await eventually(enough, timeout=60, pause=0.01)
+            api.kill()
+            await asyncio.gather(*readers)
+        assert list(spool.glob("*.spool")), "the killed process left its segment"
+        api.start()  # adopts what the killed one left
+        try:
+            shipped(settings)
+        finally:
+            api.stop()
+    with psycopg.connect(settings.database_url) as conn:
+        stored = [
+            c for (c,) in conn.execute("SELECT correlation_id FROM audit.disclosures").fetchall()
+        ]
+    assert len(answered) >= 300
+    assert sorted(set(stored) & set(answered)) == sorted(answered)
+    assert len(stored) == len(set(stored))
 
 
 def refuses_changes(
@@ -526,4 +659,15 @@ def test_the_writer_refuses_a_pool_whose_statements_wait_for_a_commit(settings):
 
     pool = psycopg_pool.AsyncConnectionPool(settings.database_url, open=False)
     with pytest.raises(ValueError, match="autocommit"):
-        audit.GroupedWriter(pool)
+        SpooledWriter(pool, Path("/nonexistent"), settings.database_url)
+
+
+async def test_a_spool_directory_that_cannot_hold_a_file_stops_the_start(settings, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    pool = await open_pool(settings.database_url, max_size=1, autocommit=True)
+    try:
+        writer = SpooledWriter(pool, tmp_path / "a-file" / "spool", settings.database_url)
+        with pytest.raises(SettingsError, match=r"CARELOG_AUDIT_SPOOL_DIR=.*no spool file"):
+            await writer.start()
+    finally:
+        await pool.close()

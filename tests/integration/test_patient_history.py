@@ -22,6 +22,7 @@ from projections.directory import DirectoryProjection
 from read_api.app import create_app as read_app
 from runtime.db import open_pool
 from runtime.settings import Settings
+from tests.support.audit import shipped
 from tests.support.patients import body, published
 from tests.support.tokens import TestTokens
 
@@ -150,6 +151,7 @@ async def test_each_page_shown_is_recorded_in_the_disclosure_audit(reads, story,
     headers = {**tokens.headers(Role.CLINICIAN), "X-Correlation-ID": correlation}
     answer = await reads.get(f"/patients/{story['patient']}/history", headers=headers)
     assert answer.status_code == 200, answer.text
+    shipped(settings)
     with psycopg.connect(settings.database_url) as conn:
         records = conn.execute(
             "SELECT role, operation, patient_ids FROM audit.records WHERE correlation_id = %s",

@@ -1,0 +1,40 @@
+"""Waiting for the disclosure audit's spool (runtime.audit_spool) to reach its table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psycopg
+
+from runtime.audit_spool import SUFFIX, store_name
+from runtime.settings import Settings
+
+
+def shipped(settings: Settings, timeout: float = 15.0) -> None:
+    """Waits until every record spooled so far for the settings' database in its spool
+    directory is in `audit.disclosures`: what a read appended before its answer is then
+    in the table. AssertionError after `timeout`."""
+    directory = Path(settings.audit_spool_dir)
+    sizes = {
+        path.name: path.stat().st_size
+        for path in directory.glob(f"{store_name(settings.database_url)}.*{SUFFIX}")
+    }
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        while True:
+            marks = dict(
+                conn.execute(
+                    "SELECT segment, shipped FROM audit.spool_marks WHERE segment = ANY(%s)",
+                    [list(sizes)],
+                ).fetchall()
+            )
+            sizes = {
+                name: size
+                for name, size in sizes.items()
+                if size > 0 and marks.get(name, 0) < size and (directory / name).exists()
+            }
+            if not sizes:
+                return
+            assert time.monotonic() < deadline, f"spool segments not shipped: {sorted(sizes)}"
+            time.sleep(0.01)
