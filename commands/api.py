@@ -240,7 +240,7 @@ async def change_patient(
     pid = _patient_id(patient_id)
     expected = expected_version(request)
     details = _parse(_fields(data), parse_change)
-    written = await in_thread(service.change, pid, details, expected, correlation_id)
+    written = await service.change_async(pid, details, expected, correlation_id)
     COMMANDS.labels("ChangePatientDetails", "ok").inc()
     log.info("patient changed", patient_id=str(pid), position=written.position)
     return Response(_representation(written), headers=_headers(written))

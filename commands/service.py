@@ -111,14 +111,61 @@ class PatientService:
 
         return retrying(attempt, correlation_id, self.store.caches, reread=retried_from is not None)
 
-    def change(
+    async def change_async(
         self,
         patient_id: UUID,
         details: PatientDetails,
         expected_version: int | None = None,
         correlation_id: str | None = None,
     ) -> Written:
-        """Replaces a patient's details; StaleVersion if `expected_version` is not current."""
+        """`change` from an event loop. The common change (of a patient this process has
+        cached, at the version the client expects, keeping the email's claim) is decided
+        in the loop and saved through the group commit with no thread of its own; the rest
+        goes to a thread as `change`: what must read the store first (a patient not
+        cached; a new email's claim; a refusal, which is decided on fresh state, so a 412
+        names the store's version) and a retry after the save lost."""
+        patient = self.store.cached(patient_id)
+        retried = False
+        if (
+            isinstance(patient, Patient)
+            and not patient.removed
+            and not patient.erased
+            and expected_version in (None, patient.version)
+            and self.claim_id(details.email) == self.claim_id(patient.email)
+        ):
+            with correlated(correlation_id):
+                patient.change_details(details)
+            try:
+                recordings = await self.writer.save_async(patient)
+            except PersistenceError as exc:
+                if not is_conflict(exc):
+                    raise
+                # Another process wrote this patient since this one cached it: decided
+                # again on fresh state (so a stale If-Match is refused, not overwritten).
+                retried = True
+            except Exception:
+                # As `retrying` does: a failure met on cached state (the patient erased
+                # elsewhere, their key gone) is met again on fresh state, or not at all.
+                retried = True
+            else:
+                return self._written(patient, recordings)
+        return await in_thread(
+            self.change, patient_id, details, expected_version, correlation_id, retried
+        )
+
+    def change(
+        self,
+        patient_id: UUID,
+        details: PatientDetails,
+        expected_version: int | None = None,
+        correlation_id: str | None = None,
+        retried: bool = False,
+    ) -> Written:
+        """Replaces a patient's details; StaleVersion if `expected_version` is not current.
+
+        `retried`: a first attempt (`change_async`) lost its save, so every attempt reads
+        fresh state.
+        """
 
         def attempt() -> Written:
             patient = self._current(patient_id, expected_version)
@@ -132,7 +179,7 @@ class PatientService:
             patient.change_details(details)
             return self._save(*changed)
 
-        return retrying(attempt, correlation_id, self.store.caches)
+        return retrying(attempt, correlation_id, self.store.caches, reread=retried)
 
     def remove(
         self,

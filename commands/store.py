@@ -308,6 +308,22 @@ class EventStore(Application[Any]):
         cache = self.repository.cache
         return cache is not None and aggregate_id in cache.cache
 
+    def cached(self, aggregate_id: UUID) -> Any | None:
+        """A copy of the cached aggregate, to decide on as `load`'s; None when it is not
+        cached. Never reads the store, so an event loop may call it.
+
+        A copy, as `load` hands out: the command changes it, and the cache holds the
+        saved state only once a save has stored it (`remember`), never a failed one's.
+        """
+        cache = self.repository.cache
+        if cache is None or getattr(_fresh, "on", False):
+            return None
+        try:
+            aggregate = cache.get(aggregate_id)
+        except KeyError:
+            return None
+        return deepcopy(aggregate)
+
     def load(self, aggregate_id: UUID, *, current: bool = False) -> Any:
         """The aggregate, to decide on: cached when known, read from the store when not.
 

@@ -11,8 +11,9 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from commands.api import create_app
-from commands.store import EventStore
+from commands.store import CACHE_SIZE, EventStore
 from domain.roles import Role
+from runtime.crypto import Keyring
 from runtime.settings import Settings
 from tests.support.tokens import TestTokens
 
@@ -30,14 +31,27 @@ def patient(**overrides: Any) -> dict[str, Any]:
     return body | overrides
 
 
-@pytest.fixture
+@pytest.fixture(params=["uncached", "cached"])
 async def client(
-    settings: Settings, store: EventStore, tokens: TestTokens
+    request: pytest.FixtureRequest,
+    settings: Settings,
+    store: EventStore,
+    keyring: Keyring,
+    tokens: TestTokens,
 ) -> AsyncIterator[AsyncTestClient[Any]]:
-    app = create_app(settings, store, verifier=tokens.verifier)
-    async with AsyncTestClient(app=app) as test_client:
-        test_client.headers.update(tokens.headers(Role.CLINICIAN))
-        yield test_client
+    """The command API over the store as it is, and over one that caches what it saves, as
+    the command process's does (a change of a patient it saved is decided in the loop)."""
+    caching = None
+    if request.param == "cached":
+        caching = EventStore(settings.database_url, cache_size=CACHE_SIZE, keyring=keyring)
+    try:
+        app = create_app(settings, caching or store, verifier=tokens.verifier)
+        async with AsyncTestClient(app=app) as test_client:
+            test_client.headers.update(tokens.headers(Role.CLINICIAN))
+            yield test_client
+    finally:
+        if caching is not None:
+            caching.close()
 
 
 async def test_register_answers_201_with_location_etag_and_position(client, store):
@@ -137,7 +151,8 @@ async def test_change_with_if_match(client):
     assert changed.json()["name"] == "Ada King"
     assert changed.headers["etag"] == '"2"'
     assert int(changed.headers["event-position"]) > created["position"]
-    stale = await client.put(path, json=patient(name="Lost Update"), headers={"If-Match": '"1"'})
+    lost = patient(name="Lost Update", email=created["email"])
+    stale = await client.put(path, json=lost, headers={"If-Match": '"1"'})
     assert stale.status_code == 412
     assert stale.headers["etag"] == '"2"'
     bad = await client.put(path, json=change, headers={"If-Match": "version one"})

@@ -14,7 +14,7 @@ from litestar.testing import AsyncTestClient
 
 from commands.api import create_app
 from commands.relay import EventStoreLog
-from commands.store import EventStore, fresh
+from commands.store import CACHE_SIZE, EventStore, fresh
 from domain.contracts import PATIENT_STREAM, decode, envelope_for
 from domain.roles import Role
 from runtime.kafka import ensure_topics, reliable_producer
@@ -64,6 +64,32 @@ async def test_patient_events_record_the_user_and_role_of_the_token(client, stor
     assert registered.correlation_id == "corr-act-1"
     change = stored(store, int(changed.headers["event-position"]))
     assert (change.actor_id, change.actor_role) == (clinician, "clinician")
+
+
+async def test_a_change_decided_in_the_event_loop_records_its_actor(settings, keyring, tokens):
+    """The command process caches what it saves: a change of such a patient that keeps
+    the email is decided in the event loop, and records the token's user and the
+    request's correlation id as one decided in a thread does."""
+    caching = EventStore(settings.database_url, cache_size=CACHE_SIZE, keyring=keyring)
+    try:
+        app = create_app(settings, caching, verifier=tokens.verifier)
+        async with AsyncTestClient(app=app) as client:
+            clinician, as_clinician = as_user(tokens, Role.CLINICIAN)
+            first = body()
+            created = await client.post("/patients", json=first, headers=as_clinician)
+            assert created.status_code == 201, created.text
+            assert caching.knows(uuid.UUID(created.json()["id"]))
+            changed = await client.put(
+                f"/patients/{created.json()['id']}",
+                json=body(name="Ada King", email=first["email"]),
+                headers={**as_clinician, "X-Correlation-ID": "corr-act-loop"},
+            )
+            assert changed.status_code == 200, changed.text
+        change = stored(caching, int(changed.headers["event-position"]))
+        assert (change.actor_id, change.actor_role) == (clinician, "clinician")
+        assert change.correlation_id == "corr-act-loop"
+    finally:
+        caching.close()
 
 
 async def test_clinician_and_appointment_events_record_their_actor(client, store, tokens):

@@ -13,16 +13,20 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
+import psycopg
 import pytest
-from eventsourcing.persistence import Recording
+from eventsourcing.persistence import IntegrityError, PersistenceError, Recording
+from psycopg import sql
 
+from commands import service as service_module
 from commands.group_commit import GroupCommit
 from commands.service import PatientService
 from commands.store import EventStore
-from domain.errors import EmailTaken
+from domain.errors import EmailTaken, PatientErased, PatientNotFound, StaleVersion
 from domain.patients import EmailClaim, Patient, email_claim_id
+from runtime.crypto import Keyring
 from tests.support.patients import details
 from tests.support.stack import claim_key
 
@@ -30,6 +34,8 @@ pytestmark = pytest.mark.integration
 
 WAIT = 10.0
 """How long to wait for a thread to get somewhere before calling the test broken."""
+
+REGISTERED = date(2024, 1, 2)
 
 
 class GatedStore:
@@ -216,3 +222,230 @@ async def test_a_registration_in_the_loop_whose_email_another_process_took_is_re
         assert first.load(again.patient_id).name == "Unrelated"
     finally:
         other.close()
+
+
+@pytest.fixture
+def threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The calls the patient service hands to a thread, by name, in order."""
+    calls: list[str] = []
+    real = service_module.in_thread
+
+    async def counted(fn: Any, *args: Any) -> Any:
+        calls.append(fn.__name__)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(service_module, "in_thread", counted)
+    return calls
+
+
+async def test_a_change_of_a_cached_patient_is_decided_in_the_loop(cached, store, threads):
+    """A patient this process saved, changed at the version the client read and keeping
+    the email: no thread, no read; answered with the new version and its event's position."""
+    service = PatientService(cached, claim_key())
+    registered = await service.register_async(details("Before"), REGISTERED)
+    kept = details("After", email=registered.patient.email.upper())
+    written = await service.change_async(registered.patient_id, kept, 1, "corr-loop")
+    assert threads == []
+    assert (written.patient_id, written.version) == (registered.patient_id, 2)
+    stored = cached.recorder.select_notifications(written.position, 1)[0]
+    assert (stored.originator_id, stored.originator_version) == (registered.patient_id, 2)
+    event = cached.mapper.to_domain_event(stored)
+    assert getattr(event, "correlation_id", None) == "corr-loop"
+    assert store.load(registered.patient_id).name == "After"  # read from the table
+    assert cached.load(registered.patient_id).version == 2  # and remembered
+    again = await service.change_async(registered.patient_id, details("Later", email=kept.email))
+    assert again.version == 3 and again.position > written.position
+    assert threads == []
+
+
+async def test_a_change_that_must_read_first_goes_to_a_thread(cached, threads):
+    """A new email's claim must be read (and the old one freed), and a patient this process
+    has not cached must be read: both are decided in a thread, as `change`."""
+    service = PatientService(cached, claim_key())
+    registered = await service.register_async(details("Moving"), REGISTERED)
+    old, new = registered.patient.email, details().email
+    written = await service.change_async(registered.patient_id, details("Moving", email=new))
+    assert threads == ["change"] and written.version == 2
+    with pytest.raises(EmailTaken):
+        await service.register_async(details("Other", email=new), REGISTERED)
+    freed = await service.register_async(details("Other", email=old), REGISTERED)
+    assert freed.version == 1
+
+    threads.clear()
+    cached.repository.cache.get(registered.patient_id, evict=True)  # as if pushed out
+    uncached = await service.change_async(registered.patient_id, details("Read", email=new))
+    assert threads == ["change"] and uncached.version == 3
+
+
+async def test_a_stale_if_match_is_refused_with_the_current_version_and_saves_nothing(
+    cached, store
+):
+    service = PatientService(cached, claim_key())
+    registered = await service.register_async(details("Once"), REGISTERED)
+    email = registered.patient.email
+    await service.change_async(registered.patient_id, details("Twice", email=email), 1)
+    saves = service.writer.saves
+    with pytest.raises(StaleVersion) as refused:
+        await service.change_async(registered.patient_id, details("Lost", email=email), 1)
+    assert (refused.value.expected, refused.value.actual) == (1, 2)
+    assert service.writer.saves == saves
+    assert store.load(registered.patient_id).version == 2
+    assert store.load(registered.patient_id).name == "Twice"
+
+
+async def test_unknown_removed_and_erased_patients_are_refused_as_by_change(cached, threads):
+    """Each is refused by `change`, in a thread, on fresh state."""
+    service = PatientService(cached, claim_key())
+    with pytest.raises(PatientNotFound):
+        await service.change_async(uuid4(), details())
+    removed = await service.register_async(details("Removed"), REGISTERED)
+    service.remove(removed.patient_id)
+    assert cached.knows(removed.patient_id)
+    with pytest.raises(PatientNotFound):
+        await service.change_async(removed.patient_id, details(email=removed.patient.email))
+    erased = await service.register_async(details("Erased"), REGISTERED)
+    service.erase(erased.patient_id, "asked", "admin")
+    with pytest.raises(PatientErased):
+        await service.change_async(erased.patient_id, details(email=erased.patient.email))
+    assert threads == ["change"] * 3
+
+
+async def test_racing_changes_in_the_loop_with_one_if_match_let_exactly_one_through(
+    cached, store, threads
+):
+    """Each decides on its own copy of the cached patient, so all agree with If-Match and
+    their saves conflict in the group commit: one wins, and every loser, decided again on
+    fresh state, is refused with the winner's version."""
+    service = PatientService(cached, claim_key())
+    registered = await service.register_async(details("Raced"), REGISTERED)
+    email = registered.patient.email
+    results = await asyncio.gather(
+        *(
+            service.change_async(registered.patient_id, details(f"Racer {i}", email=email), 1)
+            for i in range(12)
+        ),
+        return_exceptions=True,
+    )
+    won = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, StaleVersion)]
+    assert len(won) == 1 and len(refused) == 11, results
+    assert won[0].version == 2 and all(r.actual == 2 for r in refused)
+    assert len(threads) == 11  # the winner saved from the loop; each loser was refused fresh
+    assert store.load(registered.patient_id).version == 2
+    assert store.load(registered.patient_id).name == won[0].patient.name
+
+
+async def test_racing_changes_in_the_loop_without_if_match_are_all_applied_in_turn(cached, store):
+    """Each loser is decided again on fresh state and applied after the winners: one
+    version each, nothing lost. (Six racers: each loses at most five times, within the
+    attempts a change has; more could use them up and answer 409, as in a thread.)"""
+    service = PatientService(cached, claim_key())
+    registered = await service.register_async(details("Raced"), REGISTERED)
+    email = registered.patient.email
+    results = await asyncio.gather(
+        *(
+            service.change_async(registered.patient_id, details(f"Racer {i}", email=email))
+            for i in range(6)
+        )
+    )
+    assert sorted(r.version for r in results) == list(range(2, 8))
+    assert len({r.position for r in results}) == 6
+    for result in results:
+        stored = store.recorder.select_notifications(result.position, 1)[0]
+        assert (stored.originator_id, stored.originator_version) == (
+            registered.patient_id,
+            result.version,
+        )
+        assert store.repository.get(registered.patient_id, version=result.version).name == (
+            result.patient.name
+        )
+    assert cached.load(registered.patient_id).version == 7
+
+
+@pytest.fixture
+def elsewhere(settings, keyring) -> Iterator[PatientService]:
+    """A second command process over the same database, with its own cache."""
+    other = EventStore(settings.database_url, cache_size=100, keyring=keyring)
+    yield PatientService(other, claim_key())
+    other.close()
+
+
+async def test_a_change_in_the_loop_on_a_copy_another_process_made_stale_is_applied_on_top(
+    cached, store, elsewhere, threads
+):
+    """Without If-Match, the loop's save conflicts with the other process's change; the
+    retry, on fresh state in a thread, applies this change after that one: nothing lost."""
+    service = PatientService(cached, claim_key())
+    registered = await service.register_async(details("First"), REGISTERED)
+    email = registered.patient.email
+    elsewhere.change(registered.patient_id, details("Elsewhere", email=email))
+    written = await service.change_async(registered.patient_id, details("Here", email=email))
+    assert threads == ["change"]
+    assert service.writer.saves == 3  # the registration, the loop's attempt, the fresh one
+    assert written.version == 3
+    names = [store.repository.get(registered.patient_id, version=v).name for v in (1, 2, 3)]
+    assert names == ["First", "Elsewhere", "Here"]
+    stored = store.recorder.select_notifications(written.position, 1)[0]
+    assert (stored.originator_id, stored.originator_version) == (registered.patient_id, 3)
+    assert cached.load(registered.patient_id).version == 3
+
+
+async def test_an_if_match_another_process_made_stale_is_refused_not_overwritten(
+    cached, store, elsewhere
+):
+    """The loop's copy agrees with the client's If-Match, but the store has moved on: the
+    save conflicts, and the fresh decision refuses (412 with the store's version)."""
+    service = PatientService(cached, claim_key())
+    registered = await service.register_async(details("First"), REGISTERED)
+    email = registered.patient.email
+    elsewhere.change(registered.patient_id, details("Elsewhere", email=email))
+    with pytest.raises(StaleVersion) as refused:
+        await service.change_async(registered.patient_id, details("Lost", email=email), 1)
+    assert (refused.value.expected, refused.value.actual) == (1, 2)
+    assert store.load(registered.patient_id).version == 2
+    assert store.load(registered.patient_id).name == "Elsewhere"
+
+
+async def test_a_failed_save_in_the_loop_leaves_the_cached_patient_as_stored(own_settings):
+    """The database refuses the loop's save (an error that is not a conflict, so it is not
+    retried): the change is lost and said so, and the cache still holds the stored state,
+    so the next change follows it with the next version."""
+    ring = Keyring.from_settings(own_settings)
+    cache = EventStore(own_settings.database_url, cache_size=100, keyring=ring)
+    try:
+        service = PatientService(cache, claim_key())
+        registered = await service.register_async(details("Stored"), REGISTERED)
+        email = registered.patient.email
+        with psycopg.connect(own_settings.database_url, autocommit=True) as db:
+            db.execute(REFUSE_WRITES_OF.format(sql.Literal(str(registered.patient_id))))
+        with pytest.raises(PersistenceError) as failed:
+            await service.change_async(registered.patient_id, details("Refused", email=email))
+        assert not isinstance(failed.value, IntegrityError)
+        with psycopg.connect(own_settings.database_url, autocommit=True) as db:
+            db.execute("DROP TRIGGER refuse ON carelog_events")
+        assert cache.load(registered.patient_id).version == 1
+        written = await service.change_async(registered.patient_id, details("Next", email=email))
+        assert written.version == 2
+        cold = EventStore(own_settings.database_url, 1, keyring=ring)
+        try:
+            stored = [cold.repository.get(registered.patient_id, version=v) for v in (1, 2)]
+            assert [p.name for p in stored] == ["Stored", "Next"]
+            assert cold.load(registered.patient_id).version == 2
+        finally:
+            cold.close()
+    finally:
+        cache.close()
+        ring.close()
+
+
+REFUSE_WRITES_OF = sql.SQL("""
+CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.originator_id = {0}::uuid THEN
+        RAISE EXCEPTION 'refused' USING ERRCODE = 'data_exception';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse BEFORE INSERT ON carelog_events FOR EACH ROW EXECUTE FUNCTION refuse();
+""")
+"""Makes the database refuse every event of one aggregate (a failure, not a conflict)."""
