@@ -230,7 +230,7 @@ async def run(settings: Settings) -> list[str]:
         f"Floor, same run: one spool append (a page of 50 patients) after a {PAUSE_MS} ms"
         f" rest, as a steady request makes it: p50 {ms(floor_p50)}, p99 {ms(floor_p99)}."
         " That is what an audited answer waits for before it goes out; the INSERT into the"
-        " table happens after, a batch at a time, at most every 10 ms.",
+        " table happens after, a batch every 10 ms.",
         "",
         f"Aim (issue): list p99 with the audit at most {AIM}x the p99 without it.",
         "",

@@ -48,6 +48,7 @@ import psycopg
 import psycopg_pool
 import structlog
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Json
 
 from runtime.audit import (
     KNOWN_SETS,
@@ -88,6 +89,8 @@ class Segment:
         self.fd = fd
         self.shipped: int | None = None
         """How far it is stored (from `audit.spool_marks`); None: read the mark first."""
+        self.clean = False
+        """Every line is known whole: this process's own segment, no append cut short."""
 
     @classmethod
     def create(cls, directory: Path, store: str) -> Segment:
@@ -100,7 +103,9 @@ class Segment:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         path = directory / f"{name}{SUFFIX}"
         os.rename(forming, path)
-        return cls(path, fd)
+        segment = cls(path, fd)
+        segment.clean = True
+        return segment
 
     @classmethod
     def adopt(cls, path: Path) -> Segment | None:
@@ -151,6 +156,7 @@ class Appender:
                 raise OSError("short write to the audit spool")
         except OSError as exc:
             self._torn = True
+            self.segment.clean = False
             log.error("disclosure audit not written", error=type(exc).__name__)
             raise AuditUnavailable(type(exc).__name__) from None
         self._torn = False
@@ -192,6 +198,7 @@ class SpooledWriter:
         self._failing = False
         self._wake = asyncio.Event()
         self._adopt_now = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -257,7 +264,11 @@ class SpooledWriter:
                 delay = self.every
             if self._closing:
                 return
-            await asyncio.sleep(max(0.0, started + delay - time.monotonic()))
+            with contextlib.suppress(TimeoutError):  # paced, unless GET /audit is waiting
+                await asyncio.wait_for(
+                    self._hurry.wait(), max(0.0, started + delay - time.monotonic())
+                )
+            self._hurry.clear()
 
     async def _ship_own(self) -> None:
         """Ships this process's segment; tried twice, so a connection the server ended
@@ -290,21 +301,14 @@ class SpooledWriter:
             end = data.rfind(b"\n") + 1
             if end == 0:
                 return len(data)
-            lines = []
-            torn = 0
-            for raw in data[: end - 1].split(b"\n"):
-                try:
-                    _check(raw)
-                except msgspec.DecodeError:
-                    torn += 1  # the start of an append that failed: never answered
-                    continue
-                lines.append(raw)
-            if torn:
-                log.warning("torn audit spool lines skipped", lines=torn, segment=segment.name)
+            body = data[: end - 1]
+            # Each line of a clean segment is one whole append: the array is the lines,
+            # comma-joined.
+            lines = body.replace(b"\n", b",") if segment.clean else _whole_lines(body, segment.name)
             await conn.execute(
                 SHIP_LINES,
                 {
-                    "lines": (b"[" + b",".join(lines) + b"]").decode(),
+                    "lines": Json(b"[" + lines + b"]", dumps=_as_is),
                     "segment": segment.name,
                     "shipped": segment.shipped + end,
                 },
@@ -384,6 +388,7 @@ class SpooledWriter:
         self._adopt_now.set()
         while sizes:
             self._wake.set()
+            self._hurry.set()
             async with self.pool.connection() as conn:
                 cursor = await conn.execute(
                     "SELECT segment, shipped FROM audit.spool_marks WHERE segment = ANY(%s)",
@@ -415,6 +420,7 @@ class SpooledWriter:
             if task.get_name() == "audit-spool-adopt":
                 task.cancel()
         self._wake.set()
+        self._hurry.set()
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(shipper, timeout)
         try:
@@ -427,6 +433,24 @@ class SpooledWriter:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
+def _whole_lines(body: bytes, segment: str) -> bytes:
+    """The lines of `body` that are whole records, comma-joined: a segment whose appends
+    may have been cut short (a full disk) is read line by line."""
+    lines = []
+    for raw in body.split(b"\n"):
+        try:
+            _check(raw)
+        except msgspec.DecodeError:
+            log.warning("torn audit spool line skipped", segment=segment)
+            continue  # the start of an append that failed: its read was refused
+        lines.append(raw)
+    return b",".join(lines)
 
 
 async def _mark(conn: psycopg.AsyncConnection[Any], segment: str) -> int:
