@@ -250,7 +250,7 @@ class SpooledWriter:
             started, appended = time.monotonic(), self._appended
             try:
                 await self._ship_own()
-            except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            except Exception as exc:  # the database, the disk, or a fault of ours: refuse
                 if not self._failing:
                     log.error("disclosure audit not shipped", error=type(exc).__name__)
                 self._failing = True
@@ -344,7 +344,7 @@ class SpooledWriter:
         while not self._closing:
             try:
                 await self.adopt()
-            except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            except Exception as exc:  # tried again at the next round
                 log.warning("audit spool segments not adopted", error=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._adopt_now.wait(), self.adopt_every)
