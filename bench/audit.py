@@ -48,7 +48,7 @@ from runtime.http import served
 from runtime.settings import Settings
 
 PATIENTS = 500
-ROUNDS = 5
+ROUNDS = 7
 ROUND_SECONDS = 4.0
 AIM = 1.2
 SERVE_UNAUDITED = ("-m", "bench.audit", "serve", "unaudited")
