@@ -30,6 +30,7 @@ import psycopg
 import structlog
 
 from bench.common import CONCURRENCY, Load, closed_loop, insert_floor, ms, quiesce, token_headers
+from bench.cpu import wait_until_quiet
 from bench.loadgen import Connection, percentile
 from runtime.kafka import delete_topics, ensure_topics, reliable_producer
 from runtime.settings import Settings
@@ -237,6 +238,8 @@ async def run_all() -> str:
             module = __import__(name, fromlist=["run"])
         except ImportError:
             continue
+        waited, used = await asyncio.to_thread(wait_until_quiet)
+        log.info("stack quiet", benchmark=name, waited=round(waited, 1), cores=round(used, 2))
         try:
             sections.append(await module.run(settings))
         except Exception as exc:  # the other sections' figures are kept; main() exits 1
@@ -249,7 +252,9 @@ async def run_all() -> str:
         f"Made by `{COMMAND}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, on one machine with"
         f" {os.cpu_count()} cores ({platform.machine()}, Python {platform.python_version()}):"
         " the load generator, the services, PostgreSQL, Kafka and Redis share those cores."
-        " Every figure sits beside a floor measured in the same run.",
+        " Every figure sits beside a floor measured in the same run. Each benchmark after"
+        " the first starts once the stack has settled (under a quarter of a core for a"
+        " second, as idle), so none measures the backlog of the one before.",
         "",
     ]
     body = "\n\n".join("\n".join(section).strip() for section in sections)

@@ -82,6 +82,23 @@ def snapshot() -> dict[str, float]:
     return dict(totals)
 
 
+def wait_until_quiet(
+    cores: float = 0.25, window: float = 1.0, timeout: float = 120.0
+) -> tuple[float, float]:
+    """Waits until the stack (every group but the load generator) uses less than `cores`
+    over a `window` of seconds, or `timeout`: a benchmark then starts on a stack that has
+    worked off the one before (the consumers' backlog after a write load, say). Returns
+    the seconds waited and the cores last seen."""
+    started = time.perf_counter()
+    while True:
+        with CpuMeter() as meter:
+            time.sleep(window)
+        used = meter.stack / meter.seconds
+        waited = time.perf_counter() - started
+        if used < cores or waited >= timeout:
+            return waited, used
+
+
 class CpuMeter:
     """CPU seconds by group between `__enter__` and `__exit__`, and the wall time."""
 
