@@ -297,7 +297,8 @@ class Patient(TracedAggregate):
     @event("DetailsChanged")
     def _details_changed(self, name: str, email: str, address: str, date_of_birth: date) -> None:
         self.name = name
-        self.given_name, self.family_name = split_name(name)
+        # After an erasure its sealed values open to nothing (None), the name's parts too.
+        self.given_name, self.family_name = split_name(name) if name is not None else (None, None)
         self.email = email
         self.address = address
         self.date_of_birth = date_of_birth

@@ -172,13 +172,15 @@ async def test_erasing_answers_410_afterwards_and_keeps_the_history(
     source = EventStoreLog(store, settings.database_url)
     source.position = int(registered.headers["event-position"]) - 1
     sealed = next(o.envelope for o in (await source.read(5)).events)
+    changed = await client.put(f"/patients/{patient_id}", json={**body, "name": "Changed Name"})
+    assert changed.status_code == 200, changed.text
 
     erased = await client.post(f"/patients/{patient_id}/erase", json={"reason": "request R-1"})
     assert erased.status_code == 200, erased.text
     assert erased.json() == {
         "id": patient_id,
         "erased": True,
-        "version": 2,
+        "version": 3,
         "position": erased.json()["position"],
     }
     for method, path, payload in [
@@ -203,7 +205,7 @@ async def test_erasing_answers_410_afterwards_and_keeps_the_history(
                 [patient_id],
             )
         ]
-    assert [k.rsplit(".", 1)[1] for k in kinds] == ["Registered", "Erased"]
+    assert [k.rsplit(".", 1)[1] for k in kinds] == ["Registered", "DetailsChanged", "Erased"]
     erasure = stored_text(settings, "carelog_events", patient_id)
     assert "request R-1" in erasure and "admin-erasing" in erasure
 
@@ -213,6 +215,7 @@ async def test_erasing_answers_410_afterwards_and_keeps_the_history(
     try:
         again_read = fresh.repository.get(uuid.UUID(patient_id))
         assert again_read.erased and again_read.name is None and again_read.email is None
+        assert again_read.given_name is None and again_read.family_name is None
         first = fresh.mapper.to_domain_event(fresh.recorder.select_events(uuid.UUID(patient_id))[0])
         assert first.name is None and first.date_of_birth is None
         assert isinstance(open_payload(ring, sealed.data), contracts.Unreadable)
