@@ -84,12 +84,12 @@ class Segment:
     """A spool file this process holds the lock of: its own (appended to) or one adopted
     from a process that died (shipped, then removed)."""
 
-    def __init__(self, path: Path, fd: int):
+    def __init__(self, path: Path, fd: int, clean: bool = False):
         self.path = path
         self.fd = fd
         self.shipped: int | None = None
         """How far it is stored (from `audit.spool_marks`); None: read the mark first."""
-        self.clean = False
+        self.clean = clean
         """Every line is known whole: this process's own segment, no append cut short."""
 
     @classmethod
@@ -103,9 +103,7 @@ class Segment:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         path = directory / f"{name}{SUFFIX}"
         os.rename(forming, path)
-        segment = cls(path, fd)
-        segment.clean = True
-        return segment
+        return cls(path, fd, clean=True)
 
     @classmethod
     def adopt(cls, path: Path) -> Segment | None:
@@ -199,7 +197,9 @@ class SpooledWriter:
         self._wake = asyncio.Event()
         self._adopt_now = asyncio.Event()
         self._hurry = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._shipper: asyncio.Task[None] | None = None
+        self._adopter: asyncio.Task[None] | None = None
+        self._removals: set[asyncio.Task[None]] = set()
         self._closing = False
 
     async def start(self) -> None:
@@ -212,10 +212,8 @@ class SpooledWriter:
                 f"CARELOG_AUDIT_SPOOL_DIR={str(self.directory)!r}: no spool file can be"
                 f" made there ({exc.strerror or type(exc).__name__})"
             ) from None
-        self._tasks = [
-            asyncio.create_task(self._ship_forever(), name="audit-spool-ship"),
-            asyncio.create_task(self._adopt_forever(), name="audit-spool-adopt"),
-        ]
+        self._shipper = asyncio.create_task(self._ship_forever(), name="audit-spool-ship")
+        self._adopter = asyncio.create_task(self._adopt_forever(), name="audit-spool-adopt")
 
     async def record(self, disclosure: Disclosure) -> None:
         self.append(disclosure)
@@ -322,7 +320,9 @@ class SpooledWriter:
         if own.shipped is None or own.shipped < self.rotate_bytes or own.size() != own.shipped:
             return
         self._appender = Appender(Segment.create(self.directory, self.store))
-        self._tasks.append(asyncio.create_task(self._remove(own)))
+        removal = asyncio.create_task(self._remove(own))
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
 
     async def _remove(self, segment: Segment) -> None:
         """Removes a wholly shipped segment: the file first, then its mark (a mark without
@@ -352,7 +352,7 @@ class SpooledWriter:
 
     def segments(self) -> list[Path]:
         """This database's segments in the spool directory, this process's among them."""
-        return sorted(self.directory.glob(f"{self.store}.*{SUFFIX}"))
+        return segment_paths(self.directory, self.store)
 
     async def adopt(self) -> int:
         """Ships and removes every segment whose writer is gone; how many."""
@@ -379,27 +379,15 @@ class SpooledWriter:
         """Waits until every record spooled so far for this database on this host (by
         this process and the others sharing the directory) is in the table, or
         `timeout`; whether it is. `GET /audit` asks first, so it shows what was read."""
-        sizes: dict[str, int] = {}
-        for path in self.segments():
-            with contextlib.suppress(FileNotFoundError):
-                sizes[path.name] = path.stat().st_size
-        sizes = {name: size for name, size in sizes.items() if size > 0}
+        sizes = spooled(self.directory, self.store)
         deadline = time.monotonic() + timeout
         self._adopt_now.set()
         while sizes:
             self._wake.set()
             self._hurry.set()
             async with self.pool.connection() as conn:
-                cursor = await conn.execute(
-                    "SELECT segment, shipped FROM audit.spool_marks WHERE segment = ANY(%s)",
-                    [list(sizes)],
-                )
-                marks = dict(await cursor.fetchall())
-            sizes = {
-                name: size
-                for name, size in sizes.items()
-                if marks.get(name, 0) < size and (self.directory / name).exists()
-            }
+                cursor = await conn.execute(MARKS, [list(sizes)])
+                sizes = unshipped(self.directory, sizes, dict(await cursor.fetchall()))
             if sizes and time.monotonic() > deadline:
                 log.warning("audit spool not yet shipped", segments=len(sizes))
                 return False
@@ -415,14 +403,12 @@ class SpooledWriter:
         self._closing = True
         self._adopt_now.set()
         own = self._own
-        shipper, *others = self._tasks
-        for task in others:
-            if task.get_name() == "audit-spool-adopt":
-                task.cancel()
+        assert self._shipper is not None and self._adopter is not None
+        self._adopter.cancel()
         self._wake.set()
         self._hurry.set()
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(shipper, timeout)
+            await asyncio.wait_for(self._shipper, timeout)
         try:
             await asyncio.wait_for(self._ship_all(own), timeout)
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError, TimeoutError) as exc:
@@ -430,9 +416,38 @@ class SpooledWriter:
             own.close()
         else:
             await self._remove(own)
-        for task in self._tasks:
+        tasks = [self._shipper, self._adopter, *self._removals]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+MARKS = "SELECT segment, shipped FROM audit.spool_marks WHERE segment = ANY(%s)"
+"""How far each of the named segments (a list) is stored."""
+
+
+def segment_paths(directory: Path, store: str) -> list[Path]:
+    """The store's segments in `directory`, by name."""
+    return sorted(directory.glob(f"{store}.*{SUFFIX}"))
+
+
+def spooled(directory: Path, store: str) -> dict[str, int]:
+    """The size of each of the store's segments in `directory` that holds anything."""
+    sizes = {}
+    for path in segment_paths(directory, store):
+        with contextlib.suppress(FileNotFoundError):
+            sizes[path.name] = path.stat().st_size
+    return {name: size for name, size in sizes.items() if size > 0}
+
+
+def unshipped(directory: Path, sizes: dict[str, int], marks: dict[str, int]) -> dict[str, int]:
+    """Of the segments of `sizes`, those not yet stored up to that size by their `marks`
+    (and still there: a segment shipped whole is removed)."""
+    return {
+        name: size
+        for name, size in sizes.items()
+        if marks.get(name, 0) < size and (directory / name).exists()
+    }
 
 
 def _as_is(data: bytes) -> bytes:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psycopg
 
-from runtime.audit_spool import SUFFIX, store_name
+from runtime.audit_spool import MARKS, spooled, store_name, unshipped
 from runtime.settings import Settings
 
 
@@ -16,24 +16,12 @@ def shipped(settings: Settings, timeout: float = 15.0) -> None:
     directory is in `audit.disclosures`: what a read appended before its answer is then
     in the table. AssertionError after `timeout`."""
     directory = Path(settings.audit_spool_dir)
-    sizes = {
-        path.name: path.stat().st_size
-        for path in directory.glob(f"{store_name(settings.database_url)}.*{SUFFIX}")
-    }
+    sizes = spooled(directory, store_name(settings.database_url))
     deadline = time.monotonic() + timeout
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        while True:
-            marks = dict(
-                conn.execute(
-                    "SELECT segment, shipped FROM audit.spool_marks WHERE segment = ANY(%s)",
-                    [list(sizes)],
-                ).fetchall()
-            )
-            sizes = {
-                name: size
-                for name, size in sizes.items()
-                if size > 0 and marks.get(name, 0) < size and (directory / name).exists()
-            }
+        while sizes:
+            marks = dict(conn.execute(MARKS, [list(sizes)]).fetchall())
+            sizes = unshipped(directory, sizes, marks)
             if not sizes:
                 return
             assert time.monotonic() < deadline, f"spool segments not shipped: {sorted(sizes)}"
