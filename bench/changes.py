@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from datetime import date
 from uuid import UUID
 
-from bench.common import drop_database, scratch_database
+from bench.common import drop_database, main_for, scratch_database
 from commands.service import PatientService, Written
 from commands.store import CACHE_SIZE, EventStore
 from domain.patients import PatientDetails
@@ -122,8 +122,7 @@ async def run(settings: Settings) -> list[str]:
 
 
 def main() -> None:
-    settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
-    print("\n".join(asyncio.run(run(settings))))
+    main_for(run)
 
 
 if __name__ == "__main__":

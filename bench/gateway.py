@@ -19,6 +19,7 @@ import time
 
 from auth.config import AuthSettings
 from auth.service import DEV_EMAIL, DEV_PASSWORD
+from bench.common import main_for
 from bench.loadgen import Connection, percentile
 from runtime.settings import Settings
 
@@ -258,8 +259,7 @@ def _counts(outcomes: dict[int, int]) -> str:
 
 
 def main() -> None:
-    settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
-    print("\n".join(asyncio.run(run(settings))))
+    main_for(run)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ writes, not the backlog of the round before.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import threading
 import time
 import uuid
 from datetime import date
 
-from bench.common import drop_database, scratch_database
+from bench.common import drop_database, main_for, scratch_database
 from commands.service import PatientService
 from commands.store import CACHE_SIZE, EventStore
 from domain.patients import PatientDetails
@@ -116,8 +115,7 @@ async def run(settings: Settings) -> list[str]:
 
 
 def main() -> None:
-    settings = Settings.from_env({"CARELOG_ENV": "development", **os.environ})
-    print("\n".join(asyncio.run(run(settings))))
+    main_for(run)
 
 
 if __name__ == "__main__":
