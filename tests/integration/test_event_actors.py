@@ -168,13 +168,19 @@ async def test_the_actor_travels_in_the_envelope_and_the_headers(
     await ensure_topics(settings, source.topics)
     relay = Publisher(source, kafka)
     relaying = asyncio.create_task(relay.run())
+    key = created.json()["id"].encode()
     try:
-        records = await read_topic(settings, settings.topic(PATIENT_STREAM), len(patient_events))
+        records = await read_topic(
+            settings,
+            settings.topic(PATIENT_STREAM),
+            len(patient_events),
+            until=lambda records: any(r.key == key for r in records),
+        )
     finally:
         relay.stop()
         await relaying
         await kafka.stop()
-    mine = [r for r in records if r.key == created.json()["id"].encode()]
+    mine = [r for r in records if r.key == key]
     assert len(mine) == 1
     envelope, _ = decode(mine[0].value)
     assert (envelope.actor_id, envelope.actor_role) == (user, "clinician")

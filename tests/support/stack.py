@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,9 +204,15 @@ def stop_group(popen: subprocess.Popen[Any], timeout: float = 15.0) -> None:
 
 
 async def read_topic(
-    settings: Settings, topic: str, expected: int, timeout: float = 60.0
+    settings: Settings,
+    topic: str,
+    expected: int,
+    timeout: float = 60.0,
+    until: Callable[[list[Any]], bool] | None = None,
 ) -> list[Any]:
-    """Every record of a topic from the start, once at least `expected` have arrived."""
+    """Every record of a topic from the start, once at least `expected` have arrived (and
+    `until` holds of them: a topic other runs published to first holds more than the
+    records counted)."""
     consumer = AIOKafkaConsumer(
         **client_options(settings), enable_auto_commit=False, auto_offset_reset="earliest"
     )
@@ -224,7 +230,9 @@ async def read_topic(
         await consumer.seek_to_beginning(*partitions)
         records: list[Any] = []
         deadline = time.monotonic() + timeout
-        while len(records) < expected and time.monotonic() < deadline:
+        while (len(records) < expected or (until is not None and not until(records))) and (
+            time.monotonic() < deadline
+        ):
             batch = await consumer.getmany(timeout_ms=500)
             for items in batch.values():
                 records.extend(items)
