@@ -149,18 +149,27 @@ class Sender:
             await self._leader.close()
 
     async def run(self, stop: asyncio.Event, pause: float = 0.05) -> None:
-        while not stop.is_set():
-            try:
-                sent = await self.send_due()
-            except (psycopg.OperationalError, OSError) as exc:
-                log.warning("sender paused", error=type(exc).__name__)
-                sent = 0
-            if not sent:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), pause)
+        try:
+            while not stop.is_set():
+                try:
+                    sent = await self.send_due(keep_session=True)
+                except (psycopg.OperationalError, OSError) as exc:
+                    log.warning("sender paused", error=type(exc).__name__)
+                    sent = 0
+                if not sent:
+                    await self._hang_up()  # idle: no session left open for a server to drop
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), pause)
+        finally:
+            await self._hang_up()
 
-    async def send_due(self, limit: int = 20) -> int:
-        """Claims and sends what is due; returns how many it tried."""
+    async def send_due(self, limit: int = 20, keep_session: bool = False) -> int:
+        """Claims and sends what is due; returns how many it tried.
+
+        `keep_session`: a batch whose every message went out leaves its SMTP session open
+        for the next batch (the run loop's, while there is work: a session per batch cost
+        the notifier and the server a connection, a greeting and a goodbye per 20
+        messages); a batch with any other outcome hangs up, so the next starts afresh."""
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             async with conn.transaction():
                 await cur.execute(
@@ -184,7 +193,9 @@ class Sender:
                 for item in due:
                     done.append(await self._one(conn, item, records.get(item.patient_id)))
             finally:
-                await self._hang_up()
+                clean = len(done) == len(due) and all(o.status == "sent" for o in done)
+                if not (keep_session and clean):
+                    await self._hang_up()
                 try:
                     if done:  # even if the batch stopped short: what went out is recorded
                         await self._record(conn, done)
