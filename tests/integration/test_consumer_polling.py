@@ -2,7 +2,8 @@
 
 Idle, a consumer asks the broker to hold its fetch until a record arrives: it fetches a
 few times a second, not fifty, and the next event is taken as soon as it arrives. Busy,
-the broker gathers records for each fetch, so events still come in batches. The fetches
+the broker gathers records for each fetch, so events still come in batches; flooded, it
+gathers longer, and a trickle after the flood does not. The fetches
 are counted where the client sends its requests; nothing of Kafka's is faked.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,15 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.fetch import FetchRequest
 
 from domain import contracts
-from runtime.consumers import Batch, EventBatchWorker, subscribe
+from runtime.consumers import (
+    FETCH_MAX_WAIT_MS,
+    FLOOD_MAX_WAIT_MS,
+    FLOOD_RECORDS,
+    IDLE_FETCH_MAX_WAIT_MS,
+    Batch,
+    EventBatchWorker,
+    subscribe,
+)
 from runtime.kafka import ensure_topics, kafka_broker, reliable_producer
 from runtime.settings import Settings
 
@@ -90,22 +99,36 @@ async def consuming(settings: Settings) -> AsyncIterator[tuple[Arrivals, AIOKafk
 
 
 @pytest.fixture
-def fetches(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """When each fetch request went to the broker."""
-    sent: list[float] = []
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, int]]:
+    """When each fetch request went to the broker, and how long it let the broker wait."""
+    sent: list[tuple[float, int]] = []
     send = AIOKafkaClient.send
 
     def counting(self: AIOKafkaClient, node_id: Any, request: Any, **kwargs: Any) -> Any:
         if isinstance(request, FetchRequest):
-            sent.append(time.monotonic())
+            sent.append((time.monotonic(), request._max_wait_ms))
         return send(self, node_id, request, **kwargs)
 
     monkeypatch.setattr(AIOKafkaClient, "send", counting)
     return sent
 
 
+@pytest.fixture
+def fetches(waits: list[tuple[float, int]]) -> _Times:
+    """When each fetch request went to the broker."""
+    return _Times(waits)
+
+
+class _Times:
+    def __init__(self, waits: list[tuple[float, int]]):
+        self.waits = waits
+
+    def __iter__(self) -> Iterator[float]:
+        return iter([t for t, _ in self.waits])
+
+
 async def test_an_idle_consumer_fetches_rarely_and_takes_the_next_event_at_once(
-    settings: Settings, fetches: list[float]
+    settings: Settings, fetches: _Times
 ):
     async with consuming(settings) as (worker, producer, topic):
         await asyncio.sleep(1.0)  # nothing arrives: the consumer is idle
@@ -140,7 +163,38 @@ async def test_a_busy_consumer_still_takes_events_in_batches(settings: Settings)
             await asyncio.sleep(max(0.0, start + (i + 1) / 300 - time.monotonic()))
         await producer.flush()
         await until(lambda: all(e in worker.applied for e in events))
-        # Gathered for up to 20 ms a fetch: about 50 batches. A fetch answered per event
+        # Gathered for up to 50 ms a fetch: about 20 batches. A fetch answered per event
         # would make about one batch per event.
         assert sum(worker.batches) == len(events)
         assert len(worker.batches) <= 120, worker.batches
+
+
+async def test_a_flooded_consumer_gathers_longer_and_a_trickle_does_not_wait_for_it(
+    settings: Settings, waits: list[tuple[float, int]]
+):
+    async with consuming(settings) as (worker, producer, topic):
+        await asyncio.sleep(0.5)
+        worker.batches.clear()
+        flood = []
+        for _ in range(40):  # 2,000 a second for 1.5 s: batches of dozens
+            for _ in range(100):
+                event, body, key = removal()
+                flood.append(event)
+                await producer.send(topic, body, key=key)
+            await producer.flush()
+            await asyncio.sleep(0.05)
+        await until(lambda: all(e in worker.applied for e in flood))
+        assert FLOOD_MAX_WAIT_MS in {wait for _, wait in waits}
+        assert max(worker.batches) >= FLOOD_RECORDS
+
+        await asyncio.sleep(0.5)  # idle again
+        since = time.monotonic()
+        for _ in range(20):  # a trickle, 40 a second: one at a time
+            event, body, key = removal()
+            await producer.send_and_wait(topic, body, key=key)
+            await until(lambda: event in worker.applied, timeout=5.0)  # noqa: B023
+            await asyncio.sleep(0.025)
+        trickle = {wait for t, wait in waits if t >= since}
+        # The trickle's fetches wait as a busy or an idle consumer's do, not a flooded one's.
+        assert FLOOD_MAX_WAIT_MS not in trickle
+        assert trickle & {FETCH_MAX_WAIT_MS, IDLE_FETCH_MAX_WAIT_MS}
