@@ -22,7 +22,7 @@ from uuid import UUID, uuid4
 import msgspec
 from psycopg_pool import AsyncConnectionPool
 
-from billing_grpc.store import BillingStore, Invoice, Payment
+from billing_grpc.store import BillingStore, Invoice, Opening, Payment
 from domain.billing import (
     Account,
     AccountNotFound,
@@ -241,31 +241,58 @@ class Billing:
     ) -> Applied:
         """Applies patient events in one transaction. Applying one twice changes nothing."""
         opened = closed = unchanged = 0
+        registrations: list[tuple[Envelope[Any], PatientRegisteredV2]] = []
+
+        async def open_registered(cur: Any) -> None:
+            """Opens the accounts of the registrations met since the last other event, in
+            one statement (a batch under load is mostly registrations)."""
+            nonlocal opened, unchanged
+            if not registrations:
+                return
+            now = _now()
+            opening = []
+            for envelope, data in registrations:
+                account, event = Account.open(
+                    envelope.aggregate_id, self.default_currency, OPENED_BY_EVENT, now
+                )
+                opening.append(
+                    Opening(
+                        account,
+                        Contact(data.name, data.email),
+                        event,
+                        envelope.occurred_at,
+                        envelope.aggregate_version,
+                        envelope.correlation_id or CORRELATION_ID.get(),
+                        _cause_actor(envelope),
+                    )
+                )
+            # A patient twice in the batch (a redelivery) is inserted for its first only.
+            first: dict[UUID, Opening] = {}
+            for o in opening:
+                first.setdefault(o.account.id, o)
+            created = await self.store.insert_many(cur, list(first.values()), OPENED_BY_EVENT)
+            for o in opening:
+                if o.account.id in created:
+                    created.discard(o.account.id)
+                    opened += 1
+                else:
+                    # A replay, or an account opened by a call when calls still could:
+                    # keep the registered details.
+                    await self.store.update_contact(
+                        cur, o.account.patient_id, o.contact, o.patient_version
+                    )
+                    unchanged += 1
+            registrations.clear()
+
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             for envelope, data in batch:
                 patient_id = envelope.aggregate_id
                 version = envelope.aggregate_version
                 if isinstance(data, PatientRegisteredV2):
-                    contact = Contact(data.name, data.email)
-                    result = await self._open(
-                        cur,
-                        patient_id,
-                        contact,
-                        self.default_currency,
-                        OPENED_BY_EVENT,
-                        registered_at=envelope.occurred_at,
-                        patient_version=version,
-                        correlation_id=envelope.correlation_id,
-                        actor=_cause_actor(envelope),
-                    )
-                    if result.created:
-                        opened += 1
-                    else:
-                        # A replay, or an account opened by a call when calls still could:
-                        # keep the registered details.
-                        await self.store.update_contact(cur, patient_id, contact, version)
-                        unchanged += 1
-                elif isinstance(data, PatientDetailsChangedV1):
+                    registrations.append((envelope, data))
+                    continue
+                await open_registered(cur)  # what came before applies first
+                if isinstance(data, PatientDetailsChangedV1):
                     await self._require(cur, envelope)
                     await self.store.update_contact(
                         cur, patient_id, Contact(data.name, data.email), version
@@ -307,6 +334,7 @@ class Billing:
                     unchanged += 1
                 else:
                     unchanged += 1  # a patient event billing has no use for
+            await open_registered(cur)
         return Applied(opened, closed, unchanged)
 
     async def _require(self, cur: Any, envelope: Envelope[Any]) -> Account:

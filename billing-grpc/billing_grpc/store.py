@@ -7,6 +7,7 @@ and appends the event to the outbox. Constraints repeat the rules the domain kee
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -119,6 +120,27 @@ class BillingStore:
             " SELECT id, version, %s::text, %s::int, %s::bytea, %s::timestamptz, %s::text,"
             " %s::text, %s::text FROM opened RETURNING aggregate_id"
         ).format(s=s)
+        # Many accounts and their first outbox rows in one statement (the events of a
+        # batch): a row for each account inserted, in the order given.
+        self._insert_accounts = sql.SQL(
+            "WITH given AS (SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[],"
+            " %s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::timestamptz[],"
+            " %s::timestamptz[], %s::text[], %s::int[], %s::bytea[], %s::text[], %s::text[],"
+            " %s::text[]) WITH ORDINALITY AS g(id, patient_id, currency, status, version, name,"
+            " email, patient_version, registered_at, opened_at, type, schema_version, payload,"
+            " correlation_id, actor_id, actor_role, n)),"
+            " opened AS (INSERT INTO {s}.accounts (id, patient_id, currency, status,"
+            " invoiced_minor, paid_minor, version, name, email, patient_version, opened_by,"
+            " registered_at, opened_at)"
+            " SELECT id, patient_id, currency, status, 0, 0, version, name, email,"
+            " patient_version, %s, registered_at, opened_at FROM given ORDER BY n"
+            " ON CONFLICT DO NOTHING RETURNING id, version)"
+            " INSERT INTO {s}.outbox (aggregate_id, aggregate_version, type, schema_version,"
+            " payload, occurred_at, correlation_id, actor_id, actor_role)"
+            " SELECT g.id, o.version, g.type, g.schema_version, g.payload, g.opened_at,"
+            " g.correlation_id, g.actor_id, g.actor_role FROM opened o JOIN given g USING (id)"
+            " ORDER BY g.n RETURNING aggregate_id"
+        ).format(s=s)
         self._save = sql.SQL(
             "UPDATE {}.accounts SET status = %s, invoiced_minor = %s, paid_minor = %s,"
             " version = %s, closed_at = %s WHERE id = %s AND version = %s"
@@ -226,6 +248,32 @@ class BillingStore:
             ],
         )
         return await cur.fetchone() is not None
+
+    async def insert_many(
+        self, cur: psycopg.AsyncCursor[Any], opening: Sequence[Opening], opened_by: str
+    ) -> set[UUID]:
+        """`insert` for many new accounts (each with its first event, at its open time), in
+        one round trip and one statement; returns the ids of the accounts inserted (none
+        for a patient with an account already). A patient may be in `opening` once."""
+        rows = [
+            [
+                o.account.id,
+                o.account.patient_id,
+                o.account.currency,
+                o.account.status.value,
+                o.account.version,
+                o.contact.name,
+                o.contact.email,
+                o.patient_version,
+                o.registered_at,
+                o.account.opened_at,
+                *_outbox_columns(o.event, o.correlation_id, o.actor),
+            ]
+            for o in opening
+        ]
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        await cur.execute(self._insert_accounts, [*columns, opened_by])
+        return {row[0] for row in await cur.fetchall()}
 
     async def save(self, cur: psycopg.AsyncCursor[Any], account: Account, previous: int) -> None:
         """Writes a locked account's new state over version `previous`."""
@@ -355,13 +403,33 @@ class BillingStore:
         event: BillingEvent, occurred_at: datetime, correlation_id: str | None, actor: Actor | None
     ) -> list[Any]:
         """An outbox row's columns after its aggregate id and version."""
-        contract = BILLING_CONTRACTS[type(event)]
-        return [
-            contract.type,
-            contract.version,
-            msgspec.json.encode(event),
-            occurred_at,
-            correlation_id,
-            actor.user_id if actor else None,
-            actor.role if actor else None,
-        ]
+        type_, version, payload, *who = _outbox_columns(event, correlation_id, actor)
+        return [type_, version, payload, occurred_at, *who]
+
+
+def _outbox_columns(
+    event: BillingEvent, correlation_id: str | None, actor: Actor | None
+) -> list[Any]:
+    """An outbox row's type, schema version, payload, correlation id and actor."""
+    contract = BILLING_CONTRACTS[type(event)]
+    return [
+        contract.type,
+        contract.version,
+        msgspec.json.encode(event),
+        correlation_id,
+        actor.user_id if actor else None,
+        actor.role if actor else None,
+    ]
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A new account to insert with the event that opened it (`Store.insert_many`)."""
+
+    account: Account
+    contact: Contact
+    event: BillingEvent
+    registered_at: datetime | None
+    patient_version: int
+    correlation_id: str | None
+    actor: Actor | None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, date, datetime
 from typing import Any
 
 import msgspec
@@ -20,16 +21,20 @@ from grpclib.const import Status
 from litestar.testing import AsyncTestClient
 
 from billing_grpc.generated.carelog.billing import v1 as pb
+from billing_grpc.service import Billing
+from bootstrap.billing import Running
 from commands.api import create_app
 from commands.relay import EventStoreLog
 from commands.store import EventStore
+from domain import contracts
 from domain.billing import BILLING_STREAM, account_id_for, decode_billing_event
-from domain.contracts import PATIENT_STREAM
+from domain.contracts import PATIENT_STREAM, PatientDetailsChangedV1
 from domain.roles import Role
 from runtime.kafka import EVENT_PARTITIONS, client_options, ensure_topics, reliable_producer
 from runtime.publisher import Publisher
 from runtime.settings import Settings
 from tests.support.billing import (
+    SCHEMA,
     accounts_of,
     bearer,
     billing,
@@ -373,3 +378,46 @@ async def test_billing_events_record_their_actor_the_caller_or_the_patient_event
     mine = [r for r in everything if r.key == account.account_id.encode()]
     assert [decode_billing_event(r.value)[0].actor_id for r in mine] == [receptionist, clerk]
     assert [dict(r.headers)["actor-role"] for r in mine] == [b"receptionist", b"billing"]
+
+
+async def test_a_batch_of_registrations_and_other_events_applies_in_its_order(
+    billing: Running, settings: Settings
+):
+    """Registrations are opened many to a statement; the events between them still apply in
+    the batch's order, and a patient registered twice in it gets one account."""
+    service = Billing(billing.pool, SCHEMA, "GBP")
+    a, b, c = registered(), registered(), registered()
+    change = contracts.envelope(
+        PatientDetailsChangedV1(
+            name="Mary Seacole-Grant",
+            email=f"changed-{uuid.uuid4().hex[:8]}@example.org",
+            address="2 Kingston Road",
+            date_of_birth=date(1985, 11, 23),
+        ),
+        aggregate_id=a.aggregate_id,
+        aggregate_version=2,
+        position=3,
+        occurred_at=datetime.now(UTC),
+    )
+    envelopes = [a, b, change, a, removed(b.aggregate_id), c, c]
+    batch = [contracts.decode(msgspec.json.encode(e)) for e in envelopes]
+
+    applied = await service.apply_patient_events(batch)
+
+    assert (applied.opened, applied.closed, applied.unchanged) == (3, 1, 3)
+    async with await psycopg.AsyncConnection.connect(settings.database_url) as db:
+        cur = await db.execute(
+            f"SELECT email, patient_version FROM {SCHEMA}.accounts WHERE patient_id = %s",
+            [a.aggregate_id],
+        )
+        # The registration delivered again after the change does not undo it.
+        assert await cur.fetchall() == [(change.data.email, 2)]
+    for patient, events in (
+        (a, ["BillingAccountOpened"]),
+        (b, ["BillingAccountOpened", "BillingAccountClosed"]),
+        (c, ["BillingAccountOpened"]),
+    ):
+        assert len(await accounts_of(settings.database_url, patient.aggregate_id)) == 1
+        assert await outbox_types(settings.database_url, account_id_for(patient.aggregate_id)) == (
+            events
+        )
