@@ -7,8 +7,9 @@
 
 Each process is put in a group by its command line: a carelog process by its
 subcommand (`serve commands`, `project directory`, `relay`, ...), PostgreSQL, Kafka,
-Redis and the gateway by their programs. The load generator is counted apart, since
-on one machine it competes for the same cores but is not part of the stack.
+Redis and the gateway by their programs. The load generator and the local SMTP capture
+are counted apart: on one machine they compete for the same cores, but they stand in for
+the clients and for the practice's mail relay, not parts of the stack.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ _INFRA = {
     "haproxy": "gateway",
     "wrk": "load generator",
 }
+
+
+OUTSIDE = frozenset({"load generator", "mail (local SMTP)"})
+"""Groups counted apart from the stack (see the module's text)."""
 
 
 def _group(pid: int, args: list[str]) -> str | None:
@@ -127,12 +132,22 @@ class CpuMeter:
 
     @property
     def stack(self) -> float:
-        """CPU seconds of everything but the load generator."""
-        return sum(v for k, v in self.used.items() if k != "load generator")
+        """CPU seconds of everything but the load generator and the SMTP capture."""
+        return sum(v for k, v in self.used.items() if k not in OUTSIDE)
 
     def per_operation(self, count: int) -> float:
         """Milliseconds of the stack's CPU per operation."""
         return self.stack / count * 1000 if count else 0.0
+
+    def per_group(self, count: int) -> str:
+        """`group ms, ...`: milliseconds of each group's CPU per operation, biggest first;
+        the groups outside the stack marked so."""
+        parts = sorted(self.used.items(), key=lambda kv: -kv[1])
+        return ", ".join(
+            f"{group}{' (outside)' if group in OUTSIDE else ''} {used / count * 1000:.2f}"
+            for group, used in parts
+            if count and used / count >= 0.00001
+        )
 
     def cores(self) -> str:
         """`group cores, ...` for the biggest users, busiest first."""
