@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -66,14 +66,16 @@ class Round:
     off what the round left it (the consumers' backlog), `drained` seconds after wrk
     stopped."""
 
-    def __init__(self, result: WrkResult, cpu: CpuMeter, drained: float):
+    def __init__(self, result: WrkResult, cpu: CpuMeter, drained: float, lags: list[float]):
         self.result = result
         self.cpu = cpu
         self.drained = drained
+        self.lags = lags
 
     @property
     def cpu_ms(self) -> float:
-        return self.cpu.per_operation(self.result.ok)
+        """The stack's CPU per operation: wrk's and the probe's (each probe registers one)."""
+        return self.cpu.per_operation(self.result.ok + len(self.lags))
 
 
 def _median(rounds: list[Round], value: Callable[[Round], float]) -> float:
@@ -93,7 +95,7 @@ def _row(label: str, rounds: list[Round]) -> str:
 
 def _per_process(rounds: list[Round]) -> str:
     middle = sorted(rounds, key=lambda r: r.result.rate)[len(rounds) // 2]
-    return middle.cpu.per_group(middle.result.ok)
+    return middle.cpu.per_group(middle.result.ok + len(middle.lags))
 
 
 async def _probe(
@@ -137,19 +139,24 @@ async def _probe(
     return lags
 
 
-async def _wrk_round(
-    url: str, script: str, seconds: float, done: asyncio.Event | None = None
-) -> Round:
+Probe = Callable[[asyncio.Event], Coroutine[Any, Any, list[float]]]
+
+
+async def _wrk_round(url: str, script: str, seconds: float, probe: Probe | None = None) -> Round:
     """A round on a settled stack, its CPU counted until the stack has settled again: what
-    the round's writes cost the consumers after wrk stopped is theirs too. `done` is set
-    when wrk stops."""
+    the round's writes cost the consumers after wrk stopped is theirs too. `probe` runs
+    while wrk does (its CPU counted with the round's)."""
     await asyncio.to_thread(wait_until_quiet)
+    stop = asyncio.Event()
     with CpuMeter() as cpu:
+        probing: asyncio.Task[list[float]] | None = None
+        if probe is not None:
+            probing = asyncio.create_task(probe(stop))
         result = await asyncio.to_thread(run_wrk, url, script, seconds)
-        if done is not None:
-            done.set()
+        stop.set()
+        lags = await probing if probing is not None else []
         drained, _ = await asyncio.to_thread(wait_until_quiet)
-    return Round(result, cpu, drained)
+    return Round(result, cpu, drained, lags)
 
 
 async def _patients(base: str, headers: dict[str, str], count: int) -> list[str]:
@@ -273,14 +280,15 @@ async def run(settings: Settings) -> list[str]:
     register: dict[str, list[Round]] = {"direct": [], "gateway": []}
     lags: list[float] = []
     for r in range(ROUNDS):
-        stop = asyncio.Event()
-        probe = asyncio.create_task(_probe(settings, commands, admin, stop))
         register["direct"].append(
             await _wrk_round(
-                commands, register_script([admin], f"{run_id}d{r}"), ROUND_SECONDS, stop
+                commands,
+                register_script([admin], f"{run_id}d{r}"),
+                ROUND_SECONDS,
+                lambda stop: _probe(settings, commands, admin, stop),
             )
         )
-        lags += await probe
+        lags += register["direct"][-1].lags
         register["gateway"].append(
             await _wrk_round(
                 gateway,
