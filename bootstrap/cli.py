@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from runtime.logs import configure_logging
+from runtime.loop import run_service
 from runtime.settings import Settings, SettingsError, read_env_file
 from runtime.tracing import configure_tracing
 
@@ -163,7 +164,7 @@ def serve(which: str) -> None:
             config = BillingConfig.from_env(_environ())
         except SettingsError as exc:
             sys.exit(f"carelog billing: {exc}")
-        asyncio.run(billing.run(settings, config))
+        run_service(billing.run(settings, config))
     elif which == "commands":
         from bootstrap import commands
 
@@ -495,18 +496,18 @@ def main(argv: list[str] | None = None) -> None:
 
         settings = _settings("relay")
         _require_migrated(settings, "relay")
-        asyncio.run(relay.run(settings))
+        run_service(relay.run(settings))
     elif args.command == "project":
         from bootstrap import directory
 
         settings = _settings(f"project {args.projection}")
         _require_migrated(settings, f"project {args.projection}")
         if args.projection == "appointments":
-            asyncio.run(directory.run_appointments(settings))
+            run_service(directory.run_appointments(settings))
         elif args.projection == "analytics":
-            asyncio.run(directory.run_analytics(settings))
+            run_service(directory.run_analytics(settings))
         else:
-            asyncio.run(directory.run(settings))
+            run_service(directory.run(settings))
     elif args.command == "notify":
         from bootstrap import notifier
         from notifications.config import NotifierConfig
@@ -517,13 +518,13 @@ def main(argv: list[str] | None = None) -> None:
             config = NotifierConfig.from_env(_environ())
         except SettingsError as exc:
             sys.exit(f"carelog notify: {exc}")
-        asyncio.run(notifier.run(settings, config))
+        run_service(notifier.run(settings, config))
     elif args.command == "react":
         from bootstrap import directory
 
         settings = _settings("react patient-removals")
         _require_migrated(settings, "react patient-removals")
-        asyncio.run(directory.run_patient_removals(settings))
+        run_service(directory.run_patient_removals(settings))
     elif args.command == "topics":
         from domain.contracts import CONTRACTS
         from runtime.kafka import ensure_topics
