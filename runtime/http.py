@@ -638,33 +638,7 @@ def service_app(
         state=State(dict(state or {})),
     )
     _serve_complete_document(app)
-    for _, _, handler in operations(app):
-        _guard_in_place(handler)
     return app
-
-
-async def _authorize_in_place(self: HTTPRouteHandler, connection: Any) -> None:
-    for guard in self.resolve_guards():
-        outcome = guard(connection, self)
-        if outcome is not None:
-            await outcome
-
-
-_IN_PLACE: dict[type, type] = {}
-
-
-def _guard_in_place(handler: HTTPRouteHandler) -> None:
-    """Has the handler's guards see the handler itself. Litestar hands each guard a copy of
-    the route handler, made field by field for every guarded request (about 40 us, a
-    tenth of what a registration costs the command process); carelog's guards
-    (`runtime.security.requires`) never look at it. The handler becomes an instance of a
-    subclass of its own class that differs in that method alone."""
-    kind = type(handler)
-    if kind not in _IN_PLACE:
-        _IN_PLACE[kind] = type(
-            kind.__name__, (kind,), {"__slots__": (), "authorize_connection": _authorize_in_place}
-        )
-    handler.__class__ = _IN_PLACE[kind]
 
 
 def traced(app: Any) -> Any:
