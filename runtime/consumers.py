@@ -57,9 +57,9 @@ FETCH_MAX_WAIT_MS = 20
 FLOOD_MIN_BYTES = 256 * 1024
 FLOOD_MAX_WAIT_MS = 50
 """Flooded (a batch of FLOOD_RECORDS or more came): the broker gathers longer. A batch costs
-a consumer a fetch, a transaction and an offset commit whatever its size; at several
-hundred events a second, batches gathered for 50 ms rather than 20 cut what the seven
-consumers spend per event by about a fifth (docs/benchmarks.md), and an event waits at
+a consumer a fetch, a transaction and an offset commit whatever its size; at 700
+registrations a second, batches gathered for 50 ms rather than 20 cut what the consumers
+spend per registration by about a seventh (docs/benchmarks.md), and an event waits at
 most 30 ms more, behind dozens of others. A trickle keeps the shorter wait."""
 FLOOD_RECORDS = 32
 IDLE_FETCH_MAX_WAIT_MS = 500
