@@ -26,14 +26,13 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.subscriber.usecase import BatchSubscriber
 from prometheus_client import Counter
 
 from domain import contracts
 from runtime import tracing
 from runtime.crypto import Keyring, open_payloads
-from runtime.kafka import raw_bodies
+from runtime.kafka import Records, raw_records
 
 log = structlog.get_logger(__name__)
 
@@ -297,11 +296,12 @@ def subscribe(
         fetch_min_bytes=FETCH_MIN_BYTES,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=raw_bodies,
+        decoder=raw_records,
     )
     # The same object, polling its own way (the subclass adds no state).
     subscriber.__class__ = _Batches
 
     @subscriber
-    async def on_events(bodies: list[bytes], message: KafkaMessage) -> None:
-        await worker.handle(bodies, message.batch_headers)
+    async def on_events(records: Any) -> None:
+        batch: Records = records
+        await worker.handle(batch.bodies, batch.headers)

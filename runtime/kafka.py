@@ -13,6 +13,7 @@ import logging
 import ssl
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -140,9 +141,22 @@ def reliable_producer(settings: Settings) -> AIOKafkaProducer:
     )
 
 
-async def raw_bodies(message: StreamMessage[Any]) -> list[bytes]:
-    """Hands the handler each record's bytes; the envelope is decoded by its own contract."""
-    return list(message.body)
+@dataclass(frozen=True)
+class Records:
+    """A batch as a consumer's handler takes it: each record's bytes (the envelope is
+    decoded by its own contract) and each record's Kafka headers."""
+
+    bodies: list[bytes]
+    headers: list[dict[str, Any]]
+
+
+async def raw_records(message: StreamMessage[Any]) -> Records:
+    """The batch's records, whole, for a handler with one parameter of type Any: its
+    headers come with it, so the handler asks for no `KafkaMessage` from the context
+    (which FastStream resolves in a worker thread, a hand-off per batch) and nothing is
+    validated record by record."""
+    bodies: list[bytes] = list(message.body)  # type: ignore[arg-type]  # one per record
+    return Records(bodies, message.batch_headers)
 
 
 def kafka_broker(settings: Settings, client_id: str) -> KafkaBroker:

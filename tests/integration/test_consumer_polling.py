@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio.to_thread
 import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -198,3 +199,27 @@ async def test_a_flooded_consumer_gathers_longer_and_a_trickle_does_not_wait_for
         # The trickle's fetches wait as a busy or an idle consumer's do, not a flooded one's.
         assert FLOOD_MAX_WAIT_MS not in trickle
         assert trickle & {FETCH_MAX_WAIT_MS, IDLE_FETCH_MAX_WAIT_MS}
+
+
+async def test_a_batch_reaches_the_worker_without_a_thread(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    """The handler's argument is the decoded batch itself: nothing of it is resolved in a
+    worker thread (FastStream resolves a `KafkaMessage` parameter there, once a batch)."""
+    hand_offs: list[object] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hand_offs.append(func)
+        return await run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    async with consuming(settings) as (worker, producer, topic):
+        hand_offs.clear()
+        events = []
+        for _ in range(20):
+            event, body, key = removal()
+            events.append(event)
+            await producer.send_and_wait(topic, body, key=key)
+        await until(lambda: all(e in worker.applied for e in events))
+        assert hand_offs == []
