@@ -66,7 +66,8 @@ async def test_the_standard_librarys_client_is_served_too(capture: tuple[Path, i
 
     def send() -> None:
         with smtplib.SMTP("127.0.0.1", port) as client:
-            assert client.has_extn("size") or client.ehlo()[0] == 250
+            assert client.ehlo()[0] == 250
+            assert client.has_extn("size") and client.has_extn("smtputf8")
             client.sendmail("x@example.org", ["y@example.org"], "Subject: s\r\n\r\n.\r\nbody\r\n")
             assert client.noop()[0] == 250
             assert client.rset()[0] == 250
