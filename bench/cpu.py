@@ -3,7 +3,7 @@
     with CpuMeter() as cpu:
         ...  # the load
     cpu.per_operation(count)   # ms of CPU per operation, summed over the stack
-    cpu.table()                # cores used by each part during the run
+    cpu.per_group(count)       # ms of each group's CPU per operation
 
 Each process is put in a group by its command line: a carelog process by its
 subcommand (`serve commands`, `project directory`, `relay`, ...), PostgreSQL, Kafka,
@@ -147,11 +147,4 @@ class CpuMeter:
             f"{group}{' (outside)' if group in OUTSIDE else ''} {used / count * 1000:.2f}"
             for group, used in parts
             if count and used / count >= 0.00001
-        )
-
-    def cores(self) -> str:
-        """`group cores, ...` for the biggest users, busiest first."""
-        parts = sorted(self.used.items(), key=lambda kv: -kv[1])
-        return ", ".join(
-            f"{group} {used / self.seconds:.2f}" for group, used in parts if used >= 0.01
         )

@@ -73,9 +73,14 @@ class Round:
         self.lags = lags
 
     @property
+    def operations(self) -> int:
+        """wrk's answers and the probe's registrations (each probe registers one)."""
+        return self.result.ok + len(self.lags)
+
+    @property
     def cpu_ms(self) -> float:
-        """The stack's CPU per operation: wrk's and the probe's (each probe registers one)."""
-        return self.cpu.per_operation(self.result.ok + len(self.lags))
+        """The stack's CPU per operation."""
+        return self.cpu.per_operation(self.operations)
 
 
 def _median(rounds: list[Round], value: Callable[[Round], float]) -> float:
@@ -95,7 +100,7 @@ def _row(label: str, rounds: list[Round]) -> str:
 
 def _per_process(rounds: list[Round]) -> str:
     middle = sorted(rounds, key=lambda r: r.result.rate)[len(rounds) // 2]
-    return middle.cpu.per_group(middle.result.ok + len(middle.lags))
+    return middle.cpu.per_group(middle.operations)
 
 
 async def _probe(

@@ -150,14 +150,11 @@ class Session:
         (read to its end all the same, so the session can go on)."""
         chunks: list[bytes] = []
         size = 0
-        at_line_start = True
         while True:
-            chunk = await reader.readuntil(b"\n")
-            if at_line_start and chunk in (b".\r\n", b".\n"):
+            line = await reader.readuntil(b"\n")  # whole lines: each starts a line
+            if line in (b".\r\n", b".\n"):
                 break
-            if at_line_start and chunk.startswith(b"."):
-                chunk = chunk[1:]
-            at_line_start = chunk.endswith(b"\n")
+            chunk = line[1:] if line.startswith(b".") else line
             size += len(chunk)
             if size <= MAX_SIZE:
                 chunks.append(chunk)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -114,28 +114,14 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, int]]:
     return sent
 
 
-@pytest.fixture
-def fetches(waits: list[tuple[float, int]]) -> _Times:
-    """When each fetch request went to the broker."""
-    return _Times(waits)
-
-
-class _Times:
-    def __init__(self, waits: list[tuple[float, int]]):
-        self.waits = waits
-
-    def __iter__(self) -> Iterator[float]:
-        return iter([t for t, _ in self.waits])
-
-
 async def test_an_idle_consumer_fetches_rarely_and_takes_the_next_event_at_once(
-    settings: Settings, fetches: _Times
+    settings: Settings, waits: list[tuple[float, int]]
 ):
     async with consuming(settings) as (worker, producer, topic):
         await asyncio.sleep(1.0)  # nothing arrives: the consumer is idle
         since = time.monotonic()
         await asyncio.sleep(2.0)
-        idle = [t for t in fetches if t >= since]
+        idle = [t for t, _ in waits if t >= since]
         # Held by the broker up to half a second each; polling every 20 ms is about 100.
         assert len(idle) <= 10, f"{len(idle)} fetches in 2 s of idling"
 

@@ -22,7 +22,6 @@ def shipped(settings: Settings, timeout: float = 15.0) -> None:
         while sizes:
             marks = dict(conn.execute(MARKS, [list(sizes)]).fetchall())
             sizes = unshipped(directory, sizes, marks)
-            if not sizes:
-                return
-            assert time.monotonic() < deadline, f"spool segments not shipped: {sorted(sizes)}"
-            time.sleep(0.01)
+            if sizes:
+                assert time.monotonic() < deadline, f"spool segments not shipped: {sorted(sizes)}"
+                time.sleep(0.01)
