@@ -87,6 +87,31 @@ def snapshot() -> dict[str, float]:
     return dict(totals)
 
 
+def compiler_seconds() -> float:
+    """CPU seconds so far of the JVM's JIT compiler threads in the Kafka broker (0.0 when
+    no broker runs here). A broker keeps compiling its hot paths for minutes after it
+    starts; a benchmark that means a running system's cost waits until that is done."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = [
+                a.decode(errors="replace")
+                for a in (entry / "cmdline").read_bytes().split(b"\0")
+                if a
+            ]
+            if _group(int(entry.name), args) != "Kafka":
+                continue
+            for task in (entry / "task").iterdir():
+                if (task / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
+                    stat = (task / "stat").read_text()
+                    total += sum(int(x) for x in stat[stat.rindex(")") + 2 :].split()[11:13])
+        except OSError:
+            continue
+    return total / _TICKS
+
+
 def wait_until_quiet(
     cores: float = 0.25, window: float = 1.0, timeout: float = 120.0
 ) -> tuple[float, float]:

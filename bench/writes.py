@@ -5,7 +5,8 @@
 Load comes from wrk (16 keep-alive connections, 2 threads) so that the load tool takes
 little of the two cores the stack shares. Every figure is the median of ROUNDS
 alternating rounds (direct, then through the gateway), ROUND_SECONDS each, each on a
-settled stack, after a WARMUP_SECONDS register round that is not counted:
+settled stack, after register rounds that are not counted (until the broker's JIT
+compiler has settled, see WARMUP_ROUNDS):
 - register (POST /patients) and update (PUT /patients/{id}) per second, p50 and p99;
 - milliseconds of CPU per operation, summed over every process of the stack (the
   carelog processes, PostgreSQL, Kafka, Redis, the gateway) from /proc, from each
@@ -40,7 +41,7 @@ import httpx
 import psycopg
 
 from bench.common import CONCURRENCY, insert_floor, main_for, ms, quiesce, token_headers
-from bench.cpu import CpuMeter, wait_until_quiet
+from bench.cpu import CpuMeter, compiler_seconds, wait_until_quiet
 from bench.gateway import bench_users
 from bench.loadgen import Connection, percentile
 from bench.wrk import WrkResult, get_script, register_script, run_wrk, update_script
@@ -53,8 +54,14 @@ PROFILE = Path(__file__).with_name("profile.md")
 ROUNDS = 3
 ROUND_SECONDS = 10.0
 WARMUP_SECONDS = 5.0
-"""A register round before the measured ones, not counted: the broker's JVM compiles its
-hot paths during its first minutes under load (a fifth of its CPU in the first rounds)."""
+WARMUP_ROUNDS = 8
+COMPILER_SETTLED = 0.02
+"""Register rounds of WARMUP_SECONDS before the measured ones, not counted, until the
+broker's JIT compiler threads used under COMPILER_SETTLED cores over one (at most
+WARMUP_ROUNDS). The broker's JVM compiles its hot paths during its first minutes under
+load: on a fresh stack its compiler threads took 0.13 of a core in a register round at
+700/s, almost half of the broker's CPU, and still 0.06 three rounds later. The figures
+are a running system's, not a starting one's."""
 UPDATE_PATIENTS = 1000
 HISTORY = 1000
 PROBE_EVERY = 0.05
@@ -162,6 +169,19 @@ async def _wrk_round(url: str, script: str, seconds: float, probe: Probe | None 
         lags = await probing if probing is not None else []
         drained, _ = await asyncio.to_thread(wait_until_quiet)
     return Round(result, cpu, drained, lags)
+
+
+async def _warm_up(url: str, script: str) -> tuple[int, float]:
+    """Register rounds until the broker's compiler threads have settled (see WARMUP_ROUNDS):
+    returns the rounds run and the compiler's cores in the last one."""
+    compiling = 0.0
+    for done in range(1, WARMUP_ROUNDS + 1):
+        before, started = compiler_seconds(), time.perf_counter()
+        await asyncio.to_thread(run_wrk, url, script, WARMUP_SECONDS)
+        compiling = (compiler_seconds() - before) / (time.perf_counter() - started)
+        if compiling < COMPILER_SETTLED:
+            return done, compiling
+    return WARMUP_ROUNDS, compiling
 
 
 async def _patients(base: str, headers: dict[str, str], count: int) -> list[str]:
@@ -281,7 +301,7 @@ async def run(settings: Settings) -> list[str]:
 
     floor = await insert_floor(settings)
 
-    await _wrk_round(commands, register_script([admin], f"{run_id}w"), WARMUP_SECONDS)
+    warmup = await _warm_up(commands, register_script([admin], f"{run_id}w"))
     register: dict[str, list[Round]] = {"direct": [], "gateway": []}
     lags: list[float] = []
     for r in range(ROUNDS):
@@ -363,7 +383,9 @@ async def run(settings: Settings) -> list[str]:
         "",
         f"`uv run python -m bench.writes` (part of `make bench`). wrk, {CONCURRENCY} keep-alive"
         f" connections; medians of {ROUNDS} alternating rounds of {ROUND_SECONDS:.0f} s, after"
-        f" a {WARMUP_SECONDS:.0f} s register round not counted. The relay, every projection,"
+        f" {warmup[0]} register rounds of {WARMUP_SECONDS:.0f} s not counted (until the"
+        f" broker's JIT compiler had settled: {warmup[1]:.3f} cores in the last; at most"
+        f" {WARMUP_ROUNDS}). The relay, every projection,"
         " billing and the notifier run throughout on the same cores, handling every event the"
         " writes make. Each round starts on a settled stack (under a quarter of a core for a"
         " second). CPU per operation is the CPU time of every process of the stack (carelog's,"
