@@ -5,32 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 
-from ops.local.mailcatcher import serve
-
-
-@pytest.fixture
-async def capture(tmp_path: Path, unused_tcp_port: int) -> AsyncIterator[tuple[Path, int]]:
-    for part in ("tmp", "new", "cur"):
-        (tmp_path / part).mkdir()
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve(tmp_path, "127.0.0.1", unused_tcp_port, stop))
-    for _ in range(100):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", unused_tcp_port)
-        except OSError:
-            await asyncio.sleep(0.01)
-            continue
-        writer.close()
-        break
-    yield tmp_path, unused_tcp_port
-    stop.set()
-    await server
+from ops.local import mailcatcher
 
 
 def _stored(maildir: Path) -> list[bytes]:
@@ -100,3 +80,84 @@ async def test_commands_out_of_order_or_unknown_are_refused_and_store_nothing(
     assert await say(b"QUIT") == b"221"
     writer.close()
     assert _stored(maildir) == []
+
+
+async def test_a_pipelined_group_is_answered_in_one_write(capture: tuple[Path, int]) -> None:
+    maildir, port = capture
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await reader.readuntil(b"\r\n"))[:3] == b"220"
+    writer.write(b"EHLO client\r\n")
+    assert b"250-PIPELINING\r\n" in await reader.readuntil(b"\r\n250 SIZE 33554432\r\n")
+    writer.write(b"MAIL FROM:<x@example.org> SIZE=40\r\nRCPT TO:<y@example.org>\r\nDATA\r\n")
+    assert await reader.read(4096) == (
+        b"250 OK\r\n250 OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+    )
+    writer.write(b"Subject: p\r\n\r\n..dot\r\nend\r\n.\r\n")
+    assert await reader.readuntil(b"\r\n") == b"250 Message accepted for delivery\r\n"
+    writer.write(b"RSET\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<>\r\nDATA\r\n")
+    assert await reader.read(4096) == (
+        b"250 OK\r\n250 OK\r\n501 Syntax: RCPT TO:<address>\r\n503 Error: need RCPT command\r\n"
+    )
+    writer.write(b"QUIT\r\n")
+    assert await reader.read(4096) == b"221 Bye\r\n"
+    assert await reader.read(4096) == b""
+    writer.close()
+    [stored] = _stored(maildir)
+    assert stored.endswith(b"\nSubject: p\n\n.dot\nend\n")
+
+
+async def test_a_session_sent_in_pieces_of_any_size_is_read_the_same(
+    capture: tuple[Path, int],
+) -> None:
+    maildir, port = capture
+    session = (
+        b"HELO client\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<y@example.org>\r\nDATA\r\n"
+        b".first\r\n.\r.\r\n..\r\nnot the end: \n.x\r\n.\r\n"
+        b"MAIL FROM:<x@example.org>\r\nRCPT TO:<z@example.org>\r\nDATA\r\n"
+        b".\r\n"  # empty
+        b"MAIL FROM:<x@example.org>\r\nRCPT TO:<z@example.org>\r\nDATA\r\n"
+        b"bare line feeds\n.\n"
+        b"QUIT\r\n"
+    )
+    for size in (1, 2, 3, 5, 7, len(session)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(0, len(session), size):
+            writer.write(session[i : i + size])
+            await writer.drain()
+            await asyncio.sleep(0)
+        replies = await reader.read(65536)
+        while not replies.endswith(b"221 Bye\r\n"):
+            replies += await reader.read(65536)
+        writer.close()
+        assert replies.count(b"250 Message accepted") == 3, (size, replies)
+    stored = _stored(maildir)
+    assert len(stored) == 18
+    bodies = sorted(s.split(b"X-RcptTo: ", 1)[1].split(b"\n", 1)[1] for s in stored)
+    assert set(bodies) == {b"", b"bare line feeds\n", b"first\n\r.\n.\nnot the end: \nx\n"}
+
+
+async def test_what_is_too_long_is_refused(
+    capture: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    maildir, port = capture
+    monkeypatch.setattr(mailcatcher, "MAX_SIZE", 100)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await reader.readuntil(b"\r\n"))[:3] == b"220"
+    big = b"".join(b"line %d of many\r\n" % i for i in range(1000))
+    for message, reply in ((big, b"552"), (b"short\r\n", b"250"), (big, b"552")):
+        writer.write(b"HELO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<y@example.org>\r\nDATA\r\n")
+        data = message + b".\r\n"
+        for i in range(0, len(data), 7):  # the end arriving in pieces
+            writer.write(data[i : i + 7])
+            await writer.drain()
+            await asyncio.sleep(0)
+        replies = [(await reader.readuntil(b"\r\n"))[:3] for _ in range(5)]
+        assert replies == [b"250", b"250", b"250", b"354", reply]
+    writer.write(b"NOOP " + b"x" * 2000 + b"\r\n")
+    assert (await reader.readuntil(b"\r\n"))[:3] == b"500"
+    writer.write(b"NOOP " + b"x" * 2000)  # and no line end: the session ends
+    assert (await reader.readuntil(b"\r\n"))[:3] == b"500"
+    assert await reader.read(4096) == b""
+    writer.close()
+    [stored] = _stored(maildir)
+    assert stored.endswith(b"\nshort\n")
