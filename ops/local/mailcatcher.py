@@ -14,7 +14,7 @@ message's end in one search, not line by line. It stands in for the practice's m
 relay; it is no mail server to expose.
 
     uv run python -m ops.local.mailcatcher [MAILDIR] [--host 127.0.0.1] [--smtp-port 1025]
-        [--health-port 4016]
+        [--health-port 4016] [--keep 10000]
 
 `--host 0.0.0.0` in a container, so that the notifier's container reaches it.
 """
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import itertools
 import os
 import signal
@@ -50,19 +52,36 @@ class _Health(BaseHTTPRequestHandler):
         pass
 
 
-class Maildir:
-    """Delivers each message into a Maildir: written under tmp/, then renamed into new/."""
+KEEP = 10_000
+"""How many of the messages it delivered the capture keeps in new/ (`--keep`)."""
 
-    def __init__(self, root: Path):
+
+class Maildir:
+    """Delivers each message into a Maildir: written under tmp/, then renamed into new/.
+
+    Keeps the newest `keep` of the messages it delivered: each one past that deletes the
+    oldest (unless a mail tool has moved it on). A benchmark sends hundreds of thousands
+    of welcome emails; kept, they made every later delivery slower (a folder of millions
+    of files) and had the kernel write each to disk, where one kept a few seconds never
+    gets there."""
+
+    def __init__(self, root: Path, keep: int = KEEP):
         self.root = root
+        self.keep = keep
         self._unique = itertools.count()
+        self._kept: collections.deque[Path] = collections.deque()
 
     def deliver(self, peer: str, mail_from: str, rcpt_tos: list[str], content: bytes) -> None:
         trace = f"X-Peer: {peer}\nX-MailFrom: {mail_from}\nX-RcptTo: {', '.join(rcpt_tos)}\n"
         name = f"{time.time_ns()}.P{os.getpid()}Q{next(self._unique)}.carelog"
         draft = self.root / "tmp" / name
         draft.write_bytes(trace.encode() + content.replace(b"\r\n", b"\n"))
-        os.rename(draft, self.root / "new" / name)
+        delivered = self.root / "new" / name
+        os.rename(draft, delivered)
+        self._kept.append(delivered)
+        while len(self._kept) > self.keep:
+            with contextlib.suppress(FileNotFoundError):
+                self._kept.popleft().unlink()
 
 
 def _address(argument: bytes, keyword: bytes) -> str | None:
@@ -223,8 +242,8 @@ class Session(asyncio.Protocol):
         return b"250 Message accepted for delivery\r\n"
 
 
-async def serve(maildir: Path, host: str, port: int, stop: asyncio.Event) -> None:
-    store = Maildir(maildir)
+async def serve(maildir: Path, host: str, port: int, stop: asyncio.Event, keep: int = KEEP) -> None:
+    store = Maildir(maildir, keep)
     server = await asyncio.get_running_loop().create_server(
         lambda: Session(store, b"mail.carelog.invalid"), host, port
     )
@@ -238,6 +257,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--smtp-port", type=int, default=1025)
     parser.add_argument("--health-port", type=int, default=4016)
+    parser.add_argument(
+        "--keep", type=int, default=KEEP, help="messages kept in new/ (the newest delivered)"
+    )
     args = parser.parse_args()
     for part in ("tmp", "new", "cur"):  # a Maildir, even where the folder already exists
         (Path(args.maildir) / part).mkdir(parents=True, exist_ok=True)
@@ -250,7 +272,7 @@ def main() -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         print(f"smtp capture on {args.host}:{args.smtp_port}, maildir {args.maildir}", flush=True)
-        await serve(Path(args.maildir), args.host, args.smtp_port, stop)
+        await serve(Path(args.maildir), args.host, args.smtp_port, stop, args.keep)
 
     asyncio.run(run())
     health.shutdown()

@@ -783,9 +783,10 @@ cmd_down() {
 cmd_reset() {
   cmd_down
   say "deleting stack data under $(rel "$STACK") (keeping the Kafka jars in $(rel "$KAFKA_LIBS"))"
-  # The audit spool goes with the database its records were for.
+  # The audit spool goes with the database its records were for; the captured mail with
+  # the patients it was sent to.
   rm -rf "$STACK/pg" "$REDIS_DIR" "$KAFKA_DATA" "$STACK"/kafka/data.before-scram-* "$KAFKA_CONF" "$LOGS" \
-    "$STACK/audit-spool"
+    "$STACK/audit-spool" "$STACK/mail"
   find "$RUN" -name '*.pid' -delete 2>/dev/null || true
 }
 

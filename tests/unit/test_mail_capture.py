@@ -161,3 +161,20 @@ async def test_what_is_too_long_is_refused(
     writer.close()
     [stored] = _stored(maildir)
     assert stored.endswith(b"\nshort\n")
+
+
+def test_the_newest_messages_are_kept_and_older_ones_deleted(tmp_path: Path) -> None:
+    for part in ("tmp", "new", "cur"):
+        (tmp_path / part).mkdir()
+    store = mailcatcher.Maildir(tmp_path, keep=3)
+    store.deliver("peer", "a@example.org", ["b@example.org"], b"Subject: 0\r\n\r\nx\r\n")
+    moved = next((tmp_path / "new").iterdir())
+    moved.rename(tmp_path / "cur" / moved.name)  # a mail tool read it: no longer the capture's
+    for n in range(1, 6):
+        store.deliver(
+            "peer", "a@example.org", ["b@example.org"], f"Subject: {n}\r\n\r\nx\r\n".encode()
+        )
+    kept = [m.rsplit(b"Subject: ", 1)[1][:1] for m in _stored(tmp_path)]
+    assert kept == [b"3", b"4", b"5"]
+    assert [p.name for p in (tmp_path / "cur").iterdir()] == [moved.name]
+    assert list((tmp_path / "tmp").iterdir()) == []
