@@ -23,7 +23,7 @@ from domain.billing import AGGREGATE_TYPE as BILLING
 from domain.billing import InvoiceIssuedV1, PaymentRecordedV1
 from readmodels.analytics import LIVE, NAME, Tables
 from readmodels.swaps import applying
-from readmodels.tracking import applied_statement, track_statement
+from readmodels.tracking import applied_params, applied_statement, track_statement
 from runtime.consumers import Batch, EventBatchWorker
 
 GROUP = "carelog-analytics"
@@ -148,10 +148,9 @@ class AnalyticsProjection:
                         await cur.execute(*statement)
                         counted += 1
             # Only the event store's positions: billing's events are numbered by its outbox.
-            await cur.executemany(
-                self._applied,
-                [(e.position, e.aggregate_id) for e, _ in batch if e.aggregate_type != BILLING],
-            )
+            events = [(e.position, e.aggregate_id) for e, _ in batch if e.aggregate_type != BILLING]
+            if events:
+                await cur.execute(self._applied, applied_params(events))
             await cur.execute(self._track, [self.name, position, counted])
         return counted, position
 

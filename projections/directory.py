@@ -32,7 +32,7 @@ from domain.patients import normalise_email, split_name
 from readmodels.directory import COLUMNS, LIVE, NAME, Tables, records
 from readmodels.history import HistoryStatements
 from readmodels.swaps import applying
-from readmodels.tracking import applied_statement, track_statement
+from readmodels.tracking import applied_params, applied_statement, track_statement
 from runtime.consumers import UnappliableEvent
 from runtime.db import rendered
 
@@ -161,7 +161,9 @@ class DirectoryProjection:
                 else:
                     applied += 1
                 touched.add(envelope.aggregate_id)
-            await cur.executemany(self._applied, [(e.position, e.aggregate_id) for e, _ in batch])
+            await cur.execute(
+                self._applied, applied_params((e.position, e.aggregate_id) for e, _ in batch)
+            )
             await cur.execute(self._track, [self.name, position, applied])
             async with conn.cursor(row_factory=records) as rows:
                 changed = await self._rows(rows, touched)
