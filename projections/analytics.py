@@ -11,7 +11,8 @@ acknowledged and recorded as applied.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 import psycopg
 from faststream.kafka import KafkaBroker
@@ -23,7 +24,7 @@ from domain.billing import AGGREGATE_TYPE as BILLING
 from domain.billing import InvoiceIssuedV1, PaymentRecordedV1
 from readmodels.analytics import LIVE, NAME, Tables
 from readmodels.swaps import applying
-from readmodels.tracking import applied_statement, track_statement
+from readmodels.tracking import applied_params, applied_statement, track_statement
 from runtime.consumers import Batch, EventBatchWorker
 
 GROUP = "carelog-analytics"
@@ -44,10 +45,12 @@ class AnalyticsProjection:
         self.tables = tables
         self.name = name
         t = tables
+        # Registrations, many in one statement (`_register_many`): a row per array element,
+        # the arrays in binary (see `applied_statement`).
         self._register = (
             f"INSERT INTO {t.patients} (id, version, position, registered_date, date_of_birth)"
-            " VALUES (%(id)s, %(version)s, %(position)s, %(registered)s, %(born)s)"
-            " ON CONFLICT (id) DO NOTHING"
+            " SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::bigint[], %b::date[],"
+            " %b::date[]) ON CONFLICT (id) DO NOTHING"
         )
         self._patient = (
             f"UPDATE {t.patients} SET version = %(version)s, position = %(position)s,"
@@ -80,8 +83,6 @@ class AnalyticsProjection:
     def _unreadable(
         self, base: dict[str, Any], sealed: Any, envelope: c.Envelope[Any]
     ) -> tuple[str, dict[str, Any]] | None:
-        if isinstance(sealed, c.PatientRegisteredV3):
-            return self._register, base | {"registered": sealed.registered_date, "born": None}
         if isinstance(sealed, c.PatientDetailsChangedV2):
             return self._forget_birth, base
         if isinstance(sealed, c.AppointmentBookedV2):
@@ -98,11 +99,6 @@ class AnalyticsProjection:
             "version": envelope.aggregate_version,
             "position": envelope.position,
         }
-        if isinstance(data, c.PatientRegisteredV2):
-            return self._register, base | {
-                "registered": data.registered_date,
-                "born": data.date_of_birth,
-            }
         if isinstance(data, c.PatientDetailsChangedV1):
             return self._patient, base | {"born": data.date_of_birth, "removed": None}
         if isinstance(data, c.PatientRemovedV1):
@@ -138,22 +134,65 @@ class AnalyticsProjection:
     ) -> tuple[int, int]:
         """Applies decoded events in one transaction: (events counted, position)."""
         position = counted = 0
+        # Registrations met one after another (most of a batch under load) go as one
+        # statement, sent before the next other event.
+        run: list[tuple[c.Envelope[Any], Any]] = []
         async with conn.transaction(), conn.cursor() as cur:
             await applying(cur, self.name)
             async with conn.pipeline():
                 for envelope, data in batch:
                     position = max(position, envelope.position)
+                    if _registers(data):
+                        run.append((envelope, data))
+                        continue
+                    counted += await self._register_many(cur, run)
                     statement = self._statement(envelope, data)
                     if statement is not None:
                         await cur.execute(*statement)
                         counted += 1
+                counted += await self._register_many(cur, run)
             # Only the event store's positions: billing's events are numbered by its outbox.
-            await cur.executemany(
-                self._applied,
-                [(e.position, e.aggregate_id) for e, _ in batch if e.aggregate_type != BILLING],
-            )
+            events = [(e.position, e.aggregate_id) for e, _ in batch if e.aggregate_type != BILLING]
+            if events:
+                await cur.execute(self._applied, applied_params(events))
             await cur.execute(self._track, [self.name, position, counted])
         return counted, position
+
+    async def _register_many(
+        self, cur: psycopg.AsyncCursor[Any], run: list[tuple[c.Envelope[Any], Any]]
+    ) -> int:
+        """Sends the registrations in `run` as one statement and empties it; returns how many
+        events it counted (all of them). A patient twice (a redelivery) is inserted once."""
+        if not run:
+            return 0
+        first: dict[UUID, list[Any]] = {}
+        for envelope, data in run:
+            if envelope.aggregate_id in first:
+                continue
+            if isinstance(data, c.Unreadable):  # an erased patient's: counted, no birth date
+                registered, born = cast(c.PatientRegisteredV3, data.sealed).registered_date, None
+            else:
+                registered, born = data.registered_date, data.date_of_birth
+            first[envelope.aggregate_id] = [
+                envelope.aggregate_id,
+                envelope.aggregate_version,
+                envelope.position,
+                registered,
+                born,
+            ]
+        await cur.execute(
+            self._register, [list(column) for column in zip(*first.values(), strict=True)]
+        )
+        counted = len(run)
+        run.clear()
+        return counted
+
+
+def _registers(data: Any) -> bool:
+    """Whether a patient event is a registration: readable, or an erased patient's."""
+    return isinstance(data, c.PatientRegisteredV2) or (
+        isinstance(data, c.Unreadable) and isinstance(data.sealed, c.PatientRegisteredV3)
+    )
 
 
 class AnalyticsWorker(EventBatchWorker):

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from domain import contracts as c
 from readmodels.appointments import LIVE, NAME, Tables
 from readmodels.swaps import applying
-from readmodels.tracking import applied_statement, track_statement
+from readmodels.tracking import applied_params, applied_statement, track_statement
 from runtime.consumers import Batch, EventBatchWorker, UnappliableEvent
 
 GROUP = "carelog-appointments"
@@ -107,7 +107,9 @@ class AppointmentsProjection:
                         f" {envelope.aggregate_type.lower()} the model has never seen"
                     )
                 duplicates += 1
-            await cur.executemany(self._applied, [(e.position, e.aggregate_id) for e, _ in batch])
+            await cur.execute(
+                self._applied, applied_params((e.position, e.aggregate_id) for e, _ in batch)
+            )
             await cur.execute(self._track, [self.name, position, applied])
         return applied, duplicates, position
 

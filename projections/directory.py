@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import psycopg
@@ -30,9 +30,9 @@ from domain.contracts import (
 )
 from domain.patients import normalise_email, split_name
 from readmodels.directory import COLUMNS, LIVE, NAME, Tables, records
-from readmodels.history import HistoryStatements
+from readmodels.history import HistoryStatements, registers
 from readmodels.swaps import applying
-from readmodels.tracking import applied_statement, track_statement
+from readmodels.tracking import applied_params, applied_statement, track_statement
 from runtime.consumers import UnappliableEvent
 from runtime.db import rendered
 
@@ -53,20 +53,30 @@ class DirectoryProjection:
         self.tables = tables
         self.name = name
         p = sql.Identifier(tables.patients)
-        self._register = rendered(
+        # Registrations, many in one statement (`_register_many`): a row per element of the
+        # arrays, a patient at most once (a statement cannot change one row twice). An erased
+        # patient's registration (`erased`; a rebuild, or a late delivery) keeps nothing
+        # personal: blank fields and, over an older row, its registered date. Arrays of
+        # text in text format, the others in binary (see `applied_statement`).
+        self._registrations = rendered(
             sql.SQL(
                 "INSERT INTO {p} (id, version, position, name, name_key, email, email_key, address,"
-                " date_of_birth, registered_date, removed, given_name, family_name)"
-                " VALUES (%(id)s, %(version)s, %(position)s, %(name)s, lower(%(name)s), %(email)s,"
-                " %(email_key)s, %(address)s, %(date_of_birth)s, %(registered_date)s, false,"
-                " %(given_name)s, %(family_name)s)"
+                " date_of_birth, registered_date, removed, erased, given_name, family_name)"
+                " SELECT id, version, position, name, lower(name), email, email_key, address,"
+                " date_of_birth, registered_date, erased, erased, given_name, family_name"
+                " FROM unnest(%b::uuid[], %b::bigint[], %b::bigint[], %s::text[], %s::text[],"
+                " %s::text[], %s::text[], %b::date[], %b::date[], %s::text[], %s::text[],"
+                " %b::boolean[]) AS g(id, version, position, name, email, email_key, address,"
+                " date_of_birth, registered_date, given_name, family_name, erased)"
                 " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,"
                 " position = EXCLUDED.position, name = EXCLUDED.name, name_key = EXCLUDED.name_key,"
                 " given_name = EXCLUDED.given_name, family_name = EXCLUDED.family_name,"
                 " email = EXCLUDED.email, email_key = EXCLUDED.email_key,"
                 " address = EXCLUDED.address, date_of_birth = EXCLUDED.date_of_birth,"
-                " registered_date = EXCLUDED.registered_date,"
-                " removed = false, updated_at = now()"
+                " registered_date = CASE WHEN EXCLUDED.erased THEN {p}.registered_date"
+                " ELSE EXCLUDED.registered_date END,"
+                " removed = EXCLUDED.removed, erased = {p}.erased OR EXCLUDED.erased,"
+                " updated_at = now()"
                 " WHERE {p}.version < EXCLUDED.version"
                 " RETURNING id"
             ).format(p=p)
@@ -106,18 +116,6 @@ class DirectoryProjection:
                 + " WHERE id = %(id)s AND version < %(version)s RETURNING id"
             ).format(p=p)
         )
-        self._register_erased = rendered(
-            sql.SQL(
-                "INSERT INTO {p} (id, version, position, name, name_key, email, email_key, address,"
-                " date_of_birth, registered_date, removed, erased)"
-                " VALUES (%(id)s, %(version)s, %(position)s, '', '', '', '', '', NULL,"
-                " %(registered_date)s, true, true)"
-                " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,"
-                " position = EXCLUDED.position,"
-                + blank
-                + " WHERE {p}.version < EXCLUDED.version RETURNING id"
-            ).format(p=p)
-        )
         self._exists = rendered(sql.SQL("SELECT 1 FROM {p} WHERE id = %s").format(p=p))
         self._current = rendered(
             sql.SQL("SELECT {c} FROM {p} WHERE id = ANY(%s)").format(c=COLUMNS, p=p)
@@ -136,36 +134,93 @@ class DirectoryProjection:
         async with conn.transaction(), conn.cursor() as cur:
             await applying(cur, self.name)
             # One round trip for the whole batch: every statement is sent in a pipeline,
-            # then each result is read (the statements still run in order).
-            sent: list[tuple[Envelope[Any], psycopg.AsyncCursor[Any]]] = []
+            # then each result is read (the statements still run in order). Registrations
+            # met one after another (most of a batch under load) go as one statement for
+            # their history rows and one for their directory rows. `sent` holds each
+            # statement's events, its cursor, and whether they are registrations.
+            sent: list[tuple[list[Envelope[Any]], psycopg.AsyncCursor[Any], bool]] = []
+            run: list[tuple[Envelope[Any], Any]] = []
+
+            async def register() -> None:
+                if run:
+                    one = await self._register_many(conn, run)
+                    sent.append(([e for e, _ in run], one, True))
+                    run.clear()
+
             async with conn.pipeline():
                 for envelope, data in batch:
                     position = max(position, envelope.position)
+                    if registers(data):
+                        run.append((envelope, data))
+                        continue
+                    await register()  # what came before applies first
                     statement, params = self._statement(envelope, data)
                     # The history row first: a change is compared with the row it changes.
                     await conn.execute(*self.history.statement(envelope, data))
                     one = conn.cursor()
                     await one.execute(statement, params)
-                    sent.append((envelope, one))
-            for envelope, one in sent:
-                found = await one.fetchone()
+                    sent.append(([envelope], one, False))
+                await register()
+            for envelopes, one, registrations in sent:
+                written = {row[0] for row in await one.fetchall()}
                 await one.close()
-                if found is None:
-                    await cur.execute(self._exists, [envelope.aggregate_id])
-                    if await cur.fetchone() is None:
-                        raise UnappliableEvent(
-                            f"{envelope.type} v{envelope.aggregate_version} for a patient"
-                            " the directory has never seen"
-                        )
+                for envelope in envelopes:
+                    touched.add(envelope.aggregate_id)
+                    if envelope.aggregate_id in written:
+                        written.discard(envelope.aggregate_id)  # a patient twice: applied once
+                        applied += 1
+                        continue
+                    # A registration not written met its patient's row: a duplicate. Any
+                    # other event may be for a patient the directory has never seen.
+                    if not registrations:
+                        await cur.execute(self._exists, [envelope.aggregate_id])
+                        if await cur.fetchone() is None:
+                            raise UnappliableEvent(
+                                f"{envelope.type} v{envelope.aggregate_version} for a patient"
+                                " the directory has never seen"
+                            )
                     duplicates += 1
-                else:
-                    applied += 1
-                touched.add(envelope.aggregate_id)
-            await cur.executemany(self._applied, [(e.position, e.aggregate_id) for e, _ in batch])
+            await cur.execute(
+                self._applied, applied_params((e.position, e.aggregate_id) for e, _ in batch)
+            )
             await cur.execute(self._track, [self.name, position, applied])
             async with conn.cursor(row_factory=records) as rows:
                 changed = await self._rows(rows, touched)
         return Outcome(applied, duplicates, changed, position)
+
+    async def _register_many(
+        self, conn: psycopg.AsyncConnection[Any], run: Sequence[tuple[Envelope[Any], Any]]
+    ) -> psycopg.AsyncCursor[Any]:
+        """Sends the statements of consecutive registrations (in a pipeline): their history
+        rows, then their directory rows; the cursor returns the ids of the rows written."""
+        # A patient twice in the run (a redelivery) is written for its first only.
+        first: dict[UUID, tuple[Envelope[Any], Any]] = {}
+        for envelope, data in run:
+            first.setdefault(envelope.aggregate_id, (envelope, data))
+        once = list(first.values())
+        await conn.execute(*self.history.registrations(once))
+        rows = []
+        for envelope, data in once:
+            row: list[Any] = [envelope.aggregate_id, envelope.aggregate_version, envelope.position]
+            if isinstance(data, PatientRegisteredV2):
+                row += [
+                    data.name,
+                    data.email,
+                    normalise_email(data.email),
+                    data.address,
+                    data.date_of_birth,
+                    data.registered_date,
+                    data.given_name,
+                    data.family_name,
+                    False,
+                ]
+            else:  # an erased patient's: nothing personal kept
+                sealed = cast(PatientRegisteredV3, data.sealed)
+                row += ["", "", "", "", None, sealed.registered_date, None, None, True]
+            rows.append(row)
+        one = conn.cursor()
+        await one.execute(self._registrations, [list(column) for column in zip(*rows, strict=True)])
+        return one
 
     def _statement(self, envelope: Envelope[Any], data: Any) -> tuple[bytes, dict[str, Any]]:
         params = {
@@ -173,12 +228,6 @@ class DirectoryProjection:
             "version": envelope.aggregate_version,
             "position": envelope.position,
         }
-        if isinstance(data, PatientRegisteredV2):
-            return self._register, params | _details(data) | {
-                "registered_date": data.registered_date,
-                "given_name": data.given_name,
-                "family_name": data.family_name,
-            }
         if isinstance(data, PatientDetailsChangedV1):
             return self._change, params | _details(data)
         if isinstance(data, PatientRemovedV1):
@@ -187,9 +236,7 @@ class DirectoryProjection:
             return self._touch, params  # nothing shown changes; the version moves on
         if isinstance(data, PatientErasedV1):
             return self._erase, params
-        # An erased patient's earlier events (a rebuild, or a late delivery): keep nothing.
-        if isinstance(data, Unreadable) and isinstance(data.sealed, PatientRegisteredV3):
-            return self._register_erased, params | {"registered_date": data.sealed.registered_date}
+        # An erased patient's earlier change (a rebuild, or a late delivery): keep nothing.
         if isinstance(data, Unreadable) and isinstance(data.sealed, PatientDetailsChangedV2):
             return self._erase, params
         raise UnappliableEvent(f"{envelope.type} is not a patient event")
@@ -203,7 +250,7 @@ class DirectoryProjection:
         return [(str(r.id), r.version, r.cache_entry()) for r in await cur.fetchall()]
 
 
-def _details(data: PatientRegisteredV2 | PatientDetailsChangedV1) -> dict[str, Any]:
+def _details(data: PatientDetailsChangedV1) -> dict[str, Any]:
     given, family = split_name(data.name)
     return {
         "given_name": given,

@@ -19,8 +19,9 @@ change is compared only with an older version of the directory row.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import msgspec
@@ -89,10 +90,23 @@ class HistoryStatements:
                 ).format(h=h)
             )
 
-        self._register = insert(
-            "jsonb_build_object('name', %(name)s::text, 'email', %(email)s::text,"
-            " 'address', %(address)s::text, 'dateOfBirth', %(date_of_birth)s::date,"
-            " 'registeredDate', %(registered_date)s::date)"
+        # Registrations, many in one statement: a row per element of the arrays; an erased
+        # patient's (`sealed`) sets the same fields but keeps no value. Arrays of text in
+        # text format, the others in binary (see `readmodels.tracking.applied_statement`).
+        self._registrations = rendered(
+            sql.SQL(
+                "INSERT INTO {h} (" + _COLUMNS + ") SELECT id, version, position, type,"
+                " occurred_at, actor_id, actor_role, correlation_id, %s::text[],"
+                " CASE WHEN NOT sealed THEN jsonb_build_object('name', name, 'email', email,"
+                " 'address', address, 'dateOfBirth', date_of_birth,"
+                " 'registeredDate', registered_date) END"
+                " FROM unnest(%b::uuid[], %b::bigint[], %b::bigint[], %s::text[],"
+                " %b::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+                " %s::text[], %b::date[], %b::date[], %b::boolean[])"
+                " AS g(id, version, position, type, occurred_at, actor_id, actor_role,"
+                " correlation_id, name, email, address, date_of_birth, registered_date, sealed)"
+                " ON CONFLICT (patient_id, version) DO NOTHING"
+            ).format(h=h)
         )
         self._preferences = insert("jsonb_build_object('reminders', %(reminders)s::boolean)")
         self._nothing = insert("NULL")
@@ -129,7 +143,9 @@ class HistoryStatements:
             ).format(h=h, p=p, compared=compared)
         )
 
-    def statement(self, envelope: Envelope[Any], data: Any) -> tuple[bytes, dict[str, Any]]:
+    def statement(
+        self, envelope: Envelope[Any], data: Any
+    ) -> tuple[bytes, dict[str, Any] | list[Any]]:
         """The statement that records `envelope` in the history; run it before the
         directory's own statement for the same event (a change compares with the row)."""
         params: dict[str, Any] = {
@@ -149,26 +165,55 @@ class HistoryStatements:
                 "address": data.address,
                 "date_of_birth": data.date_of_birth,
             }
-        if isinstance(data, PatientRegisteredV2):
-            return self._register, params | {
-                "fields": list(REGISTERED_FIELDS),
-                "name": data.name,
-                "email": data.email,
-                "address": data.address,
-                "date_of_birth": data.date_of_birth,
-                "registered_date": data.registered_date,
-            }
+        if registers(data):
+            return self.registrations([(envelope, data)])
         if isinstance(data, PatientPreferencesChangedV1):
             reminders = {"fields": ["reminders"], "reminders": data.reminders}
             return self._preferences, params | reminders
         if isinstance(data, PatientErasedV1):
             return self._erase, params | {"fields": []}
-        if isinstance(data, Unreadable) and isinstance(data.sealed, PatientRegisteredV3):
-            # An erased patient's registration (a rebuild, a late delivery): what it set.
-            return self._nothing, params | {"fields": list(REGISTERED_FIELDS)}
         # A removal, an erased patient's details change (what changed cannot be told), or
         # an event of a later version the directory learns about: no field named.
         return self._nothing, params | {"fields": []}
+
+    def registrations(self, events: Sequence[tuple[Envelope[Any], Any]]) -> tuple[bytes, list[Any]]:
+        """The one statement that records registrations (each `registers`) in the history.
+        An erased patient's registration (a rebuild, a late delivery) records what it set,
+        without the values."""
+        rows = []
+        for envelope, data in events:
+            row = [
+                envelope.aggregate_id,
+                envelope.aggregate_version,
+                envelope.position,
+                envelope.type,
+                envelope.occurred_at,
+                envelope.actor_id,
+                envelope.actor_role,
+                envelope.correlation_id,
+            ]
+            if isinstance(data, Unreadable):
+                sealed = cast(PatientRegisteredV3, data.sealed)
+                row += [None, None, None, None, sealed.registered_date, True]
+            else:
+                row += [
+                    data.name,
+                    data.email,
+                    data.address,
+                    data.date_of_birth,
+                    data.registered_date,
+                    False,
+                ]
+            rows.append(row)
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        return self._registrations, [list(REGISTERED_FIELDS), *columns]
+
+
+def registers(data: Any) -> bool:
+    """Whether a patient event is a registration: readable, or an erased patient's."""
+    return isinstance(data, PatientRegisteredV2) or (
+        isinstance(data, Unreadable) and isinstance(data.sealed, PatientRegisteredV3)
+    )
 
 
 async def page(

@@ -5,7 +5,9 @@ transaction as the rows."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any, TypeVar
+from uuid import UUID
 
 import psycopg
 from psycopg import sql
@@ -25,12 +27,29 @@ async def reached(conn: psycopg.AsyncConnection[Any], positions: str, position: 
 
 
 def applied_statement(positions: str, aggregate_column: str = "aggregate_id") -> bytes:
-    """Records an applied position: parameters (position, aggregate id)."""
+    """Records a batch's applied positions in one statement: parameters (the positions, the
+    aggregate ids), two lists of one length (`applied_params`).
+
+    Arrays of numbers, ids, dates and flags are sent in binary (`%b`), which psycopg dumps
+    without quoting each element; arrays of text stay in text format (`%s`), where a NUL
+    in a value is refused before it leaves."""
     return rendered(
-        sql.SQL("INSERT INTO {} (position, {}) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(
-            sql.Identifier(positions), sql.Identifier(aggregate_column)
-        )
+        sql.SQL(
+            "INSERT INTO {} (position, {}) SELECT * FROM unnest(%b::bigint[], %b::uuid[])"
+            " ON CONFLICT DO NOTHING"
+        ).format(sql.Identifier(positions), sql.Identifier(aggregate_column))
     )
+
+
+def applied_params(events: Iterable[tuple[int, UUID]]) -> list[list[Any]]:
+    """`applied_statement`'s parameters for (position, aggregate id) pairs; no statement is
+    needed if the lists are empty."""
+    positions: list[Any] = []
+    ids: list[Any] = []
+    for position, aggregate_id in events:
+        positions.append(position)
+        ids.append(aggregate_id)
+    return [positions, ids]
 
 
 def track_statement(tracking: str) -> bytes:

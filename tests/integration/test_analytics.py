@@ -13,6 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -21,6 +22,7 @@ from domain.billing import InvoiceIssuedV1, PaymentRecordedV1
 from domain.roles import Role
 from projections.analytics import AnalyticsProjection
 from read_api.app import create_app
+from readmodels.analytics import Tables
 from runtime.db import open_pool
 from runtime.settings import Settings
 from tests.support.tokens import TestTokens
@@ -316,3 +318,108 @@ async def test_bad_ranges_and_intervals_name_each_parameter(client, tokens):
         "/analytics/patients/age-bands", params={"at": "2025-01-01", "minPosition": 10**9}
     )
     assert waiting.status_code == 503
+
+
+async def test_one_mixed_batch_counts_as_its_events_applied_one_by_one(settings):
+    """Registrations go as one statement per run: the facts, positions and counts are those
+    of the same events applied one batch each."""
+    a, b, c2, d, e = (uuid.uuid4() for _ in range(5))
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+    sealed = c.PatientRegisteredV3(
+        name="x",
+        given_name="x",
+        family_name="x",
+        email="x",
+        address="x",
+        date_of_birth="x",
+        registered_date=date(2025, 2, 1),
+    )
+
+    def event(aggregate: uuid.UUID, version: int, position: int, data: Any) -> Any:
+        published = sealed if isinstance(data, c.Unreadable) else data
+        envelope = c.envelope(
+            published,
+            aggregate_id=aggregate,
+            aggregate_version=version,
+            position=position,
+            occurred_at=at,
+        )
+        return envelope, data
+
+    def registered(born: date) -> c.PatientRegisteredV2:
+        return c.PatientRegisteredV2(
+            name="P Q",
+            given_name="P",
+            family_name="Q",
+            email="p@example.org",
+            address="x",
+            date_of_birth=born,
+            registered_date=date(2025, 1, 2),
+        )
+
+    reg_a = event(a, 1, 2, registered(date(1950, 1, 1)))
+    reg_e = event(e, 1, 1, registered(date(1980, 1, 1)))
+    booked = c.AppointmentBookedV1(
+        patient_id=a, clinician_id=uuid.uuid4(), start=at, duration_minutes=30, reason="r"
+    )
+    batch = [
+        reg_a,
+        event(b, 1, 3, registered(date(1960, 1, 1))),
+        event(a, 2, 4, c.PatientRemovedV1()),
+        event(uuid.uuid4(), 1, 5, booked),
+        reg_a,  # after her removal: changes nothing
+        event(c2, 1, 6, c.Unreadable(sealed)),  # an erased patient's: no birth date
+        event(d, 1, 7, registered(date(1970, 1, 1))),
+        event(d, 1, 7, registered(date(1970, 1, 1))),  # twice in one run: inserted once
+        reg_e,  # applied by the earlier batch
+    ]
+    suffix = uuid.uuid4().hex[:8]
+    together, alone = (
+        Tables(
+            patients=f"analytics_patients_{kind}_{suffix}",
+            appointments=f"analytics_appointments_{kind}_{suffix}",
+            money=f"analytics_money_{kind}_{suffix}",
+            positions=f"analytics_positions_{kind}_{suffix}",
+            tracking=f"analytics_tracking_{kind}_{suffix}",
+        )
+        for kind in ("together", "alone")
+    )
+    live = Tables()
+    async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+        await conn.set_autocommit(True)
+        try:
+            counts, facts = {}, {}
+            for tables in (together, alone):
+                for field in ("patients", "appointments", "money", "positions", "tracking"):
+                    await conn.execute(
+                        f"CREATE TABLE {getattr(tables, field)}"
+                        f" (LIKE {getattr(live, field)} INCLUDING ALL)"
+                    )
+                projection = AnalyticsProjection(tables, name="mixed")
+                await projection.apply(conn, [reg_e])
+                outcomes = (
+                    [await projection.apply(conn, batch)]
+                    if tables is together
+                    else [await projection.apply(conn, [one]) for one in batch]
+                )
+                counts[tables] = (sum(n for n, _ in outcomes), max(p for _, p in outcomes))
+                facts[tables] = [
+                    await (await conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2")).fetchall()
+                    for table in (
+                        tables.patients,
+                        tables.positions,
+                        f"(SELECT projection, position, applied FROM {tables.tracking}) t",
+                    )
+                ]
+            assert counts[together] == counts[alone] == (len(batch), 7)
+            assert facts[together] == facts[alone]
+            patients = {r[0]: r for r in facts[together][0]}
+            assert len(patients) == 5 and len(facts[together][1]) == 7
+            assert patients[a][1] == 2 and patients[a][5] is not None  # removed, not re-added
+            assert patients[c2][3:5] == (date(2025, 2, 1), None)
+        finally:
+            for tables in (together, alone):
+                await conn.execute(
+                    f"DROP TABLE IF EXISTS {tables.patients}, {tables.appointments},"
+                    f" {tables.money}, {tables.positions}, {tables.tracking}"
+                )

@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 from commands.service import PatientService
 from commands.store import EventStore
 from domain import contracts
-from domain.contracts import PATIENT_STREAM, PatientRegisteredV1
+from domain.contracts import (
+    PATIENT_STREAM,
+    PatientDetailsChangedV1,
+    PatientRegisteredV1,
+    PatientRegisteredV2,
+    PatientRegisteredV3,
+    PatientRemovedV1,
+    Unreadable,
+)
 from projections.directory import DirectoryProjection
 from readmodels.directory import Tables, create_copy
 from runtime.db import open_pool
@@ -285,3 +293,141 @@ async def test_poison_messages_are_dead_lettered_and_the_projection_carries_on(
     assert reasons[1].startswith("undecodable")
     assert b"{not an event" in [r.value for r in dead]
     assert "Null" not in projection.tail()  # the refused value is never logged
+
+
+def registered(name: str) -> PatientRegisteredV2:
+    given, family = name.rsplit(" ", 1)
+    return PatientRegisteredV2(
+        name=name,
+        given_name=given,
+        family_name=family,
+        email=f"{family.lower()}@example.org",
+        address="1 Road",
+        date_of_birth=date(1990, 1, 1),
+        registered_date=date(2024, 1, 1),
+    )
+
+
+def mixed_batch() -> tuple[list[Any], list[Any]]:
+    """(an earlier batch, a batch mixing registrations with other events): registrations
+    before and after a change and a removal, one redelivered right after itself, one
+    after its patient's change, one of a patient the earlier batch applied, and erased
+    patients' registrations (a rebuild's), one redelivered."""
+    a, b, c, d, e, f, g = (uuid.uuid4() for _ in range(7))
+    at = datetime(2024, 1, 1, tzinfo=UTC)
+    sealed = PatientRegisteredV3(
+        name="x",
+        given_name="x",
+        family_name="x",
+        email="x",
+        address="x",
+        date_of_birth="x",
+        registered_date=date(2023, 6, 1),
+    )
+
+    def event(patient: uuid.UUID, version: int, position: int, data: Any) -> Any:
+        envelope = contracts.envelope(
+            sealed if isinstance(data, Unreadable) else data,
+            aggregate_id=patient,
+            aggregate_version=version,
+            position=position,
+            occurred_at=at,
+            actor_id=f"user-{position}",
+            actor_role="receptionist",
+            correlation_id=f"c-{position}",
+        )
+        return envelope, data
+
+    reg_e = event(e, 1, 1, registered("Eve Earlier"))
+    reg_a = event(a, 1, 2, registered("Ann Alpha"))
+    reg_d = event(d, 1, 7, registered("Dan Delta"))
+    reg_f = event(f, 1, 8, Unreadable(sealed))
+    details = PatientDetailsChangedV1(
+        name="Ann Changed",
+        email="alpha@example.org",
+        address="1 Road",
+        date_of_birth=date(1990, 1, 1),
+    )
+    change_a = event(a, 2, 4, details)
+    batch = [
+        reg_a,
+        event(b, 1, 3, registered("Bob Beta")),
+        change_a,  # compared with Ann's row: her registration must apply first
+        event(c, 1, 5, registered("Cat Gamma")),
+        event(b, 2, 6, PatientRemovedV1()),
+        reg_a,  # after her change: older, a duplicate
+        reg_d,
+        reg_d,  # twice in one run: written once
+        reg_e,  # applied by the earlier batch
+        reg_f,
+        reg_f,
+        event(g, 1, 9, registered("Gus Eta")),
+    ]
+    return [reg_e], batch
+
+
+async def model(conn: Any, tables: Tables) -> dict[str, list[Any]]:
+    """Every row of the directory's tables but the time each was written."""
+    queries = {
+        "patients": f"SELECT id, version, position, name, name_key, email, email_key, address,"
+        f" date_of_birth, registered_date, removed, erased, given_name, family_name"
+        f" FROM {tables.patients} ORDER BY id",
+        "history": f"SELECT * FROM {tables.history} ORDER BY patient_id, version",
+        "positions": f"SELECT * FROM {tables.positions} ORDER BY position",
+        "tracking": f"SELECT projection, position, applied FROM {tables.tracking}",
+    }
+    return {k: await (await conn.execute(q)).fetchall() for k, q in queries.items()}
+
+
+async def test_one_mixed_batch_ends_as_its_events_applied_one_by_one(settings):
+    earlier, batch = mixed_batch()
+    suffix = uuid.uuid4().hex[:8]
+    together, alone = (
+        Tables(
+            patients=f"directory_{kind}_{suffix}",
+            tracking=f"tracking_{kind}_{suffix}",
+            positions=f"positions_{kind}_{suffix}",
+            history=f"history_{kind}_{suffix}",
+        )
+        for kind in ("together", "alone")
+    )
+    async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+        await conn.set_autocommit(True)
+        try:
+            counts = {}
+            for tables in (together, alone):
+                await create_copy(conn, tables)
+                projection = DirectoryProjection(tables, name=tables.tracking)
+                await projection.apply(conn, earlier)
+                outcomes = (
+                    [await projection.apply(conn, batch)]
+                    if tables is together
+                    else [await projection.apply(conn, [event]) for event in batch]
+                )
+                counts[tables] = (
+                    sum(o.applied for o in outcomes),
+                    sum(o.duplicates for o in outcomes),
+                    max(o.position for o in outcomes),
+                )
+            # Ann, Bob and Cat, Ann's change, Bob's removal, Dan, Fay and Gus applied; Ann,
+            # Dan, Eve and Fay again are duplicates.
+            assert counts[together] == counts[alone] == (8, 4, 9)
+            got, want = await model(conn, together), await model(conn, alone)
+            for rows in (got, want):
+                rows["tracking"] = [r[1:] for r in rows["tracking"]]  # their names differ
+            assert got == want
+            assert len(got["patients"]) == 7 and len(got["history"]) == 9
+            assert len(got["positions"]) == 9
+            by_id = {r[0]: r for r in got["patients"]}
+            ann = by_id[batch[0][0].aggregate_id]
+            assert (ann[1], ann[3], ann[12], ann[13]) == (2, "Ann Changed", "Ann", "Changed")
+            fay = by_id[batch[9][0].aggregate_id]
+            assert fay[3:] == ("", "", "", "", "", None, date(2023, 6, 1), True, True, None, None)
+            changed = next(r for r in got["history"] if r[3] == "PatientDetailsChanged")
+            assert changed[8] == ["name"] and changed[9] == {"name": "Ann Changed"}
+        finally:
+            for tables in (together, alone):
+                await conn.execute(
+                    f"DROP TABLE IF EXISTS {tables.patients}, {tables.tracking},"
+                    f" {tables.positions}, {tables.history}"
+                )
