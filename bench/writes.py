@@ -54,8 +54,8 @@ PROFILE = Path(__file__).with_name("profile.md")
 ROUNDS = 3
 ROUND_SECONDS = 10.0
 WARMUP_SECONDS = 5.0
-WARMUP_ROUNDS = 8
-COMPILER_SETTLED = 0.02
+WARMUP_ROUNDS = 12
+COMPILER_SETTLED = 0.01
 """Register rounds of WARMUP_SECONDS before the measured ones, not counted, until the
 broker's JIT compiler threads used under COMPILER_SETTLED cores over one (at most
 WARMUP_ROUNDS). The broker's JVM compiles its hot paths during its first minutes under
