@@ -242,6 +242,29 @@ class Billing:
         """Applies patient events in one transaction. Applying one twice changes nothing."""
         opened = closed = unchanged = 0
         registrations: list[tuple[Envelope[Any], PatientRegisteredV2]] = []
+        changes: list[tuple[Envelope[Any], PatientDetailsChangedV1]] = []
+
+        async def change_contacts(cur: Any) -> None:
+            """Applies the details changes met since the last other event, in one statement;
+            a change for a patient billing has no account for can never apply."""
+            nonlocal unchanged
+            if not changes:
+                return
+            known = await self.store.update_contacts(
+                cur,
+                [
+                    (e.aggregate_id, Contact(d.name, d.email), e.aggregate_version)
+                    for e, d in changes
+                ],
+            )
+            for envelope, _ in changes:
+                if envelope.aggregate_id not in known:
+                    raise UnappliableEvent(
+                        f"{envelope.type} v{envelope.aggregate_version} for a patient"
+                        " billing has no account for"
+                    )
+            unchanged += len(changes)
+            changes.clear()
 
         async def open_registered(cur: Any) -> None:
             """Opens the accounts of the registrations met since the last other event, in
@@ -288,17 +311,18 @@ class Billing:
             for envelope, data in batch:
                 patient_id = envelope.aggregate_id
                 version = envelope.aggregate_version
+                # Registrations, and details changes, met one after another go as one
+                # statement each; what came before an event applies first.
                 if isinstance(data, PatientRegisteredV2):
+                    await change_contacts(cur)
                     registrations.append((envelope, data))
                     continue
-                await open_registered(cur)  # what came before applies first
+                await open_registered(cur)
                 if isinstance(data, PatientDetailsChangedV1):
-                    await self._require(cur, envelope)
-                    await self.store.update_contact(
-                        cur, patient_id, Contact(data.name, data.email), version
-                    )
-                    unchanged += 1
-                elif isinstance(data, PatientRemovedV1):
+                    changes.append((envelope, data))
+                    continue
+                await change_contacts(cur)
+                if isinstance(data, PatientRemovedV1):
                     account = await self._require(cur, envelope)
                     now = _now()
                     change = account.close(now)
@@ -335,6 +359,7 @@ class Billing:
                 else:
                     unchanged += 1  # a patient event billing has no use for
             await open_registered(cur)
+            await change_contacts(cur)
         return Applied(opened, closed, unchanged)
 
     async def _require(self, cur: Any, envelope: Envelope[Any]) -> Account:

@@ -149,6 +149,17 @@ class BillingStore:
             "UPDATE {}.accounts SET name = %s, email = %s, patient_version = %s"
             " WHERE patient_id = %s AND patient_version < %s RETURNING id"
         ).format(s)
+        # `update_contacts`: the newest version per patient in arrays; which patients have an
+        # account comes back with whether it took the details.
+        self._contacts = sql.SQL(
+            "WITH g AS (SELECT * FROM unnest(%b::uuid[], %s::text[], %s::text[], %b::bigint[])"
+            " AS g(patient_id, name, email, version)),"
+            " u AS (UPDATE {s}.accounts a SET name = g.name, email = g.email,"
+            " patient_version = g.version FROM g"
+            " WHERE a.patient_id = g.patient_id AND a.patient_version < g.version"
+            " RETURNING a.patient_id)"
+            " SELECT a.patient_id FROM {s}.accounts a JOIN g ON a.patient_id = g.patient_id"
+        ).format(s=s)
         self._erase_contact = sql.SQL(
             "UPDATE {}.accounts SET name = '', email = '' WHERE patient_id = %s"
         ).format(s)
@@ -300,6 +311,26 @@ class BillingStore:
             self._contact, [contact.name, contact.email, version, patient_id, version]
         )
         return await cur.fetchone() is not None
+
+    async def update_contacts(
+        self, cur: psycopg.AsyncCursor[Any], changes: Sequence[tuple[UUID, Contact, int]]
+    ) -> set[UUID]:
+        """`update_contact` for many patients in one statement: each account keeps the
+        newest of its contact details. Returns the patients that have an account."""
+        newest: dict[UUID, tuple[UUID, Contact, int]] = {}
+        for change in changes:  # a statement changes a row once: a patient's newest wins
+            if change[0] not in newest or newest[change[0]][2] < change[2]:
+                newest[change[0]] = change
+        await cur.execute(
+            self._contacts,
+            [
+                [c[0] for c in newest.values()],
+                [c[1].name for c in newest.values()],
+                [c[1].email for c in newest.values()],
+                [c[2] for c in newest.values()],
+            ],
+        )
+        return {row[0] for row in await cur.fetchall()}
 
     async def erase_patient(self, cur: psycopg.AsyncCursor[Any], patient_id: UUID) -> None:
         """Blanks what billing holds of an erased patient: the account's name and email and

@@ -30,6 +30,7 @@ from domain import contracts
 from domain.billing import BILLING_STREAM, account_id_for, decode_billing_event
 from domain.contracts import PATIENT_STREAM, PatientDetailsChangedV1
 from domain.roles import Role
+from runtime.consumers import UnappliableEvent
 from runtime.kafka import EVENT_PARTITIONS, client_options, ensure_topics, reliable_producer
 from runtime.publisher import Publisher
 from runtime.settings import Settings
@@ -421,3 +422,75 @@ async def test_a_batch_of_registrations_and_other_events_applies_in_its_order(
         assert await outbox_types(settings.database_url, account_id_for(patient.aggregate_id)) == (
             events
         )
+
+
+def changed(patient_id: uuid.UUID, version: int, email: str) -> Any:
+    return contracts.envelope(
+        PatientDetailsChangedV1(
+            name=f"Mary Seacole v{version}",
+            email=email,
+            address="2 Kingston Road",
+            date_of_birth=date(1985, 11, 23),
+        ),
+        aggregate_id=patient_id,
+        aggregate_version=version,
+        position=version + 100,
+        occurred_at=datetime.now(UTC),
+    )
+
+
+async def test_details_changes_in_a_row_apply_as_one_and_each_account_keeps_its_newest(
+    billing: Running, settings: Settings
+):
+    """Consecutive changes go as one statement: a patient changed twice in the run keeps
+    the newer (whichever came first), an old change delivered again changes nothing, and a
+    change for a patient registered earlier in the batch finds the account opened."""
+    service = Billing(billing.pool, SCHEMA, "GBP")
+    a, b, c = registered(), registered(), registered()
+    await service.apply_patient_events([contracts.decode(msgspec.json.encode(a))])
+    await service.apply_patient_events([contracts.decode(msgspec.json.encode(b))])
+    tag = uuid.uuid4().hex[:8]
+    envelopes = [
+        c,
+        changed(a.aggregate_id, 3, f"a3-{tag}@example.org"),
+        changed(a.aggregate_id, 2, f"a2-{tag}@example.org"),  # late: the newer one stays
+        changed(b.aggregate_id, 2, f"b2-{tag}@example.org"),
+        changed(c.aggregate_id, 2, f"c2-{tag}@example.org"),
+        changed(b.aggregate_id, 3, f"b3-{tag}@example.org"),
+    ]
+    batch = [contracts.decode(msgspec.json.encode(e)) for e in envelopes]
+
+    applied = await service.apply_patient_events(batch)
+
+    assert (applied.opened, applied.closed, applied.unchanged) == (1, 0, 5)
+    async with await psycopg.AsyncConnection.connect(settings.database_url) as db:
+        for patient, want in ((a, ("a3", 3)), (b, ("b3", 3)), (c, ("c2", 2))):
+            cur = await db.execute(
+                f"SELECT email, patient_version FROM {SCHEMA}.accounts WHERE patient_id = %s",
+                [patient.aggregate_id],
+            )
+            assert await cur.fetchall() == [(f"{want[0]}-{tag}@example.org", want[1])]
+
+
+async def test_a_change_for_a_patient_without_an_account_can_never_apply(
+    billing: Running, settings: Settings
+):
+    service = Billing(billing.pool, SCHEMA, "GBP")
+    a = registered()
+    await service.apply_patient_events([contracts.decode(msgspec.json.encode(a))])
+    stranger = uuid.uuid4()
+    batch = [
+        contracts.decode(msgspec.json.encode(e))
+        for e in (
+            changed(a.aggregate_id, 2, "kept-out@example.org"),
+            changed(stranger, 2, "nobody@example.org"),
+        )
+    ]
+    with pytest.raises(UnappliableEvent, match="billing has no account"):
+        await service.apply_patient_events(batch)
+    async with await psycopg.AsyncConnection.connect(settings.database_url) as db:
+        cur = await db.execute(
+            f"SELECT patient_version FROM {SCHEMA}.accounts WHERE patient_id = %s",
+            [a.aggregate_id],
+        )
+        assert await cur.fetchall() == [(1,)]  # the batch's transaction took nothing
