@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ import psycopg_pool
 import redis.exceptions
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.errors import IllegalStateError, KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.subscriber.usecase import BatchSubscriber
@@ -61,6 +63,8 @@ registrations a second, batches gathered for 50 ms rather than 20 cut what the c
 spend per registration by about a seventh (docs/benchmarks.md), and an event waits at
 most 30 ms more, behind dozens of others. A trickle keeps the shorter wait."""
 FLOOD_RECORDS = 32
+COMMIT_EVERY_S = 1.0
+"""A consumer commits its offsets to Kafka at most this often (see `_Commits`)."""
 IDLE_FETCH_MAX_WAIT_MS = 500
 """Idle: the broker holds a fetch this long unless a record arrives, which it answers at once."""
 POLL_TIMEOUT_MS = 200
@@ -231,6 +235,8 @@ class _Batches(BatchSubscriber):
     __slots__ = ()
 
     async def get_msg(self, consumer: AIOKafkaConsumer) -> tuple[ConsumerRecord[Any, Any], ...]:
+        if not isinstance(consumer.commit, _Commits):
+            _Commits.install(consumer)
         asked = time.monotonic()
         ready = _ready_since.setdefault(consumer, asked)
         records = await consumer.getmany(
@@ -252,6 +258,78 @@ class _Batches(BatchSubscriber):
             # Only a stopping consumer answers before its timeout: never spin.
             await asyncio.sleep(self.batch_timeout_ms / 1000)
         return ()
+
+
+class _Commits:
+    """A consumer's offset commits, at most one every COMMIT_EVERY_S.
+
+    A batch is acknowledged (its offsets committed) once it has applied. Committed after
+    every batch, a busy stack's consumers sent the broker as many offset commits as
+    fetches: a third of its requests, and most of the time it spent on them. Instead the
+    consumer's positions after an applied batch are kept, and committed once the interval
+    is up, by the next acknowledgement or by a timer; and when the consumer stops. What a
+    crash (or a rebalance) leaves uncommitted is delivered again, at most a second's
+    worth, and applies as a redelivery does: changing nothing twice. Nothing is committed
+    that has not applied: the positions kept are those after the last applied batch, not
+    the client's positions of the moment, which run ahead to the batch in hand.
+
+    Installed as the consumer's `commit` (what FastStream's acknowledgement calls) and
+    wraps its `stop`."""
+
+    def __init__(self, consumer: AIOKafkaConsumer):
+        self.consumer = consumer
+        self.commit_now = consumer.commit
+        self.stop_now = consumer.stop
+        self.last = 0.0
+        self.kept: dict[Any, int] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.flushing: asyncio.Task[None] | None = None
+
+    @classmethod
+    def install(cls, consumer: AIOKafkaConsumer) -> None:
+        commits = cls(consumer)
+        consumer.commit = commits
+        consumer.stop = commits.stop
+
+    async def __call__(self, offsets: Any = None) -> None:
+        if offsets is not None:
+            await self.commit_now(offsets)
+            return
+        assignment = getattr(self.consumer._subscription.subscription, "assignment", None)
+        if assignment is None:
+            await self.commit_now()  # the client's own error
+            return
+        self.kept = assignment.all_consumed_offsets()
+        wait = self.last + COMMIT_EVERY_S - time.monotonic()
+        if wait <= 0:
+            await self.flush()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(wait, self._due)
+
+    def _due(self) -> None:
+        self.timer = None
+        self.flushing = asyncio.create_task(self.flush())
+
+    async def flush(self) -> None:
+        """Commits the positions kept, if any."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        offsets, self.kept = self.kept, None
+        if not offsets:
+            return
+        self.last = time.monotonic()
+        try:
+            await self.commit_now(offsets)
+        except (KafkaError, IllegalStateError) as exc:
+            # A rebalance took the partitions (their new owner starts from the last commit
+            # and applies the rest again), or the broker is away: the next commit catches up.
+            log.info("offsets not committed; their events come again", error=repr(exc))
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):  # stopping regardless
+            await self.flush()
+        await self.stop_now()
 
 
 _ready_since: weakref.WeakKeyDictionary[AIOKafkaConsumer, float] = weakref.WeakKeyDictionary()

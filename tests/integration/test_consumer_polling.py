@@ -20,12 +20,13 @@ from typing import Any
 import anyio.to_thread
 import msgspec
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.fetch import FetchRequest
 
 from domain import contracts
 from runtime.consumers import (
+    COMMIT_EVERY_S,
     FETCH_MAX_WAIT_MS,
     FLOOD_MAX_WAIT_MS,
     FLOOD_RECORDS,
@@ -34,7 +35,13 @@ from runtime.consumers import (
     EventBatchWorker,
     subscribe,
 )
-from runtime.kafka import ensure_topics, kafka_broker, reliable_producer
+from runtime.kafka import (
+    EVENT_PARTITIONS,
+    client_options,
+    ensure_topics,
+    kafka_broker,
+    reliable_producer,
+)
 from runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -49,8 +56,13 @@ class Arrivals(EventBatchWorker):
         super().__init__("polling", kafka_broker(settings, "polling"), f"{topic}.dlq")
         self.applied: dict[uuid.UUID, float] = {}
         self.batches: list[int] = []
+        self.held: set[uuid.UUID] = set()
+        """Events whose batch waits for `release` before it applies."""
+        self.release = asyncio.Event()
 
     async def apply(self, batch: Batch) -> None:
+        if any(envelope.event_id in self.held for envelope, _ in batch):
+            await self.release.wait()
         now = time.monotonic()
         self.batches.append(len(batch))
         for envelope, _ in batch:
@@ -97,6 +109,40 @@ async def consuming(settings: Settings) -> AsyncIterator[tuple[Arrivals, AIOKafk
     finally:
         await broker.stop()
         await producer.stop()
+
+
+async def offsets(settings: Settings, topic: str) -> tuple[int, int]:
+    """The topic's end, and how far its consumer group (`consuming`'s) has committed."""
+    consumer = AIOKafkaConsumer(
+        **client_options(settings), group_id=f"{topic}-group", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(EVENT_PARTITIONS)]
+        end = sum((await consumer.end_offsets(partitions)).values())
+        committed = [await consumer.committed(tp) for tp in partitions]
+        return end, sum(c or 0 for c in committed)
+    finally:
+        await consumer.stop()
+
+
+OFFSET_COMMIT = 8
+"""The Kafka protocol's API key of an offset commit request."""
+
+
+@pytest.fixture
+def commits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When each offset commit went to the broker."""
+    sent: list[float] = []
+    send = AIOKafkaClient.send
+
+    def counting(self: AIOKafkaClient, node_id: Any, request: Any, **kwargs: Any) -> Any:
+        if getattr(request, "API_KEY", None) == OFFSET_COMMIT:
+            sent.append(time.monotonic())
+        return send(self, node_id, request, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaClient, "send", counting)
+    return sent
 
 
 @pytest.fixture
@@ -209,3 +255,61 @@ async def test_a_batch_reaches_the_worker_without_a_thread(
             await producer.send_and_wait(topic, body, key=key)
         await until(lambda: all(e in worker.applied for e in events))
         assert hand_offs == []
+
+
+async def test_a_busy_consumer_commits_about_once_a_second_and_everything_when_it_stops(
+    settings: Settings, commits: list[float]
+):
+    async with consuming(settings) as (worker, producer, topic):
+        await asyncio.sleep(COMMIT_EVERY_S + 0.2)
+        worker.batches.clear()
+        commits.clear()
+        events = []
+        start = time.monotonic()
+        for _ in range(30):  # 1,000 a second for 3 s, sent every 100 ms
+            for _ in range(100):
+                event, body, key = removal()
+                events.append(event)
+                await producer.send(topic, body, key=key)
+            await producer.flush()
+            await asyncio.sleep(0.1)
+        await until(lambda: all(e in worker.applied for e in events))
+        took = time.monotonic() - start
+        # A commit a batch would be one per batch: dozens. At most one a second (and one
+        # at the start of the flood, the last one having been long before).
+        assert len(worker.batches) >= 3 * (took / COMMIT_EVERY_S + 2), worker.batches
+        assert len(commits) <= took / COMMIT_EVERY_S + 2, len(commits)
+    end, committed = await offsets(settings, topic)
+    assert committed == end  # stopping committed what had applied
+
+
+async def test_an_idle_consumer_commits_its_last_batch_within_the_interval(settings: Settings):
+    async with consuming(settings) as (worker, producer, topic):
+        event, body, key = removal()
+        await producer.send_and_wait(topic, body, key=key)
+        await until(lambda: event in worker.applied)
+        await asyncio.sleep(COMMIT_EVERY_S + 0.5)  # no other batch comes: a timer commits
+        end, committed = await offsets(settings, topic)
+        assert committed == end
+
+
+async def test_nothing_is_committed_past_a_batch_that_has_not_applied(settings: Settings):
+    async with consuming(settings) as (worker, producer, topic):
+        await asyncio.sleep(COMMIT_EVERY_S + 0.2)
+        before, _ = await offsets(settings, topic)
+        applied = []
+        for _ in range(2):  # the first commits at once; the second's commit waits its turn
+            event, body, key = removal()
+            applied.append(event)
+            await producer.send_and_wait(topic, body, key=key)
+            await until(lambda: event in worker.applied)  # noqa: B023
+        held, body, key = removal()
+        worker.held.add(held)
+        await producer.send_and_wait(topic, body, key=key)
+        await asyncio.sleep(COMMIT_EVERY_S + 0.5)  # the held batch is in hand meanwhile
+        end, committed = await offsets(settings, topic)
+        assert (end, committed) == (before + 3, before + 2)
+        worker.release.set()
+        await until(lambda: held in worker.applied)
+    end, committed = await offsets(settings, topic)
+    assert committed == end
