@@ -81,14 +81,20 @@ class DirectoryProjection:
                 " RETURNING id"
             ).format(p=p)
         )
-        self._change = rendered(
+        # Details changes, many in one statement (`_change_many`): a row per element of the
+        # arrays, a patient at most once (a statement cannot change one row twice).
+        self._changes = rendered(
             sql.SQL(
-                "UPDATE {p} SET version = %(version)s, position = %(position)s, name = %(name)s,"
-                " name_key = lower(%(name)s), given_name = %(given_name)s,"
-                " family_name = %(family_name)s, email = %(email)s, email_key = %(email_key)s,"
-                " address = %(address)s, date_of_birth = %(date_of_birth)s, updated_at = now()"
-                " WHERE id = %(id)s AND version < %(version)s"
-                " RETURNING id"
+                "UPDATE {p} AS p SET version = g.version, position = g.position, name = g.name,"
+                " name_key = lower(g.name), given_name = g.given_name,"
+                " family_name = g.family_name, email = g.email, email_key = g.email_key,"
+                " address = g.address, date_of_birth = g.date_of_birth, updated_at = now()"
+                " FROM unnest(%b::uuid[], %b::bigint[], %b::bigint[], %s::text[], %s::text[],"
+                " %s::text[], %s::text[], %s::text[], %s::text[], %b::date[])"
+                " AS g(id, version, position, name, given_name, family_name, email, email_key,"
+                " address, date_of_birth)"
+                " WHERE p.id = g.id AND p.version < g.version"
+                " RETURNING p.id"
             ).format(p=p)
         )
         self._remove = rendered(
@@ -136,10 +142,14 @@ class DirectoryProjection:
             # One round trip for the whole batch: every statement is sent in a pipeline,
             # then each result is read (the statements still run in order). Registrations
             # met one after another (most of a batch under load) go as one statement for
-            # their history rows and one for their directory rows. `sent` holds each
-            # statement's events, its cursor, and whether they are registrations.
+            # their history rows and one for their directory rows; so do details changes
+            # met one after another, a patient at most once in a run (each is compared with
+            # the row before its change, and a statement cannot change one row twice). A run
+            # is sent before the next event of another kind, so order is kept. `sent` holds
+            # each statement's events, its cursor, and whether they are registrations.
             sent: list[tuple[list[Envelope[Any]], psycopg.AsyncCursor[Any], bool]] = []
             run: list[tuple[Envelope[Any], Any]] = []
+            changes: dict[UUID, tuple[Envelope[Any], PatientDetailsChangedV1]] = {}
 
             async def register() -> None:
                 if run:
@@ -147,13 +157,26 @@ class DirectoryProjection:
                     sent.append(([e for e, _ in run], one, True))
                     run.clear()
 
+            async def change() -> None:
+                if changes:
+                    one = await self._change_many(conn, list(changes.values()))
+                    sent.append(([e for e, _ in changes.values()], one, False))
+                    changes.clear()
+
             async with conn.pipeline():
                 for envelope, data in batch:
                     position = max(position, envelope.position)
                     if registers(data):
+                        await change()
                         run.append((envelope, data))
                         continue
                     await register()  # what came before applies first
+                    if isinstance(data, PatientDetailsChangedV1):
+                        if envelope.aggregate_id in changes:
+                            await change()  # the patient again: after its earlier change
+                        changes[envelope.aggregate_id] = (envelope, data)
+                        continue
+                    await change()
                     statement, params = self._statement(envelope, data)
                     # The history row first: a change is compared with the row it changes.
                     await conn.execute(*self.history.statement(envelope, data))
@@ -161,6 +184,7 @@ class DirectoryProjection:
                     await one.execute(statement, params)
                     sent.append(([envelope], one, False))
                 await register()
+                await change()
             for envelopes, one, registrations in sent:
                 written = {row[0] for row in await one.fetchall()}
                 await one.close()
@@ -222,14 +246,42 @@ class DirectoryProjection:
         await one.execute(self._registrations, [list(column) for column in zip(*rows, strict=True)])
         return one
 
+    async def _change_many(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        run: Sequence[tuple[Envelope[Any], PatientDetailsChangedV1]],
+    ) -> psycopg.AsyncCursor[Any]:
+        """Sends the statements of consecutive details changes, a patient at most once (in a
+        pipeline): their history rows, compared with the rows they change, then their
+        directory rows; the cursor returns the ids of the rows written."""
+        await conn.execute(*self.history.changes(run))
+        rows = []
+        for envelope, data in run:
+            given, family = split_name(data.name)
+            rows.append(
+                [
+                    envelope.aggregate_id,
+                    envelope.aggregate_version,
+                    envelope.position,
+                    data.name,
+                    given,
+                    family,
+                    data.email,
+                    normalise_email(data.email),
+                    data.address,
+                    data.date_of_birth,
+                ]
+            )
+        one = conn.cursor()
+        await one.execute(self._changes, [list(column) for column in zip(*rows, strict=True)])
+        return one
+
     def _statement(self, envelope: Envelope[Any], data: Any) -> tuple[bytes, dict[str, Any]]:
         params = {
             "id": envelope.aggregate_id,
             "version": envelope.aggregate_version,
             "position": envelope.position,
         }
-        if isinstance(data, PatientDetailsChangedV1):
-            return self._change, params | _details(data)
         if isinstance(data, PatientRemovedV1):
             return self._remove, params
         if isinstance(data, PatientPreferencesChangedV1):
@@ -248,16 +300,3 @@ class DirectoryProjection:
             return []
         await cur.execute(self._current, [list(ids)])
         return [(str(r.id), r.version, r.cache_entry()) for r in await cur.fetchall()]
-
-
-def _details(data: PatientDetailsChangedV1) -> dict[str, Any]:
-    given, family = split_name(data.name)
-    return {
-        "given_name": given,
-        "family_name": family,
-        "name": data.name,
-        "email": data.email,
-        "email_key": normalise_email(data.email),
-        "address": data.address,
-        "date_of_birth": data.date_of_birth,
-    }

@@ -44,12 +44,12 @@ REGISTERED_FIELDS = ("name", "email", "address", "dateOfBirth", "registeredDate"
 """What a registration sets (the name's parts are derived from `name`, not set)."""
 
 _DETAILS = (
-    ("name", "name", "text"),
-    ("email", "email", "text"),
-    ("address", "address", "text"),
-    ("dateOfBirth", "date_of_birth", "date"),
+    ("name", "name"),
+    ("email", "email"),
+    ("address", "address"),
+    ("dateOfBirth", "date_of_birth"),
 )
-"""A details change: (field on the wire, directory column, its type)."""
+"""A details change: (field on the wire, directory column)."""
 
 _COLUMNS = (
     "patient_id, version, position, type, occurred_at, actor_id, actor_role,"
@@ -124,21 +124,30 @@ class HistoryStatements:
                 " ON CONFLICT (patient_id, version) DO NOTHING"
             ).format(h=h)
         )
+        # Details changes, many in one statement: a row per element of the arrays whose
+        # directory row is older, naming the fields whose value differs from that row's. A
+        # patient at most once (each is compared with the row before its change), and run
+        # before the directory rows are updated.
         compared = sql.SQL(
             ", ".join(
-                f"('{wire}', {order}, p.{column} IS DISTINCT FROM %({column})s::{kind},"
-                f" to_jsonb(%({column})s::{kind}))"
-                for order, (wire, column, kind) in enumerate(_DETAILS)
+                f"('{wire}', {order}, p.{column} IS DISTINCT FROM g.{column}, to_jsonb(g.{column}))"
+                for order, (wire, column) in enumerate(_DETAILS)
             )
         )
-        self._change = rendered(
+        self._changes = rendered(
             sql.SQL(
-                "INSERT INTO {h} (" + _COLUMNS + ") SELECT %(id)s, %(version)s, %(position)s,"
-                " %(type)s, %(occurred_at)s, %(actor_id)s, %(actor_role)s, %(correlation_id)s,"
+                "INSERT INTO {h} (" + _COLUMNS + ") SELECT g.id, g.version, g.position, g.type,"
+                " g.occurred_at, g.actor_id, g.actor_role, g.correlation_id, c.fields, c.vals"
+                " FROM unnest(%b::uuid[], %b::bigint[], %b::bigint[], %s::text[],"
+                " %b::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+                " %s::text[], %b::date[])"
+                " AS g(id, version, position, type, occurred_at, actor_id, actor_role,"
+                " correlation_id, name, email, address, date_of_birth)"
+                " JOIN {p} p ON p.id = g.id AND p.version < g.version,"
+                " LATERAL (SELECT"
                 " coalesce(array_agg(f.name ORDER BY f.ord) FILTER (WHERE f.changed), '{{}}'),"
                 " coalesce(jsonb_object_agg(f.name, f.value) FILTER (WHERE f.changed), '{{}}')"
-                " FROM {p} p, LATERAL (VALUES {compared}) AS f(name, ord, changed, value)"
-                " WHERE p.id = %(id)s AND p.version < %(version)s GROUP BY p.id"
+                " FROM (VALUES {compared}) AS f(name, ord, changed, value)) AS c(fields, vals)"
                 " ON CONFLICT (patient_id, version) DO NOTHING"
             ).format(h=h, p=p, compared=compared)
         )
@@ -159,12 +168,7 @@ class HistoryStatements:
             "correlation_id": envelope.correlation_id,
         }
         if isinstance(data, PatientDetailsChangedV1):
-            return self._change, params | {
-                "name": data.name,
-                "email": data.email,
-                "address": data.address,
-                "date_of_birth": data.date_of_birth,
-            }
+            return self.changes([(envelope, data)])
         if registers(data):
             return self.registrations([(envelope, data)])
         if isinstance(data, PatientPreferencesChangedV1):
@@ -182,16 +186,7 @@ class HistoryStatements:
         without the values."""
         rows = []
         for envelope, data in events:
-            row = [
-                envelope.aggregate_id,
-                envelope.aggregate_version,
-                envelope.position,
-                envelope.type,
-                envelope.occurred_at,
-                envelope.actor_id,
-                envelope.actor_role,
-                envelope.correlation_id,
-            ]
+            row = _header(envelope)
             if isinstance(data, Unreadable):
                 sealed = cast(PatientRegisteredV3, data.sealed)
                 row += [None, None, None, None, sealed.registered_date, True]
@@ -207,6 +202,32 @@ class HistoryStatements:
             rows.append(row)
         columns = [list(column) for column in zip(*rows, strict=True)]
         return self._registrations, [list(REGISTERED_FIELDS), *columns]
+
+    def changes(
+        self, events: Sequence[tuple[Envelope[Any], PatientDetailsChangedV1]]
+    ) -> tuple[bytes, list[Any]]:
+        """The one statement that records details changes in the history, each compared
+        with its patient's directory row: a patient at most once, and sent before the
+        directory rows are updated."""
+        rows = [
+            [*_header(envelope), data.name, data.email, data.address, data.date_of_birth]
+            for envelope, data in events
+        ]
+        return self._changes, [list(column) for column in zip(*rows, strict=True)]
+
+
+def _header(envelope: Envelope[Any]) -> list[Any]:
+    """An event's own columns of its history row (`_COLUMNS` up to `fields`)."""
+    return [
+        envelope.aggregate_id,
+        envelope.aggregate_version,
+        envelope.position,
+        envelope.type,
+        envelope.occurred_at,
+        envelope.actor_id,
+        envelope.actor_role,
+        envelope.correlation_id,
+    ]
 
 
 def registers(data: Any) -> bool:

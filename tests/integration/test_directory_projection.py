@@ -22,6 +22,7 @@ from domain import contracts
 from domain.contracts import (
     PATIENT_STREAM,
     PatientDetailsChangedV1,
+    PatientPreferencesChangedV1,
     PatientRegisteredV1,
     PatientRegisteredV2,
     PatientRegisteredV3,
@@ -308,13 +309,27 @@ def registered(name: str) -> PatientRegisteredV2:
     )
 
 
+def event(patient: uuid.UUID, version: int, position: int, data: Any, sealed: Any = None) -> Any:
+    """(envelope, decoded event); an `Unreadable` one's envelope carries `sealed`."""
+    envelope = contracts.envelope(
+        sealed if isinstance(data, Unreadable) else data,
+        aggregate_id=patient,
+        aggregate_version=version,
+        position=position,
+        occurred_at=datetime(2024, 1, 1, tzinfo=UTC),
+        actor_id=f"user-{position}",
+        actor_role="receptionist",
+        correlation_id=f"c-{position}",
+    )
+    return envelope, data
+
+
 def mixed_batch() -> tuple[list[Any], list[Any]]:
     """(an earlier batch, a batch mixing registrations with other events): registrations
     before and after a change and a removal, one redelivered right after itself, one
     after its patient's change, one of a patient the earlier batch applied, and erased
     patients' registrations (a rebuild's), one redelivered."""
     a, b, c, d, e, f, g = (uuid.uuid4() for _ in range(7))
-    at = datetime(2024, 1, 1, tzinfo=UTC)
     sealed = PatientRegisteredV3(
         name="x",
         given_name="x",
@@ -325,23 +340,10 @@ def mixed_batch() -> tuple[list[Any], list[Any]]:
         registered_date=date(2023, 6, 1),
     )
 
-    def event(patient: uuid.UUID, version: int, position: int, data: Any) -> Any:
-        envelope = contracts.envelope(
-            sealed if isinstance(data, Unreadable) else data,
-            aggregate_id=patient,
-            aggregate_version=version,
-            position=position,
-            occurred_at=at,
-            actor_id=f"user-{position}",
-            actor_role="receptionist",
-            correlation_id=f"c-{position}",
-        )
-        return envelope, data
-
     reg_e = event(e, 1, 1, registered("Eve Earlier"))
     reg_a = event(a, 1, 2, registered("Ann Alpha"))
     reg_d = event(d, 1, 7, registered("Dan Delta"))
-    reg_f = event(f, 1, 8, Unreadable(sealed))
+    reg_f = event(f, 1, 8, Unreadable(sealed), sealed)
     details = PatientDetailsChangedV1(
         name="Ann Changed",
         email="alpha@example.org",
@@ -379,8 +381,11 @@ async def model(conn: Any, tables: Tables) -> dict[str, list[Any]]:
     return {k: await (await conn.execute(q)).fetchall() for k, q in queries.items()}
 
 
-async def test_one_mixed_batch_ends_as_its_events_applied_one_by_one(settings):
-    earlier, batch = mixed_batch()
+async def together_and_alone(
+    settings: Any, earlier: list[Any], batch: list[Any]
+) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, list[Any]]]:
+    """Applies `earlier`, then `batch` in one batch and, on other tables, one event per
+    batch: ((applied, duplicates, position) of both ways, rows together, rows alone)."""
     suffix = uuid.uuid4().hex[:8]
     together, alone = (
         Tables(
@@ -395,7 +400,7 @@ async def test_one_mixed_batch_ends_as_its_events_applied_one_by_one(settings):
         await conn.set_autocommit(True)
         try:
             counts = {}
-            for tables in (together, alone):
+            for kind, tables in (("together", together), ("alone", alone)):
                 await create_copy(conn, tables)
                 projection = DirectoryProjection(tables, name=tables.tracking)
                 await projection.apply(conn, earlier)
@@ -404,30 +409,108 @@ async def test_one_mixed_batch_ends_as_its_events_applied_one_by_one(settings):
                     if tables is together
                     else [await projection.apply(conn, [event]) for event in batch]
                 )
-                counts[tables] = (
+                counts[kind] = (
                     sum(o.applied for o in outcomes),
                     sum(o.duplicates for o in outcomes),
                     max(o.position for o in outcomes),
                 )
-            # Ann, Bob and Cat, Ann's change, Bob's removal, Dan, Fay and Gus applied; Ann,
-            # Dan, Eve and Fay again are duplicates.
-            assert counts[together] == counts[alone] == (8, 4, 9)
             got, want = await model(conn, together), await model(conn, alone)
             for rows in (got, want):
                 rows["tracking"] = [r[1:] for r in rows["tracking"]]  # their names differ
-            assert got == want
-            assert len(got["patients"]) == 7 and len(got["history"]) == 9
-            assert len(got["positions"]) == 9
-            by_id = {r[0]: r for r in got["patients"]}
-            ann = by_id[batch[0][0].aggregate_id]
-            assert (ann[1], ann[3], ann[12], ann[13]) == (2, "Ann Changed", "Ann", "Changed")
-            fay = by_id[batch[9][0].aggregate_id]
-            assert fay[3:] == ("", "", "", "", "", None, date(2023, 6, 1), True, True, None, None)
-            changed = next(r for r in got["history"] if r[3] == "PatientDetailsChanged")
-            assert changed[8] == ["name"] and changed[9] == {"name": "Ann Changed"}
+            return counts, got, want
         finally:
             for tables in (together, alone):
                 await conn.execute(
                     f"DROP TABLE IF EXISTS {tables.patients}, {tables.tracking},"
                     f" {tables.positions}, {tables.history}"
                 )
+
+
+async def test_one_mixed_batch_ends_as_its_events_applied_one_by_one(settings):
+    earlier, batch = mixed_batch()
+    counts, got, want = await together_and_alone(settings, earlier, batch)
+    # Ann, Bob and Cat, Ann's change, Bob's removal, Dan, Fay and Gus applied; Ann,
+    # Dan, Eve and Fay again are duplicates.
+    assert counts["together"] == counts["alone"] == (8, 4, 9)
+    assert got == want
+    assert len(got["patients"]) == 7 and len(got["history"]) == 9
+    assert len(got["positions"]) == 9
+    by_id = {r[0]: r for r in got["patients"]}
+    ann = by_id[batch[0][0].aggregate_id]
+    assert (ann[1], ann[3], ann[12], ann[13]) == (2, "Ann Changed", "Ann", "Changed")
+    fay = by_id[batch[9][0].aggregate_id]
+    assert fay[3:] == ("", "", "", "", "", None, date(2023, 6, 1), True, True, None, None)
+    changed = next(r for r in got["history"] if r[3] == "PatientDetailsChanged")
+    assert changed[8] == ["name"] and changed[9] == {"name": "Ann Changed"}
+
+
+def changed(
+    name: str, *, email: str | None = None, address: str = "1 Road", born: date | None = None
+) -> PatientDetailsChangedV1:
+    """A details change from `registered(name)`'s details: what is given differs."""
+    return PatientDetailsChangedV1(
+        name=name,
+        email=email or f"{name.rsplit(' ', 1)[1].lower()}@example.org",
+        address=address,
+        date_of_birth=born or date(1990, 1, 1),
+    )
+
+
+def changes_batch() -> tuple[list[Any], list[Any]]:
+    """(an earlier batch, a batch of details changes among other events): changes for
+    different patients one after another, one redelivered after it applied, a patient
+    changed twice in a row (each compared with the row before it), a change for a
+    patient registered earlier in the batch, and changes followed by their patients'
+    later events (a removal, a preferences change) and by a redelivery."""
+    a, b, c, d, e = (uuid.uuid4() for _ in range(5))
+    change_a = event(a, 2, 5, changed("Ann Moved", email="alpha@example.org", address="2 Lane"))
+    earlier = [
+        event(a, 1, 1, registered("Ann Alpha")),
+        event(b, 1, 2, registered("Bob Beta")),
+        event(c, 1, 3, registered("Cat Gamma")),
+        event(d, 1, 4, registered("Dan Delta")),
+        change_a,
+    ]
+    change_d = event(d, 2, 9, changed("Dan Renamed", email="delta@example.org"))
+    batch = [
+        event(e, 1, 6, registered("Eve Epsilon")),
+        event(b, 2, 7, changed("Bob Beta", email="bob@example.org")),
+        event(c, 2, 8, changed("Cat Gamma", address="3 Close")),
+        change_a,  # applied by the earlier batch: a duplicate
+        change_d,
+        # Dan again: compared with his row as his first change left it (email only).
+        event(d, 3, 10, changed("Dan Renamed", email="dan@example.org")),
+        event(e, 2, 11, changed("Eve Epsilon", born=date(1991, 2, 3))),  # registered above
+        event(e, 3, 12, PatientRemovedV1()),  # after Eve's change, not before it
+        event(b, 3, 13, changed("Bob Beta", email="bob@example.org")),  # nothing differs
+        event(b, 4, 14, PatientPreferencesChangedV1(reminders=False)),
+        event(c, 3, 15, changed("Cat Gamma", address="4 Row")),
+        change_d,  # after Dan's later change: a duplicate
+    ]
+    return earlier, batch
+
+
+async def test_details_changes_in_one_batch_end_as_applied_one_by_one(settings):
+    earlier, batch = changes_batch()
+    counts, got, want = await together_and_alone(settings, earlier, batch)
+    # Eve's registration and every event but Ann's change and Dan's first (again) applied.
+    assert counts["together"] == counts["alone"] == (10, 2, 15)
+    assert got == want
+    assert len(got["history"]) == 5 + 10 and len(got["positions"]) == 5 + 10
+    ann, bob, cat, dan, eve = (batch[i][0].aggregate_id for i in (3, 1, 2, 4, 0))
+    by_id = {r[0]: r for r in got["patients"]}
+    assert (by_id[dan][1], by_id[dan][3], by_id[dan][5]) == (3, "Dan Renamed", "dan@example.org")
+    assert (by_id[dan][12], by_id[dan][13]) == ("Dan", "Renamed")
+    assert (by_id[eve][1], by_id[eve][8], by_id[eve][10]) == (3, date(1991, 2, 3), True)
+    assert (by_id[bob][1], by_id[cat][1], by_id[cat][7]) == (4, 3, "4 Row")
+    fields = {(r[0], r[1]): (r[8], r[9]) for r in got["history"] if r[3] == "PatientDetailsChanged"}
+    assert fields == {
+        (ann, 2): (["name", "address"], {"name": "Ann Moved", "address": "2 Lane"}),
+        (bob, 2): (["email"], {"email": "bob@example.org"}),
+        (bob, 3): ([], {}),
+        (cat, 2): (["address"], {"address": "3 Close"}),
+        (cat, 3): (["address"], {"address": "4 Row"}),
+        (dan, 2): (["name"], {"name": "Dan Renamed"}),
+        (dan, 3): (["email"], {"email": "dan@example.org"}),
+        (eve, 2): (["dateOfBirth"], {"dateOfBirth": "1991-02-03"}),
+    }
