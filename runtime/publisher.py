@@ -39,6 +39,16 @@ LAG = Gauge("carelog_publisher_lag_events", "Events in a source not yet publishe
 
 _encoder = msgspec.json.Encoder()
 
+GATHER_FROM = 16
+GATHER_S = 0.02
+"""After a cycle that moved GATHER_FROM entries or more (but not a whole batch: a source
+that far behind is read again at once), the publisher waits GATHER_S before it reads
+again, so that a busy source is sent in fewer, larger batches. A cycle costs a read, a
+produce request and a record whatever its size; at 900 registrations a second, cycles of
+about twenty events each made the broker's produce requests its costliest. An event
+waits at most GATHER_S more, and only while dozens a second come; one alone, after a
+quiet spell, goes at once."""
+
 
 def headers_for(envelope: Envelope[Any]) -> list[tuple[str, bytes]]:
     """The envelope's facts as Kafka headers, for consumers that route without decoding."""
@@ -135,6 +145,8 @@ class Publisher:
                             LAG.labels(name).set(await self.source.backlog())
                             self._gauged = self.last_cycle
                         await self._until_more()
+                    elif GATHER_FROM <= moved < self.batch_size:
+                        await self._idle(GATHER_S)
             except (KafkaError, psycopg.OperationalError, OSError) as exc:
                 # Nothing past the last record counts as sent: the next cycle resends it.
                 log.warning("publish cycle failed; retrying", publisher=name, error=repr(exc))
