@@ -25,6 +25,7 @@ from read_api.app import create_app
 from readmodels.analytics import Tables
 from runtime.db import open_pool
 from runtime.settings import Settings
+from tests.support.patients import sealed_registration
 from tests.support.tokens import TestTokens
 
 pytestmark = pytest.mark.integration
@@ -325,15 +326,7 @@ async def test_one_mixed_batch_counts_as_its_events_applied_one_by_one(settings)
     of the same events applied one batch each."""
     a, b, c2, d, e = (uuid.uuid4() for _ in range(5))
     at = datetime(2025, 3, 1, tzinfo=UTC)
-    sealed = c.PatientRegisteredV3(
-        name="x",
-        given_name="x",
-        family_name="x",
-        email="x",
-        address="x",
-        date_of_birth="x",
-        registered_date=date(2025, 2, 1),
-    )
+    sealed = sealed_registration(date(2025, 2, 1))
 
     def event(aggregate: uuid.UUID, version: int, position: int, data: Any) -> Any:
         published = sealed if isinstance(data, c.Unreadable) else data

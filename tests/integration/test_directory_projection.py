@@ -25,7 +25,6 @@ from domain.contracts import (
     PatientPreferencesChangedV1,
     PatientRegisteredV1,
     PatientRegisteredV2,
-    PatientRegisteredV3,
     PatientRemovedV1,
     Unreadable,
 )
@@ -33,7 +32,7 @@ from projections.directory import DirectoryProjection
 from readmodels.directory import Tables, create_copy
 from runtime.db import open_pool
 from runtime.kafka import client_options
-from tests.support.patients import details, published
+from tests.support.patients import details, published, sealed_registration
 from tests.support.stack import Process, claim_key, eventually, read_topic
 
 pytestmark = pytest.mark.integration
@@ -330,15 +329,7 @@ def mixed_batch() -> tuple[list[Any], list[Any]]:
     after its patient's change, one of a patient the earlier batch applied, and erased
     patients' registrations (a rebuild's), one redelivered."""
     a, b, c, d, e, f, g = (uuid.uuid4() for _ in range(7))
-    sealed = PatientRegisteredV3(
-        name="x",
-        given_name="x",
-        family_name="x",
-        email="x",
-        address="x",
-        date_of_birth="x",
-        registered_date=date(2023, 6, 1),
-    )
+    sealed = sealed_registration(date(2023, 6, 1))
 
     reg_e = event(e, 1, 1, registered("Eve Earlier"))
     reg_a = event(a, 1, 2, registered("Ann Alpha"))

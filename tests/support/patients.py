@@ -7,6 +7,7 @@ from datetime import date
 from typing import Any
 
 from commands.store import EventStore
+from domain import contracts
 from domain.contracts import Envelope, envelope_for
 from domain.patients import PatientDetails
 from runtime.crypto import open_payload
@@ -51,3 +52,17 @@ def published(
             if envelope is not None:
                 out.append((envelope, open_payload(store.keyring, envelope.data)))
         position = batch[-1].id + 1
+
+
+def sealed_registration(registered_date: date) -> contracts.PatientRegisteredV3:
+    """A registration as published for a patient since erased: every personal field a
+    token no key opens any more (consumers see `contracts.Unreadable`)."""
+    return contracts.PatientRegisteredV3(
+        name="x",
+        given_name="x",
+        family_name="x",
+        email="x",
+        address="x",
+        date_of_birth="x",
+        registered_date=registered_date,
+    )
