@@ -326,6 +326,14 @@ class Unreadable(msgspec.Struct, frozen=True):
     sealed: msgspec.Struct
 
 
+def registers(data: Any) -> bool:
+    """Whether a patient event as a reader sees it is a registration: readable, or an
+    erased patient's (`Unreadable`)."""
+    return isinstance(data, PatientRegisteredV2) or (
+        isinstance(data, Unreadable) and isinstance(data.sealed, PatientRegisteredV3)
+    )
+
+
 publish([*CONTRACTS.values(), *SUPERSEDED])
 
 

@@ -26,6 +26,7 @@ from readmodels.analytics import LIVE, NAME, Tables
 from readmodels.swaps import applying
 from readmodels.tracking import applied_params, applied_statement, track_statement
 from runtime.consumers import Batch, EventBatchWorker
+from runtime.db import arrays
 
 GROUP = "carelog-analytics"
 
@@ -142,7 +143,7 @@ class AnalyticsProjection:
             async with conn.pipeline():
                 for envelope, data in batch:
                     position = max(position, envelope.position)
-                    if _registers(data):
+                    if c.registers(data):
                         run.append((envelope, data))
                         continue
                     counted += await self._register_many(cur, run)
@@ -180,19 +181,10 @@ class AnalyticsProjection:
                 registered,
                 born,
             ]
-        await cur.execute(
-            self._register, [list(column) for column in zip(*first.values(), strict=True)]
-        )
+        await cur.execute(self._register, arrays(first.values()))
         counted = len(run)
         run.clear()
         return counted
-
-
-def _registers(data: Any) -> bool:
-    """Whether a patient event is a registration: readable, or an erased patient's."""
-    return isinstance(data, c.PatientRegisteredV2) or (
-        isinstance(data, c.Unreadable) and isinstance(data.sealed, c.PatientRegisteredV3)
-    )
 
 
 class AnalyticsWorker(EventBatchWorker):

@@ -27,14 +27,15 @@ from domain.contracts import (
     PatientRegisteredV3,
     PatientRemovedV1,
     Unreadable,
+    registers,
 )
 from domain.patients import normalise_email, split_name
 from readmodels.directory import COLUMNS, LIVE, NAME, Tables, records
-from readmodels.history import HistoryStatements, registers
+from readmodels.history import HistoryStatements
 from readmodels.swaps import applying
 from readmodels.tracking import applied_params, applied_statement, track_statement
 from runtime.consumers import UnappliableEvent
-from runtime.db import rendered
+from runtime.db import arrays, rendered
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ class DirectoryProjection:
                 row += ["", "", "", "", None, sealed.registered_date, None, None, True]
             rows.append(row)
         one = conn.cursor()
-        await one.execute(self._registrations, [list(column) for column in zip(*rows, strict=True)])
+        await one.execute(self._registrations, arrays(rows))
         return one
 
     async def _change_many(
@@ -273,7 +274,7 @@ class DirectoryProjection:
                 ]
             )
         one = conn.cursor()
-        await one.execute(self._changes, [list(column) for column in zip(*rows, strict=True)])
+        await one.execute(self._changes, arrays(rows))
         return one
 
     def _statement(self, envelope: Envelope[Any], data: Any) -> tuple[bytes, dict[str, Any]]:

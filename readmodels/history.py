@@ -33,12 +33,12 @@ from domain.contracts import (
     PatientDetailsChangedV1,
     PatientErasedV1,
     PatientPreferencesChangedV1,
-    PatientRegisteredV2,
     PatientRegisteredV3,
     Unreadable,
+    registers,
 )
 from readmodels.directory import LIVE, Tables
-from runtime.db import rendered
+from runtime.db import arrays, rendered
 
 REGISTERED_FIELDS = ("name", "email", "address", "dateOfBirth", "registeredDate")
 """What a registration sets (the name's parts are derived from `name`, not set)."""
@@ -200,8 +200,7 @@ class HistoryStatements:
                     False,
                 ]
             rows.append(row)
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        return self._registrations, [list(REGISTERED_FIELDS), *columns]
+        return self._registrations, [list(REGISTERED_FIELDS), *arrays(rows)]
 
     def changes(
         self, events: Sequence[tuple[Envelope[Any], PatientDetailsChangedV1]]
@@ -213,7 +212,7 @@ class HistoryStatements:
             [*_header(envelope), data.name, data.email, data.address, data.date_of_birth]
             for envelope, data in events
         ]
-        return self._changes, [list(column) for column in zip(*rows, strict=True)]
+        return self._changes, arrays(rows)
 
 
 def _header(envelope: Envelope[Any]) -> list[Any]:
@@ -228,13 +227,6 @@ def _header(envelope: Envelope[Any]) -> list[Any]:
         envelope.actor_role,
         envelope.correlation_id,
     ]
-
-
-def registers(data: Any) -> bool:
-    """Whether a patient event is a registration: readable, or an erased patient's."""
-    return isinstance(data, PatientRegisteredV2) or (
-        isinstance(data, Unreadable) and isinstance(data.sealed, PatientRegisteredV3)
-    )
 
 
 async def page(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -81,6 +82,12 @@ def rendered(statement: sql.Composable) -> bytes:
     instead, and psycopg's own statement cache keys on the bytes.
     """
     return statement.as_bytes(None)
+
+
+def arrays(rows: Iterable[Sequence[Any]]) -> list[list[Any]]:
+    """Rows as the arrays of a statement that inserts or updates many from `unnest`: one
+    list per column, in row order."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def render_statements(holder: object) -> None:

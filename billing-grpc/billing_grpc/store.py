@@ -27,7 +27,7 @@ from domain.billing import (
     Money,
 )
 from domain.events import Actor
-from runtime.db import render_statements
+from runtime.db import arrays, render_statements
 
 _ACCOUNT_COLUMNS = (
     "id, patient_id, currency, status, invoiced_minor, paid_minor, version, opened_at, closed_at"
@@ -282,8 +282,7 @@ class BillingStore:
             ]
             for o in opening
         ]
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        await cur.execute(self._insert_accounts, [*columns, opened_by])
+        await cur.execute(self._insert_accounts, [*arrays(rows), opened_by])
         return {row[0] for row in await cur.fetchall()}
 
     async def save(self, cur: psycopg.AsyncCursor[Any], account: Account, previous: int) -> None:
@@ -321,15 +320,8 @@ class BillingStore:
         for change in changes:  # a statement changes a row once: a patient's newest wins
             if change[0] not in newest or newest[change[0]][2] < change[2]:
                 newest[change[0]] = change
-        await cur.execute(
-            self._contacts,
-            [
-                [c[0] for c in newest.values()],
-                [c[1].name for c in newest.values()],
-                [c[1].email for c in newest.values()],
-                [c[2] for c in newest.values()],
-            ],
-        )
+        rows = [(patient, c.name, c.email, version) for patient, c, version in newest.values()]
+        await cur.execute(self._contacts, arrays(rows))
         return {row[0] for row in await cur.fetchall()}
 
     async def erase_patient(self, cur: psycopg.AsyncCursor[Any], patient_id: UUID) -> None:
